@@ -130,46 +130,101 @@ def read_volume(path: str | os.PathLike) -> Volume:
     raise VolumeError(f"{path}: unsupported file type (expected .nii, .nii.gz, .nrrd or a DICOM folder)")
 
 
+def _one_line(exc: BaseException) -> str:
+    """An exception as ``Type: message`` on one line (library messages can span lines)."""
+    text = " ".join(str(exc).split())
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
 def read_nifti(path: str | os.PathLike) -> Volume:
-    """NIfTI-1/2 with nibabel: keeps the stored dtype, applies scl_slope/inter when set."""
+    """Read a NIfTI-1/2 file (.nii or .nii.gz) with nibabel into a :class:`Volume`.
+
+    * The array is loaded into memory (no memmap, so the file may be replaced later, e.g. by an
+      output written over it) in the stored dtype: int16/int32/float CT stays as it is.
+    * ``scl_slope``/``scl_inter`` are applied when set (NaN or 0 slope means "no scaling"); a
+      scaled integer image becomes int16 when slope and intercept are integers and the values
+      fit, otherwise float32.
+    * The affine is the sform when ``sform_code > 0``, else the qform when ``qform_code > 0``,
+      else nibabel's fallback from ``pixdim`` (ANALYZE-style files, recorded in ``meta``).
+    * A trailing singleton 4th (and 5th) dimension is dropped; a real 4-D image is refused.
+
+    Every problem is a :class:`VolumeError` with one line naming the file and the header field.
+    """
     import nibabel as nib
 
     path = Path(path)
+    if not path.exists():
+        raise VolumeError(f"{path}: no such file")
     try:
-        img = nib.load(str(path))
+        img = nib.load(str(path), mmap=False)
     except Exception as exc:  # noqa: BLE001 - nibabel raises many types for bad files
-        raise VolumeError(f"{path}: cannot read NIfTI ({type(exc).__name__}: {exc})") from None
+        raise VolumeError(f"{path}: header: cannot read as NIfTI ({_one_line(exc)})") from None
     if not isinstance(img, (nib.Nifti1Image, nib.Nifti2Image)):
-        raise VolumeError(f"{path}: not a NIfTI image")
-    shape = img.shape
-    if len(shape) == 4 and shape[3] == 1:
-        shape = shape[:3]
-    elif len(shape) == 5 and shape[3] == 1 and shape[4] == 1:
-        shape = shape[:3]
+        raise VolumeError(f"{path}: header: not a NIfTI image ({type(img).__name__})")
+    full_shape = tuple(int(s) for s in img.shape)
+    shape = full_shape
+    while len(shape) > 3 and shape[-1] == 1:
+        shape = shape[:-1]
     if len(shape) != 3:
-        raise VolumeError(f"{path}: dim: expected a 3-D volume, got shape {tuple(img.shape)}")
+        what = f"{len(full_shape)}-D image" if len(shape) > 3 else f"{len(shape)}-D image"
+        raise VolumeError(f"{path}: dim: expected a 3-D volume (a trailing size-1 4th dim is fine), got a {what} of shape {full_shape}")
+    if min(shape) < 1:
+        raise VolumeError(f"{path}: dim: empty volume of shape {full_shape}")
     try:
-        arr = np.asanyarray(img.dataobj)
+        raw = np.asarray(img.dataobj.get_unscaled())
     except Exception as exc:  # noqa: BLE001 - truncated gzip, short data ...
-        raise VolumeError(f"{path}: corrupt or truncated NIfTI data ({type(exc).__name__}: {exc})") from None
-    arr = arr.reshape(shape, order="A") if arr.ndim != 3 else arr
-    affine = _nifti_affine(img, path)
-    return Volume(arr, affine, img.header.copy(), path)
+        raise VolumeError(f"{path}: image data: corrupt or truncated ({_one_line(exc)})") from None
+    if raw.dtype.kind not in "biuf":
+        raise VolumeError(f"{path}: datatype: unsupported voxel type {img.get_data_dtype()} (need integer or float)")
+    raw = raw.reshape(shape)
+    arr = _apply_scaling(raw, img.dataobj.slope, img.dataobj.inter, path)
+    affine, source = _nifti_affine(img.header, path)
+    hdr = img.header.copy()
+    return Volume(arr, affine, hdr, path, {"affine_source": source, "format": "nifti"})
 
 
-def _nifti_affine(img: Any, path: Path) -> np.ndarray:
-    """sform when its code is set, else qform when set, else nibabel's best affine."""
-    hdr = img.header
-    sform, scode = hdr.get_sform(coded=True)
-    if sform is not None and int(scode) > 0:
-        return np.asarray(sform, dtype=np.float64)
-    qform, qcode = hdr.get_qform(coded=True)
-    if qform is not None and int(qcode) > 0:
-        return np.asarray(qform, dtype=np.float64)
-    aff = img.affine
-    if aff is None:
-        raise VolumeError(f"{path}: no usable affine in header")
-    return np.asarray(aff, dtype=np.float64)
+def _apply_scaling(raw: np.ndarray, slope: float | None, inter: float | None, path: Path) -> np.ndarray:
+    """Apply NIfTI ``scl_slope``/``scl_inter``; exact integers stay int16 where they fit."""
+    slope = 1.0 if slope is None or not np.isfinite(slope) or slope == 0 else float(slope)
+    inter = 0.0 if inter is None or not np.isfinite(inter) else float(inter)
+    if slope == 1.0 and inter == 0.0:
+        return raw
+    if raw.dtype.kind in "biu" and slope.is_integer() and inter.is_integer() and raw.size:
+        lo = min(float(raw.min()) * slope, float(raw.max()) * slope) + inter
+        hi = max(float(raw.min()) * slope, float(raw.max()) * slope) + inter
+        if -32768 <= lo and hi <= 32767:
+            return (raw.astype(np.int32) * int(slope) + int(inter)).astype(np.int16)
+    out = raw.astype(np.float32) * np.float32(slope) + np.float32(inter)
+    if not np.all(np.isfinite(out)):
+        raise VolumeError(f"{path}: scl_slope/scl_inter: scaling ({slope}, {inter}) gives non-finite values")
+    return out
+
+
+def _usable(m: np.ndarray | None) -> bool:
+    return m is not None and bool(np.all(np.isfinite(m))) and abs(float(np.linalg.det(m[:3, :3]))) > 1e-12
+
+
+def _nifti_affine(hdr: Any, path: Path) -> tuple[np.ndarray, str]:
+    """The voxel -> RAS mm affine from a NIfTI header, and its source: sform, else qform, else pixdim."""
+    scode = int(hdr["sform_code"])
+    qcode = int(hdr["qform_code"])
+    if scode > 0:
+        sform = hdr.get_sform()
+        if not _usable(sform):
+            raise VolumeError(f"{path}: srow_x/srow_y/srow_z: sform (sform_code={scode}) is singular or not finite")
+        return np.asarray(sform, dtype=np.float64), "sform"
+    if qcode > 0:
+        try:
+            qform = hdr.get_qform()
+        except Exception as exc:  # noqa: BLE001 - bad quaternion, pixdim ...
+            raise VolumeError(f"{path}: quatern_b/c/d, pixdim: invalid qform ({_one_line(exc)})") from None
+        if not _usable(qform):
+            raise VolumeError(f"{path}: pixdim: qform (qform_code={qcode}) is singular or not finite, pixdim={list(map(float, hdr['pixdim'][1:4]))}")
+        return np.asarray(qform, dtype=np.float64), "qform"
+    base = hdr.get_base_affine()
+    if not _usable(base):
+        raise VolumeError(f"{path}: pixdim: no sform/qform and pixdim {list(map(float, hdr['pixdim'][1:4]))} gives no usable affine")
+    return np.asarray(base, dtype=np.float64), "pixdim"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -177,7 +232,7 @@ def _nifti_affine(img: Any, path: Path) -> np.ndarray:
 
 
 def label_dtype(max_label: int) -> np.dtype:
-    """uint8 up to 255, uint16 up to 65535."""
+    """The smallest label dtype: uint8 up to 255, uint16 up to 65535."""
     if max_label < 0:
         raise VolumeError("labels must be non-negative")
     if max_label <= 255:
@@ -188,66 +243,103 @@ def label_dtype(max_label: int) -> np.dtype:
 
 
 def write_label_map(labels: np.ndarray, like: Volume, path: str | os.PathLike) -> Path:
-    """Write ``labels`` on exactly ``like``'s grid (shape, affine, qform/sform codes), atomically."""
-    import nibabel as nib
+    """Write ``labels`` on exactly ``like``'s grid (shape, affine, qform/sform codes), atomically.
 
+    The dtype is uint8 when every label is <= 255, else uint16; float label arrays are accepted
+    when every value is a whole number (label maps are often stored as float64). The file
+    appears complete or not at all (temp file in the same folder + rename).
+    """
     path = Path(path)
-    if tuple(labels.shape) != like.shape:
-        raise VolumeError(f"{path}: label map shape {labels.shape} differs from the CT grid {like.shape}")
-    dtype = label_dtype(int(labels.max()) if labels.size else 0)
-    data = labels.astype(dtype, copy=False)
-    img = _nifti_like(data, like)
     if not is_nifti(path):
         raise VolumeError(f"{path}: output must end in .nii or .nii.gz")
-    return _atomic_nifti_save(img, path)
+    labels = np.asarray(labels)
+    if tuple(labels.shape) != like.shape:
+        raise VolumeError(f"{path}: label map shape {tuple(labels.shape)} differs from the CT grid {like.shape}")
+    if labels.dtype.kind not in "biuf":
+        raise VolumeError(f"{path}: labels: unsupported dtype {labels.dtype}")
+    if labels.dtype.kind == "f":
+        if not np.all(np.isfinite(labels)):
+            raise VolumeError(f"{path}: labels: NaN or infinite values in the label map")
+        if not np.array_equal(labels, np.rint(labels)):
+            raise VolumeError(f"{path}: labels: non-integer values in the label map")
+    lo = int(labels.min()) if labels.size else 0
+    hi = int(labels.max()) if labels.size else 0
+    if lo < 0 or hi > 65535:
+        raise VolumeError(f"{path}: labels: values must be in 0..65535, got {lo}..{hi}")
+    data = labels.astype(label_dtype(hi), copy=False)
+    return _atomic_nifti_save(_nifti_like(data, like), path)
 
 
 def write_volume(array: np.ndarray, like: Volume, path: str | os.PathLike) -> Path:
     """Write any array on ``like``'s grid (same shape, affine and codes), atomically."""
     path = Path(path)
+    if not is_nifti(path):
+        raise VolumeError(f"{path}: output must end in .nii or .nii.gz")
+    array = np.asarray(array)
     if tuple(array.shape) != like.shape:
-        raise VolumeError(f"{path}: array shape {array.shape} differs from the grid {like.shape}")
+        raise VolumeError(f"{path}: array shape {tuple(array.shape)} differs from the grid {like.shape}")
     return _atomic_nifti_save(_nifti_like(array, like), path)
 
 
 def _nifti_like(data: np.ndarray, like: Volume) -> Any:
+    """A NIfTI image of ``data`` with ``like``'s geometry.
+
+    When ``like`` came from a NIfTI file and still has that file's affine, the header's
+    sform/qform matrices and codes are kept as they were (including code 0, and a qform that
+    differs from the sform); otherwise both forms are set to ``like.affine`` with the header's
+    codes (scanner code 1 when the source had neither, e.g. DICOM or NRRD input).
+    """
     import nibabel as nib
 
     if like.header is not None and isinstance(like.header, nib.Nifti1Header):
         hdr = like.header.copy()
-        sform, scode = like.header.get_sform(coded=True)
-        qform, qcode = like.header.get_qform(coded=True)
-        img_cls = nib.Nifti2Image if isinstance(like.header, nib.Nifti2Header) else nib.Nifti1Image
+        img_cls = nib.Nifti2Image if isinstance(hdr, nib.Nifti2Header) else nib.Nifti1Image
+        scode, qcode = int(hdr["sform_code"]), int(hdr["qform_code"])
+        try:
+            hdr_affine, _ = _nifti_affine(hdr, like.path or Path("<header>"))
+        except VolumeError:
+            hdr_affine = None
+        same = hdr_affine is not None and np.allclose(hdr_affine, like.affine, rtol=0, atol=1e-5)
+        if not same:
+            if scode == 0 and qcode == 0:
+                scode = qcode = 1
+            hdr.set_sform(like.affine, code=scode)
+            hdr.set_qform(like.affine, code=qcode)
         img = img_cls(data, None, header=hdr)
         img.header.set_data_shape(data.shape)
         img.header.set_data_dtype(data.dtype)
-        # Exactly the input's geometry and codes (including code 0 where the input had 0).
-        img.header.set_sform(like.affine if sform is None else sform, code=int(scode))
-        img.header.set_qform(like.affine if qform is None else qform, code=int(qcode))
-        if int(scode) == 0 and int(qcode) == 0:
-            img.header.set_sform(like.affine, code=0)
         img.header["scl_slope"] = np.nan
         img.header["scl_inter"] = np.nan
         img.header["cal_min"] = 0
         img.header["cal_max"] = 0
-        img.header["dim"][4:] = 1
-        img.header["dim"][0] = 3
         return img
     img = nib.Nifti1Image(data, like.affine)
     img.header.set_sform(like.affine, code=1)
     img.header.set_qform(like.affine, code=1)
+    img.header.set_xyzt_units("mm")
     return img
 
 
 def _atomic_nifti_save(img: Any, path: Path) -> Path:
+    """Save through a temp file in the target folder, fsync, then rename over ``path``.
+
+    On any failure the temp file is removed and ``path`` is untouched. The file gets the usual
+    permissions (0666 minus the umask) rather than mkstemp's private 0600.
+    """
     import nibabel as nib
 
-    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise VolumeError(f"{path}: cannot create the output folder ({_one_line(exc)})") from None
     suffix = ".nii.gz" if path.name.lower().endswith(".gz") else ".nii"
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp" + suffix, dir=path.parent)
     os.close(fd)
     try:
         nib.save(img, tmp)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)

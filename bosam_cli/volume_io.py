@@ -1,0 +1,252 @@
+"""Optional CT inputs besides NIfTI: a DICOM series folder (pydicom) and NRRD (pynrrd).
+
+Both become a :class:`~bosam_cli.volume.Volume` under the one coordinate rule: the array in file
+order and a 4x4 affine from voxel (i, j, k) to world RAS millimetres. DICOM and most NRRD files
+describe geometry in LPS; the change to RAS is one more affine (``LPS_TO_RAS @ affine_lps``),
+never a flip of the array. pydicom and pynrrd are imported inside the functions, so they stay
+optional (``pip install bosam[io]``).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .errors import VolumeError
+from .volume import LPS_TO_RAS, Volume, _one_line
+
+# Relative tolerance on slice gaps and on direction cosines. Scanners write positions with ~6
+# significant digits; a missing slice doubles a gap, far beyond this.
+_GAP_RTOL = 0.01
+_COSINE_TOL = 1e-3
+
+
+# ---------------------------------------------------------------------------------------------
+# DICOM
+
+
+def read_dicom_series(folder: str | os.PathLike) -> Volume:
+    """Read one DICOM image series from a folder (searched recursively) into a RAS volume.
+
+    * Files that are not DICOM, or DICOM objects without ``ImagePositionPatient`` (reports,
+      presentation states, DICOMDIR), are skipped. Several ``SeriesInstanceUID`` values are
+      refused with a message listing them; pass a folder with one series.
+    * Slices are sorted along the slice normal ``row x column`` of ``ImageOrientationPatient``;
+      the slice step is the mean difference of ``ImagePositionPatient`` (so a gantry tilt
+      becomes a sheared affine, not a wrong one). Non-uniform gaps (a missing slice), duplicate
+      positions, and orientation/size/spacing that differ between slices are refused.
+    * ``RescaleSlope``/``RescaleIntercept`` are applied per slice: int16 when all slopes and
+      intercepts are whole numbers and the values fit, else float32.
+    * The array is indexed (column i, row j, slice k); the affine maps it to RAS mm.
+    """
+    try:
+        import pydicom
+        from pydicom.errors import InvalidDicomError
+    except ImportError:  # pragma: no cover - depends on the install
+        raise VolumeError(f"{folder}: reading DICOM needs pydicom (pip install 'bosam[io]')") from None
+
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise VolumeError(f"{folder}: not a folder (a DICOM series is read from a folder)")
+    slices: dict[str, list[tuple[Path, Any]]] = {}
+    for f in sorted(p for p in folder.rglob("*") if p.is_file()):
+        if f.name.startswith(".") or f.name.upper() == "DICOMDIR":
+            continue
+        try:
+            ds = pydicom.dcmread(f)
+        except InvalidDicomError:
+            try:  # DICOM without the 128-byte preamble is common in older exports
+                ds = pydicom.dcmread(f, force=True)
+            except Exception:  # noqa: BLE001 - not DICOM at all
+                continue
+        except Exception:  # noqa: BLE001 - unreadable file: skip, like any non-DICOM file
+            continue
+        if "ImagePositionPatient" not in ds or "PixelData" not in ds:
+            continue
+        slices.setdefault(str(ds.get("SeriesInstanceUID", "")), []).append((f, ds))
+    if not slices:
+        raise VolumeError(f"{folder}: ImagePositionPatient: no DICOM image slices found in this folder")
+    if len(slices) > 1:
+        listing = "; ".join(
+            f"{uid or '<none>'} ({len(v)} files, {str(v[0][1].get('SeriesDescription', '')).strip() or 'no description'})"
+            for uid, v in sorted(slices.items())
+        )
+        raise VolumeError(f"{folder}: SeriesInstanceUID: {len(slices)} series found, pass a folder holding one: {listing}")
+    (uid, items), = slices.items()
+    return _assemble_series(folder, uid, items)
+
+
+def _floats(ds: Any, keyword: str, n: int, f: Path) -> np.ndarray:
+    value = ds.get(keyword)
+    try:
+        arr = np.asarray([float(x) for x in value], dtype=np.float64)
+    except (TypeError, ValueError):
+        arr = np.zeros(0)
+    if arr.shape != (n,) or not np.all(np.isfinite(arr)):
+        raise VolumeError(f"{f}: {keyword}: expected {n} finite numbers, got {value!r}")
+    return arr
+
+
+def _assemble_series(folder: Path, uid: str, items: list[tuple[Path, Any]]) -> Volume:
+    f0, ds0 = items[0]
+    if int(ds0.get("NumberOfFrames", 1) or 1) > 1:
+        raise VolumeError(f"{f0}: NumberOfFrames: multi-frame (enhanced) DICOM is not supported; convert to NIfTI first")
+    if int(ds0.get("SamplesPerPixel", 1)) != 1:
+        raise VolumeError(f"{f0}: SamplesPerPixel: colour images are not CT ({ds0.SamplesPerPixel} samples)")
+    iop = _floats(ds0, "ImageOrientationPatient", 6, f0)
+    row_dir, col_dir = iop[:3], iop[3:]  # row_dir: along a row (column index grows); col_dir: down a column
+    if abs(np.linalg.norm(row_dir) - 1) > 1e-2 or abs(np.linalg.norm(col_dir) - 1) > 1e-2 or abs(row_dir @ col_dir) > 1e-2:
+        raise VolumeError(f"{f0}: ImageOrientationPatient: direction cosines are not orthonormal: {iop.tolist()}")
+    row_dir = row_dir / np.linalg.norm(row_dir)
+    col_dir = col_dir / np.linalg.norm(col_dir)
+    normal = np.cross(row_dir, col_dir)
+    spacing_rc = _floats(ds0, "PixelSpacing", 2, f0)  # (between rows, between columns) in mm
+    if np.any(spacing_rc <= 0):
+        raise VolumeError(f"{f0}: PixelSpacing: must be positive, got {spacing_rc.tolist()}")
+    rows, cols = int(ds0.Rows), int(ds0.Columns)
+
+    positions = []
+    for f, ds in items:
+        if not np.allclose(_floats(ds, "ImageOrientationPatient", 6, f), iop, atol=_COSINE_TOL):
+            raise VolumeError(f"{f}: ImageOrientationPatient: differs between slices of series {uid}")
+        if not np.allclose(_floats(ds, "PixelSpacing", 2, f), spacing_rc, rtol=1e-4):
+            raise VolumeError(f"{f}: PixelSpacing: differs between slices of series {uid}")
+        if (int(ds.Rows), int(ds.Columns)) != (rows, cols):
+            raise VolumeError(f"{f}: Rows/Columns: {ds.Rows}x{ds.Columns} differs from {rows}x{cols} in series {uid}")
+        positions.append(_floats(ds, "ImagePositionPatient", 3, f))
+    positions_lps = np.asarray(positions)
+    depth = positions_lps @ normal
+    order = np.argsort(depth, kind="stable")
+    depth = depth[order]
+    positions_lps = positions_lps[order]
+    items = [items[i] for i in order]
+
+    n = len(items)
+    if n > 1:
+        gaps = np.diff(depth)
+        if np.min(gaps) < 1e-3:
+            k = int(np.argmin(gaps))
+            raise VolumeError(
+                f"{items[k + 1][0]}: ImagePositionPatient: same slice position as {items[k][0].name} "
+                f"(several acquisitions or echoes in one series?)"
+            )
+        mean_gap = float(np.mean(gaps))
+        if np.max(np.abs(gaps - mean_gap)) > _GAP_RTOL * mean_gap + 1e-3:
+            raise VolumeError(
+                f"{folder}: ImagePositionPatient: slice spacing is not uniform "
+                f"(gaps {gaps.min():.4g} to {gaps.max():.4g} mm; a missing slice?)"
+            )
+        step_lps = (positions_lps[-1] - positions_lps[0]) / (n - 1)
+    else:
+        thickness = ds0.get("SpacingBetweenSlices") or ds0.get("SliceThickness") or 1.0
+        step_lps = normal * float(thickness)
+
+    affine_lps = np.eye(4)
+    affine_lps[:3, 0] = row_dir * spacing_rc[1]  # i: column index
+    affine_lps[:3, 1] = col_dir * spacing_rc[0]  # j: row index
+    affine_lps[:3, 2] = step_lps  # k: slice index, along the normal
+    affine_lps[:3, 3] = positions_lps[0]
+    affine_ras = LPS_TO_RAS @ affine_lps
+
+    slopes = np.array([float(ds.get("RescaleSlope", 1) or 1) for _, ds in items])
+    intercepts = np.array([float(ds.get("RescaleIntercept", 0) or 0) for _, ds in items])
+    exact = bool(np.all(slopes == np.round(slopes)) and np.all(intercepts == np.round(intercepts)))
+    # Filled slice by slice, so peak memory is the output plus one slice (no float64 volume).
+    array = np.empty((cols, rows, n), dtype=np.int16 if exact else np.float32)
+    for k, (f, ds) in enumerate(items):
+        try:
+            pixels = ds.pixel_array
+        except Exception as exc:  # noqa: BLE001 - missing decoder plugin, bad data
+            ts = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", "unknown")
+            raise VolumeError(f"{f}: PixelData: cannot decode (TransferSyntaxUID {ts}; {_one_line(exc)})") from None
+        if pixels.shape != (rows, cols):
+            raise VolumeError(f"{f}: PixelData: shape {pixels.shape} does not match Rows x Columns {rows}x{cols}")
+        # pixel_array is indexed [row, column]; the volume is [column i, row j, slice k].
+        if array.dtype == np.int16:
+            values = pixels.astype(np.int64) * int(slopes[k]) + int(intercepts[k])
+            if values.min() >= -32768 and values.max() <= 32767:
+                array[:, :, k] = values.T
+                continue
+            array = array.astype(np.float32)  # does not fit int16: float32 from here on
+        array[:, :, k] = (pixels.astype(np.float64) * slopes[k] + intercepts[k]).T
+    meta = {
+        "format": "dicom",
+        "series_instance_uid": uid,
+        "modality": str(ds0.get("Modality", "")),
+        "series_description": str(ds0.get("SeriesDescription", "")),
+        "n_slices": n,
+        "files": [str(f) for f, _ in items],
+    }
+    return Volume(array, affine_ras, None, folder, meta)
+
+
+# ---------------------------------------------------------------------------------------------
+# NRRD
+
+_SPACE_TO_RAS = {
+    "right-anterior-superior": np.eye(4),
+    "ras": np.eye(4),
+    "left-posterior-superior": LPS_TO_RAS,
+    "lps": LPS_TO_RAS,
+    "left-anterior-superior": np.diag([-1.0, 1.0, 1.0, 1.0]),
+    "las": np.diag([-1.0, 1.0, 1.0, 1.0]),
+}
+
+
+def read_nrrd(path: str | os.PathLike) -> Volume:
+    """Read a 3-D NRRD (.nrrd or .nhdr + data) with pynrrd into a RAS volume.
+
+    Geometry comes from ``space`` (right-anterior-superior, left-posterior-superior,
+    left-anterior-superior or their abbreviations), ``space directions`` (one vector per axis,
+    which carries spacing and orientation) and ``space origin``; the affine is
+    ``space_to_RAS @ [directions | origin]``. Files without ``space``/``space directions`` are
+    refused: bosam will not guess where a CT lies in the patient. The array keeps the stored
+    dtype, in the axis order of the file (pynrrd's Fortran order, i fastest).
+    """
+    try:
+        import nrrd
+    except ImportError:  # pragma: no cover - depends on the install
+        raise VolumeError(f"{path}: reading NRRD needs pynrrd (pip install 'bosam[io]')") from None
+
+    path = Path(path)
+    try:
+        data, header = nrrd.read(str(path))
+    except Exception as exc:  # noqa: BLE001 - pynrrd raises NRRDError, OSError, ValueError ...
+        raise VolumeError(f"{path}: cannot read NRRD ({_one_line(exc)})") from None
+    dim = int(header.get("dimension", data.ndim))
+    if dim != 3 or data.ndim != 3:
+        raise VolumeError(f"{path}: dimension: expected a 3-D image, got {dim}-D of shape {tuple(data.shape)}")
+    if data.dtype.kind not in "biuf":
+        raise VolumeError(f"{path}: type: unsupported voxel type {data.dtype}")
+    space = header.get("space")
+    if space is None:
+        raise VolumeError(f"{path}: space: missing (need right-anterior-superior or left-posterior-superior to place the image in patient space)")
+    to_ras = _SPACE_TO_RAS.get(str(space).strip().lower())
+    if to_ras is None:
+        raise VolumeError(f"{path}: space: unsupported space {space!r} (expected right-anterior-superior, left-posterior-superior or left-anterior-superior)")
+    units = header.get("space units")
+    if units is not None and any(str(u).strip().lower() not in ("mm", "") for u in units):
+        raise VolumeError(f"{path}: space units: expected mm, got {list(units)}")
+    directions = header.get("space directions")
+    if directions is None:
+        raise VolumeError(f"{path}: space directions: missing")
+    try:
+        directions = np.asarray(directions, dtype=np.float64)
+    except (TypeError, ValueError):
+        raise VolumeError(f"{path}: space directions: not numeric: {directions!r}") from None
+    if directions.shape != (3, 3) or not np.all(np.isfinite(directions)):
+        raise VolumeError(f"{path}: space directions: expected three finite 3-vectors, got {directions.tolist()}")
+    origin = header.get("space origin")
+    origin = np.zeros(3) if origin is None else np.asarray(origin, dtype=np.float64)
+    if origin.shape != (3,) or not np.all(np.isfinite(origin)):
+        raise VolumeError(f"{path}: space origin: expected three finite numbers, got {origin.tolist()}")
+    if abs(np.linalg.det(directions)) < 1e-12:
+        raise VolumeError(f"{path}: space directions: singular matrix {directions.tolist()}")
+    affine_space = np.eye(4)
+    affine_space[:3, :3] = directions.T  # row a of 'space directions' is the step of axis a
+    affine_space[:3, 3] = origin
+    meta = {"format": "nrrd", "space": str(space), "nrrd_header": dict(header)}
+    return Volume(np.asarray(data), to_ras @ affine_space, None, path, meta)

@@ -1,0 +1,521 @@
+"""Volumes: NIfTI corner cases, label maps on the exact input grid, DICOM series and NRRD.
+
+Every synthetic file is built in tmp_path with the field's own writers (nibabel, pydicom,
+pynrrd); the expected geometry is computed independently of bosam from the construction.
+"""
+
+from __future__ import annotations
+
+import gzip
+import os
+import random
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from bosam_cli.errors import VolumeError
+from bosam_cli.volume import Volume, read_nifti, read_volume, write_label_map, write_volume
+
+DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
+CT_SM = DATA / "totalsegmentator" / "example_ct_sm.nii.gz"
+VERSE = DATA / "verse_mask_only" / "sub-verse004_seg-vert_msk.nii.gz"
+needs_ct_sm = pytest.mark.skipif(not CT_SM.exists(), reason=f"shared test data not found: {CT_SM}")
+needs_verse = pytest.mark.skipif(not VERSE.exists(), reason=f"shared test data not found: {VERSE}")
+
+
+def rotation(axis, degrees: float) -> np.ndarray:
+    """Rodrigues: a proper rotation matrix about ``axis``."""
+    a = np.asarray(axis, dtype=float)
+    a = a / np.linalg.norm(a)
+    t = np.radians(degrees)
+    k = np.array([[0, -a[2], a[1]], [a[2], 0, -a[0]], [-a[1], a[0], 0]])
+    return np.eye(3) + np.sin(t) * k + (1 - np.cos(t)) * (k @ k)
+
+
+def oblique_affine(spacing=(0.7, 0.9, 2.5), origin=(-120.5, 33.25, -610.0)) -> np.ndarray:
+    aff = np.eye(4)
+    aff[:3, :3] = rotation([1, 2, 3], 23.0) @ np.diag(spacing)
+    aff[:3, 3] = origin
+    return aff
+
+
+def save_nifti(path: Path, data: np.ndarray, affine: np.ndarray, *, scode: int = 2, qcode: int = 0, slope=np.nan, inter=np.nan) -> Path:
+    img = nib.Nifti1Image(data, None)
+    img.header.set_data_dtype(data.dtype)
+    img.header.set_sform(affine, code=scode)
+    img.header.set_qform(affine, code=qcode)
+    img.header["scl_slope"] = slope
+    img.header["scl_inter"] = inter
+    nib.save(img, str(path))
+    return path
+
+
+def ct_like(shape=(7, 6, 5), dtype=np.int16) -> np.ndarray:
+    rng = np.random.default_rng(0)
+    return rng.integers(-1024, 3000, size=shape).astype(dtype)
+
+
+def assert_one_line_naming(exc: pytest.ExceptionInfo, path: Path, *fields: str) -> None:
+    msg = str(exc.value)
+    assert "\n" not in msg, msg
+    assert str(path) in msg, msg
+    for f in fields:
+        assert f in msg, msg
+
+
+# ---------------------------------------------------------------------------------------------
+# NIfTI reading
+
+
+@pytest.mark.parametrize("dtype", [np.int16, np.int32, np.float32, np.float64])
+def test_nifti_keeps_stored_dtype_and_values(tmp_path, dtype):
+    data = ct_like(dtype=dtype)
+    aff = oblique_affine()
+    vol = read_volume(save_nifti(tmp_path / "ct.nii.gz", data, aff))
+    assert vol.array.dtype == dtype
+    np.testing.assert_array_equal(vol.array, data)
+    np.testing.assert_allclose(vol.affine, aff, atol=1e-5)
+    assert vol.meta["affine_source"] == "sform"
+    assert not isinstance(vol.array, np.memmap)
+
+
+def test_nifti_sform_only_ignores_qform_matrix(tmp_path):
+    aff = oblique_affine()
+    img = nib.Nifti1Image(ct_like(), None)
+    img.header.set_sform(aff, code=2)
+    img.header.set_qform(np.diag([5.0, 5.0, 5.0, 1.0]), code=0)  # stale matrix, code 0: must be ignored
+    nib.save(img, str(tmp_path / "s.nii"))
+    vol = read_nifti(tmp_path / "s.nii")
+    np.testing.assert_allclose(vol.affine, aff, atol=1e-5)
+
+
+def test_nifti_qform_only(tmp_path):
+    aff = oblique_affine()
+    img = nib.Nifti1Image(ct_like(), None)
+    img.header.set_qform(aff, code=1)
+    img.header.set_sform(np.diag([9.0, 9.0, 9.0, 1.0]), code=0)  # stale, code 0
+    nib.save(img, str(tmp_path / "q.nii.gz"))
+    vol = read_nifti(tmp_path / "q.nii.gz")
+    assert vol.meta["affine_source"] == "qform"
+    np.testing.assert_allclose(vol.affine, aff, atol=1e-4)  # quaternion storage is float32
+
+
+def test_nifti_sform_wins_over_a_different_qform(tmp_path):
+    sform = oblique_affine()
+    qform = np.diag([2.0, 2.0, 2.0, 1.0])
+    img = nib.Nifti1Image(ct_like(), None)
+    img.header.set_sform(sform, code=2)
+    img.header.set_qform(qform, code=1)
+    nib.save(img, str(tmp_path / "both.nii"))
+    np.testing.assert_allclose(read_nifti(tmp_path / "both.nii").affine, sform, atol=1e-5)
+
+
+def test_nifti_without_codes_falls_back_to_pixdim(tmp_path):
+    img = nib.Nifti1Image(ct_like(), None)
+    img.header.set_zooms((0.5, 0.75, 2.0))
+    img.header.set_sform(None, code=0)
+    img.header.set_qform(None, code=0)
+    nib.save(img, str(tmp_path / "analyze.nii"))
+    vol = read_nifti(tmp_path / "analyze.nii")
+    assert vol.meta["affine_source"] == "pixdim"
+    np.testing.assert_allclose(vol.spacing_mm, [0.5, 0.75, 2.0])
+
+
+def test_nifti_nan_slope_means_no_scaling(tmp_path):
+    data = ct_like()
+    vol = read_nifti(save_nifti(tmp_path / "nan.nii.gz", data, np.eye(4), slope=np.nan, inter=np.nan))
+    assert vol.array.dtype == np.int16
+    np.testing.assert_array_equal(vol.array, data)
+
+
+def test_nifti_integer_scaling_gives_int16_and_fractional_gives_float32(tmp_path):
+    raw = np.arange(2 * 3 * 4, dtype=np.uint16).reshape(2, 3, 4) * 100
+    vol = read_nifti(save_nifti(tmp_path / "u16.nii", raw, np.eye(4), slope=1.0, inter=-1024.0))
+    assert vol.array.dtype == np.int16
+    np.testing.assert_array_equal(vol.array, raw.astype(np.int32) - 1024)
+    vol = read_nifti(save_nifti(tmp_path / "half.nii", raw, np.eye(4), slope=0.5, inter=-1024.0))
+    assert vol.array.dtype == np.float32
+    np.testing.assert_allclose(vol.array, raw * 0.5 - 1024)
+
+
+def test_nifti_trailing_singleton_4th_dim_accepted(tmp_path):
+    data = ct_like()[..., None]
+    vol = read_nifti(save_nifti(tmp_path / "t1.nii.gz", data, oblique_affine()))
+    assert vol.shape == (7, 6, 5)
+    np.testing.assert_array_equal(vol.array, data[..., 0])
+
+
+def test_nifti_real_4d_refused(tmp_path):
+    path = save_nifti(tmp_path / "dwi.nii.gz", np.zeros((4, 4, 4, 3), np.int16), np.eye(4))
+    with pytest.raises(VolumeError) as exc:
+        read_nifti(path)
+    assert_one_line_naming(exc, path, "dim", "(4, 4, 4, 3)")
+
+
+def test_nifti_2d_refused(tmp_path):
+    path = save_nifti(tmp_path / "slice.nii", np.zeros((4, 4), np.int16), np.eye(4))
+    with pytest.raises(VolumeError) as exc:
+        read_volume(path)
+    assert_one_line_naming(exc, path, "dim")
+
+
+def test_nifti_truncated_gz_refused(tmp_path):
+    good = save_nifti(tmp_path / "good.nii.gz", ct_like((20, 20, 20)), np.eye(4))
+    raw = good.read_bytes()
+    bad = tmp_path / "truncated.nii.gz"
+    bad.write_bytes(raw[: len(raw) // 2])
+    with pytest.raises(VolumeError) as exc:
+        read_volume(bad)
+    assert_one_line_naming(exc, bad, "image data")
+
+
+def test_nifti_truncated_uncompressed_refused(tmp_path):
+    good = save_nifti(tmp_path / "good.nii", ct_like((20, 20, 20)), np.eye(4))
+    bad = tmp_path / "short.nii"
+    bad.write_bytes(good.read_bytes()[:1000])
+    with pytest.raises(VolumeError) as exc:
+        read_volume(bad)
+    assert_one_line_naming(exc, bad, "image data")  # nibabel's message spans two lines
+
+
+def test_nifti_garbage_refused(tmp_path):
+    bad = tmp_path / "garbage.nii.gz"
+    bad.write_bytes(b"this is not a gzip file at all" * 20)
+    with pytest.raises(VolumeError) as exc:
+        read_volume(bad)
+    assert_one_line_naming(exc, bad, "header")
+    bad2 = tmp_path / "gz_of_garbage.nii.gz"
+    bad2.write_bytes(gzip.compress(b"\x00" * 400))
+    with pytest.raises(VolumeError) as exc:
+        read_volume(bad2)
+    assert_one_line_naming(exc, bad2, "header")
+
+
+def test_nifti_singular_sform_refused(tmp_path):
+    img = nib.Nifti1Image(ct_like(), None)
+    img.header.set_sform(np.diag([1.0, 0.0, 1.0, 1.0]), code=2)
+    nib.save(img, str(tmp_path / "flat.nii"))
+    with pytest.raises(VolumeError) as exc:
+        read_nifti(tmp_path / "flat.nii")
+    assert_one_line_naming(exc, tmp_path / "flat.nii", "srow", "sform")
+
+
+def test_read_volume_unknown_suffix_and_missing(tmp_path):
+    (tmp_path / "ct.mha").write_bytes(b"x")
+    with pytest.raises(VolumeError, match="unsupported file type"):
+        read_volume(tmp_path / "ct.mha")
+    with pytest.raises(VolumeError, match="no such file"):
+        read_volume(tmp_path / "absent.nii.gz")
+
+
+def test_oblique_world_voxel_round_trip(tmp_path):
+    aff = oblique_affine()
+    vol = read_nifti(save_nifti(tmp_path / "obl.nii.gz", ct_like(), aff))
+    ijk = np.array([[0, 0, 0], [6, 5, 4], [3.25, 1.5, 2.75]])
+    xyz = (aff @ np.c_[ijk, np.ones(3)].T).T[:, :3]
+    np.testing.assert_allclose(vol.voxel_to_world(ijk), xyz, atol=1e-4)
+    np.testing.assert_allclose(vol.world_to_voxel(xyz), ijk, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------
+# label maps
+
+
+GEOMETRY_FIELDS = ("sform_code", "qform_code", "srow_x", "srow_y", "srow_z", "quatern_b", "quatern_c",
+                   "quatern_d", "qoffset_x", "qoffset_y", "qoffset_z", "pixdim", "dim", "xyzt_units")
+
+
+def assert_same_grid(src: Path, out: Path) -> None:
+    a, b = nib.load(str(src)).header, nib.load(str(out)).header
+    for k in GEOMETRY_FIELDS:
+        if k == "pixdim":
+            np.testing.assert_array_equal(a[k][:4], b[k][:4], err_msg=k)
+        elif k == "dim":
+            np.testing.assert_array_equal(a[k][1:4], b[k][1:4], err_msg=k)
+        else:
+            np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+    np.testing.assert_array_equal(read_nifti(src).affine, read_nifti(out).affine)
+
+
+@pytest.mark.parametrize("codes", [(2, 0), (0, 1), (1, 1), (0, 0)], ids=["sform-only", "qform-only", "both", "none"])
+def test_label_map_on_exact_input_grid(tmp_path, codes):
+    src = save_nifti(tmp_path / "ct.nii.gz", ct_like(), oblique_affine(), scode=codes[0], qcode=codes[1])
+    ct = read_nifti(src)
+    labels = (ct.array > 500).astype(np.int64) * 7
+    out = write_label_map(labels, ct, tmp_path / "out" / "labels.nii.gz")
+    assert_same_grid(src, out)
+    img = nib.load(str(out))
+    assert img.get_data_dtype() == np.uint8
+    np.testing.assert_array_equal(np.asanyarray(img.dataobj), labels)
+
+
+def test_label_map_dtype_by_range(tmp_path):
+    ct = read_nifti(save_nifti(tmp_path / "ct.nii", ct_like(), np.eye(4)))
+    lab = np.zeros(ct.shape, np.int32)
+    lab[0, 0, 0] = 255
+    assert nib.load(str(write_label_map(lab, ct, tmp_path / "a.nii"))).get_data_dtype() == np.uint8
+    lab[0, 0, 0] = 256
+    assert nib.load(str(write_label_map(lab, ct, tmp_path / "b.nii"))).get_data_dtype() == np.uint16
+    lab[0, 0, 0] = 65535
+    assert nib.load(str(write_label_map(lab, ct, tmp_path / "c.nii"))).get_data_dtype() == np.uint16
+
+
+@pytest.mark.parametrize(
+    "value, dtype, problem",
+    [(65536, np.int32, "0..65535"), (-1, np.int16, "0..65535"), (1.5, np.float64, "non-integer"), (np.nan, np.float32, "NaN")],
+)
+def test_label_map_bad_values_refused_without_output(tmp_path, value, dtype, problem):
+    ct = read_nifti(save_nifti(tmp_path / "ct.nii", ct_like(), np.eye(4)))
+    lab = np.zeros(ct.shape, dtype)
+    lab[1, 1, 1] = value
+    out = tmp_path / "bad.nii.gz"
+    with pytest.raises(VolumeError) as exc:
+        write_label_map(lab, ct, out)
+    assert_one_line_naming(exc, out, problem)
+    assert not out.exists()
+
+
+def test_label_map_shape_and_suffix_refused(tmp_path):
+    ct = read_nifti(save_nifti(tmp_path / "ct.nii", ct_like(), np.eye(4)))
+    with pytest.raises(VolumeError, match="differs from the CT grid"):
+        write_label_map(np.zeros((7, 6, 4), np.uint8), ct, tmp_path / "x.nii.gz")
+    with pytest.raises(VolumeError, match=r"\.nii or \.nii\.gz"):
+        write_label_map(np.zeros(ct.shape, np.uint8), ct, tmp_path / "x.nrrd")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ct.nii"]
+
+
+def test_label_map_write_is_atomic(tmp_path, monkeypatch):
+    ct = read_nifti(save_nifti(tmp_path / "ct.nii", ct_like(), np.eye(4)))
+    out = tmp_path / "labels.nii.gz"
+    write_label_map(np.ones(ct.shape, np.uint8), ct, out)
+    before = out.read_bytes()
+
+    def half_write_then_fail(img, filename):
+        Path(filename).write_bytes(b"partial")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(nib, "save", half_write_then_fail)
+    with pytest.raises(OSError, match="disk full"):
+        write_label_map(np.full(ct.shape, 2, np.uint8), ct, out)
+    assert out.read_bytes() == before  # the old file is untouched
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ct.nii", "labels.nii.gz"]  # no temp left
+
+
+def test_label_map_permissions_follow_umask(tmp_path):
+    ct = read_nifti(save_nifti(tmp_path / "ct.nii", ct_like(), np.eye(4)))
+    old = os.umask(0o022)
+    try:
+        out = write_label_map(np.zeros(ct.shape, np.uint8), ct, tmp_path / "l.nii.gz")
+    finally:
+        os.umask(old)
+    assert out.stat().st_mode & 0o777 == 0o644  # not mkstemp's private 0600
+
+
+def test_write_volume_on_a_new_affine_updates_both_forms(tmp_path):
+    src = save_nifti(tmp_path / "ct.nii", ct_like(), np.eye(4), scode=2, qcode=1)
+    ct = read_nifti(src)
+    moved = Volume(ct.array, oblique_affine(), ct.header, ct.path)
+    out = write_volume(ct.array, moved, tmp_path / "moved.nii.gz")
+    back = read_nifti(out)
+    np.testing.assert_allclose(back.affine, moved.affine, atol=1e-5)
+    hdr = nib.load(str(out)).header
+    assert (int(hdr["sform_code"]), int(hdr["qform_code"])) == (2, 1)
+    np.testing.assert_allclose(hdr.get_qform(), moved.affine, atol=1e-4)
+
+
+def test_label_map_for_a_headerless_volume(tmp_path):
+    vol = Volume(np.zeros((3, 4, 5), np.int16), oblique_affine(), None, None)
+    out = write_label_map(np.ones(vol.shape, np.uint8), vol, tmp_path / "l.nii")
+    back = read_nifti(out)
+    np.testing.assert_allclose(back.affine, vol.affine, atol=1e-5)
+    assert int(back.header["sform_code"]) == 1
+
+
+# ---------------------------------------------------------------------------------------------
+# real files
+
+
+@needs_ct_sm
+def test_real_ct_sm(tmp_path):
+    ct = read_volume(CT_SM)
+    hdr = nib.load(str(CT_SM)).header
+    assert (int(hdr["sform_code"]), int(hdr["qform_code"])) == (2, 0)
+    assert np.isnan(hdr["scl_slope"])
+    assert ct.shape == (122, 101, 30)
+    assert ct.array.dtype == np.int16
+    assert ct.axcodes == "RAS"
+    np.testing.assert_allclose(np.diag(ct.affine)[:3], [3, 3, 3])
+    np.testing.assert_allclose(ct.affine[:3, 3], [-177.956, 11.319, 94.302], atol=1e-3)
+    assert -1100 <= ct.array.min() and ct.array.max() <= 1207
+    out = write_label_map((ct.array > 200).astype(np.uint8) * 31, ct, tmp_path / "bone.nii.gz")
+    assert_same_grid(CT_SM, out)
+
+
+@needs_verse
+def test_real_verse_mask_oblique_pir_float_labels(tmp_path):
+    m = read_volume(VERSE)
+    assert m.shape == (161, 338, 61)
+    assert m.array.dtype == np.float64
+    assert m.axcodes == "PIR"
+    np.testing.assert_allclose(m.spacing_mm, [1.0, 1.0, 2.0], atol=1e-3)
+    assert set(np.unique(m.array).tolist()) == {0.0, *map(float, range(16, 25))}
+    out = write_label_map(m.array, m, tmp_path / "vert.nii.gz")
+    assert_same_grid(VERSE, out)
+    back = read_nifti(out)
+    assert back.array.dtype == np.uint8
+    np.testing.assert_array_equal(back.array, m.array.astype(np.uint8))
+
+
+# ---------------------------------------------------------------------------------------------
+# DICOM
+
+
+def write_dicom_series(folder: Path, *, rows=6, cols=5, n=4, slope="1", intercept="-1024", series_uid=None,
+                       skip_slice=None, seed=0) -> dict:
+    """An oblique axial-ish CT series in LPS, files in shuffled order with meaningless names.
+
+    Raw pixel (row r, column c) of slice k holds 100*k + 10*r + c, so the expected volume is
+    known exactly. Returns the geometry used, for independent expectations.
+    """
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
+
+    folder.mkdir(parents=True, exist_ok=True)
+    rot = rotation([0.3, -1.0, 0.4], 17.0)
+    row_dir = np.round(rot[:, 0], 6)  # DS strings hold 16 characters
+    col_dir = np.round(rot[:, 1], 6)
+    normal = np.cross(row_dir, col_dir)
+    spacing_between_rows, spacing_between_cols, gap = 0.8, 0.7, 2.5
+    origin_lps = np.array([-100.5, 80.25, -300.0])
+    series_uid = series_uid or generate_uid()
+    order = list(range(n))
+    random.Random(seed).shuffle(order)
+    for k in order:
+        if k == skip_slice:
+            continue
+        meta = FileMetaDataset()
+        meta.MediaStorageSOPClassUID = CTImageStorage
+        meta.MediaStorageSOPInstanceUID = generate_uid()
+        meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        ds = Dataset()
+        ds.file_meta = meta
+        ds.SOPClassUID = CTImageStorage
+        ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
+        ds.Modality = "CT"
+        ds.SeriesInstanceUID = series_uid
+        ds.SeriesDescription = "oblique test"
+        ds.Rows, ds.Columns = rows, cols
+        ds.SamplesPerPixel = 1
+        ds.PhotometricInterpretation = "MONOCHROME2"
+        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
+        ds.PixelSpacing = [spacing_between_rows, spacing_between_cols]
+        ds.ImageOrientationPatient = [float(x) for x in (*row_dir, *col_dir)]
+        pos = origin_lps + k * gap * normal
+        ds.ImagePositionPatient = [float(f"{x:.6f}") for x in pos]
+        ds.RescaleSlope, ds.RescaleIntercept = slope, intercept
+        r, c = np.mgrid[0:rows, 0:cols]
+        ds.PixelData = (100 * k + 10 * r + c).astype(np.uint16).tobytes()
+        ds.save_as(folder / f"IM{random.Random(k + seed).randrange(10**6):06d}", enforce_file_format=True)
+    return dict(row_dir=row_dir, col_dir=col_dir, normal=normal, origin_lps=origin_lps,
+                d_row=spacing_between_rows, d_col=spacing_between_cols, gap=gap, n=n, rows=rows, cols=cols)
+
+
+def expected_ras(g: dict, ijk: np.ndarray) -> np.ndarray:
+    """DICOM PS3.3 C.7.6.2.1.1: position of column i, row j of slice k, then LPS -> RAS by sign."""
+    lps = (g["origin_lps"] + ijk[:, :1] * g["d_col"] * g["row_dir"] + ijk[:, 1:2] * g["d_row"] * g["col_dir"]
+           + ijk[:, 2:3] * g["gap"] * g["normal"])
+    return lps * np.array([-1.0, -1.0, 1.0])
+
+
+def test_dicom_oblique_series_geometry_and_values(tmp_path):
+    pytest.importorskip("pydicom")
+    g = write_dicom_series(tmp_path / "series")
+    (tmp_path / "series" / "README.txt").write_text("not dicom")
+    vol = read_volume(tmp_path / "series")
+    assert vol.shape == (g["cols"], g["rows"], g["n"])  # (column i, row j, slice k)
+    assert vol.array.dtype == np.int16
+    i, j, k = np.meshgrid(np.arange(g["cols"]), np.arange(g["rows"]), np.arange(g["n"]), indexing="ij")
+    np.testing.assert_array_equal(vol.array, 100 * k + 10 * j + i - 1024)
+    corners = np.array([[0, 0, 0], [4, 0, 0], [0, 5, 0], [0, 0, 3], [4, 5, 3], [2.5, 1.25, 0.5]])
+    np.testing.assert_allclose(vol.voxel_to_world(corners), expected_ras(g, corners), atol=1e-3)
+    assert vol.axcodes == "LPS"  # i runs to the patient's left, as DICOM columns do: no array was flipped
+    assert vol.meta["n_slices"] == g["n"]
+
+
+def test_dicom_fractional_rescale_gives_float32(tmp_path):
+    pytest.importorskip("pydicom")
+    write_dicom_series(tmp_path / "s", slope="0.5", intercept="-1000.25")
+    vol = read_volume(tmp_path / "s")
+    assert vol.array.dtype == np.float32
+    assert vol.array[1, 2, 3] == pytest.approx((300 + 20 + 1) * 0.5 - 1000.25)
+
+
+def test_dicom_several_series_refused_with_their_uids(tmp_path):
+    pytest.importorskip("pydicom")
+    write_dicom_series(tmp_path / "mix", series_uid="1.2.3.4.1", seed=1)
+    write_dicom_series(tmp_path / "mix" / "sub", series_uid="1.2.3.4.2", seed=2)
+    with pytest.raises(VolumeError) as exc:
+        read_volume(tmp_path / "mix")
+    assert_one_line_naming(exc, tmp_path / "mix", "SeriesInstanceUID", "1.2.3.4.1", "1.2.3.4.2")
+
+
+def test_dicom_missing_slice_refused(tmp_path):
+    pytest.importorskip("pydicom")
+    write_dicom_series(tmp_path / "gap", n=5, skip_slice=2)
+    with pytest.raises(VolumeError) as exc:
+        read_volume(tmp_path / "gap")
+    assert_one_line_naming(exc, tmp_path / "gap", "ImagePositionPatient", "not uniform")
+
+
+def test_dicom_empty_folder_refused(tmp_path):
+    pytest.importorskip("pydicom")
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "notes.txt").write_text("hello")
+    with pytest.raises(VolumeError) as exc:
+        read_volume(tmp_path / "empty")
+    assert_one_line_naming(exc, tmp_path / "empty", "no DICOM image")
+
+
+# ---------------------------------------------------------------------------------------------
+# NRRD
+
+
+def write_nrrd(path: Path, data: np.ndarray, space: str, directions: np.ndarray, origin) -> Path:
+    import nrrd
+
+    nrrd.write(str(path), data, {"space": space, "space directions": directions, "space origin": np.asarray(origin, float)})
+    return path
+
+
+@pytest.mark.parametrize("space, to_ras", [("left-posterior-superior", [-1, -1, 1]), ("right-anterior-superior", [1, 1, 1])])
+def test_nrrd_space_to_ras(tmp_path, space, to_ras):
+    pytest.importorskip("nrrd")
+    directions = (rotation([2, -1, 1], 31.0) @ np.diag([0.6, 0.8, 1.5])).T  # row a: step of axis a
+    origin = np.array([12.5, -40.0, 300.0])
+    data = ct_like((5, 6, 7))
+    vol = read_volume(write_nrrd(tmp_path / "ct.nrrd", data, space, directions, origin))
+    assert vol.array.dtype == np.int16
+    np.testing.assert_array_equal(vol.array, data)
+    ijk = np.array([[0, 0, 0], [4, 5, 6], [1.5, 2.0, 3.25]])
+    in_space = origin + ijk @ directions
+    np.testing.assert_allclose(vol.voxel_to_world(ijk), in_space * np.array(to_ras), atol=1e-6)
+
+
+def test_nrrd_without_space_refused(tmp_path):
+    nrrd = pytest.importorskip("nrrd")
+    path = tmp_path / "plain.nrrd"
+    nrrd.write(str(path), ct_like((3, 3, 3)))
+    with pytest.raises(VolumeError) as exc:
+        read_volume(path)
+    assert_one_line_naming(exc, path, "space")
+
+
+def test_nrrd_4d_refused(tmp_path):
+    nrrd = pytest.importorskip("nrrd")
+    path = tmp_path / "vec.nrrd"
+    nrrd.write(str(path), np.zeros((2, 3, 3, 3), np.float32))
+    with pytest.raises(VolumeError) as exc:
+        read_volume(path)
+    assert_one_line_naming(exc, path, "dimension")
