@@ -116,6 +116,47 @@ def info(
         con.print(t)
 
 
+points_app = typer.Typer(help="Prompt files: check where clicks land before inference.", no_args_is_help=True)
+app.add_typer(points_app, name="points")
+
+
+@points_app.command("check")
+@handle_errors
+def points_check(
+    ct: Path = typer.Argument(..., help="CT: .nii/.nii.gz, .nrrd or a DICOM series folder."),
+    prompts: Path = typer.Argument(..., help="Prompt file: bosam JSON, Slicer .mrk.json or MONAI Label JSON."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON for machines."),
+) -> None:
+    """Where every click lands: object, click, +/-, RAS mm, voxel i,j,k, HU there, inside or not."""
+    from .prompts import check_points
+
+    records = check_points(ct, prompts)
+    if as_json:
+        print_json(records)
+        return
+    from rich.table import Table
+
+    t = Table(title=f"clicks of {prompts} in {ct}")
+    for col in ("object", "label", "click", "+/-", "RAS mm", "voxel i,j,k", "HU", "inside"):
+        t.add_column(col, justify="right" if col in ("label", "click", "HU") else "left")
+    for r in records:
+        t.add_row(
+            r["object"],
+            str(r["label"]),
+            str(r["click"]),
+            "+" if r["positive"] else "-",
+            ", ".join(f"{x:.1f}" for x in r["ras"]),
+            ", ".join(f"{x:.2f}" for x in r["voxel"]),
+            "" if r["hu"] is None else str(r["hu"]),
+            "yes" if r["inside"] else "[bold red]NO[/]",
+        )
+    con = _console()
+    con.print(t)
+    outside = sum(not r["inside"] for r in records)
+    if outside:
+        con.print(f"[yellow]warning:[/] {outside} of {len(records)} clicks fall outside the volume; segmentation would refuse this file")
+
+
 def main() -> None:
     app()
 
