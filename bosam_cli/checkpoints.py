@@ -106,7 +106,7 @@ def _allowed_globals() -> list[Any]:
     return allowed
 
 
-_UNSAFE_GLOBAL = re.compile(r"Unsupported global:\s*(?:GLOBAL\s+)?([\w\.]+)")
+_UNSAFE_GLOBAL = re.compile(r"GLOBAL\s+([\w\.]+)", re.IGNORECASE)
 
 
 def _torch_load(path: Path) -> Any:
@@ -121,10 +121,11 @@ def _torch_load(path: Path) -> Any:
         raise
     except Exception as exc:  # noqa: BLE001 - every failure becomes one clear line
         text = str(exc)
-        m = _UNSAFE_GLOBAL.search(text)
-        if m and "Unsupported global" in text:
+        if "Weights only load failed" in text and "Unsupported operand" not in text:
+            m = _UNSAFE_GLOBAL.search(text)
+            what = m.group(1) if m else "an object outside the allow-list"
             raise CheckpointError(
-                f"{path}: refused: the file needs '{m.group(1)}', which is not plain data; bosam never "
+                f"{path}: refused: the file needs '{what}', which is not plain data; bosam never "
                 "executes pickled code (re-save only the model_state_dict, or use safetensors)"
             ) from None
         if magic == b"PK\x03\x04":
@@ -406,7 +407,8 @@ def model_metadata(model, extra: Mapping[str, Any] | None = None) -> dict[str, A
     )
     if extra:
         meta.update(extra)
-    return json.loads(json.dumps(meta))  # tuples -> lists; proves it is plain
+    _check_plain(meta, "bosam")
+    return json.loads(json.dumps(meta))  # tuples -> lists
 
 
 def save_checkpoint(
