@@ -1,0 +1,452 @@
+"""Interactive session: a CT -> model windows -> cached embeddings -> clicks -> masks.
+
+The only stateful object of inference. Verbs: ``set_volume``, ``add_click``, ``undo``,
+``reset``, ``mask``, ``label_map``.
+
+How an object is segmented:
+
+* Its first positive click opens a window centred on it (snapped to a world lattice so that
+  nearby objects share windows and cached embeddings).
+* Every click is one decoder call per window that contains it: the new point alone, with that
+  window's previous low-res logits as the mask prompt (zeros for a window's first call), which
+  is how the published weights were trained.
+* When the mask touches a window face (inside the CT), the object grows into the neighbour
+  window half a window further along that axis (50 % overlap). The neighbour is seeded with a
+  positive point at the deepest voxel of the known mask inside it, then gets the object's
+  clicks that fall inside it, in order. A grown window is dropped again when its parent's mask
+  no longer touches that face (e.g. after a negative click removed a leak), unless a positive
+  click of the user lies in it. At most ``max_windows`` windows per object.
+* Logits of overlapping windows are blended on the CT grid with weights that ramp up from each
+  window face, then thresholded at 0.
+
+Overlap rule between objects: a voxel claimed by several objects goes to the one with the
+highest blended logit there; exact ties go to the object created first.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from .volume import Volume, label_dtype
+from .windows import (
+    DEFAULT_SPACING_MM,
+    Intensity,
+    WindowGeometry,
+    box_of,
+    logits_to_grid,
+    lowres_positive_extent,
+    window_at,
+    window_image,
+)
+
+
+@dataclass
+class SessionClick:
+    """A click as the session keeps it: world RAS mm and voxel of the CT, sign."""
+
+    ras: np.ndarray
+    ijk: np.ndarray
+    positive: bool
+
+
+@dataclass
+class WindowState:
+    geom: WindowGeometry
+    logits: np.ndarray  # (M, M, M) float32 low-res logits
+    parent: tuple | None = None  # key of the window it grew from (None: opened by a click)
+    face: tuple[int, int] | None = None  # (axis, side) of the parent face it grew through
+    decoder_calls: int = 0
+
+
+@dataclass
+class ObjectState:
+    label: int
+    name: str
+    clicks: list[SessionClick] = field(default_factory=list)
+    windows: list[WindowState] = field(default_factory=list)
+    truncated: bool = False
+
+    def window_keys(self) -> list[tuple]:
+        return [w.geom.key for w in self.windows]
+
+
+@dataclass
+class ClickReport:
+    """What one click cost and changed (printed by the interactive session)."""
+
+    label: int
+    positive: bool
+    decoder_calls: int = 0
+    encoder_calls: int = 0
+    decoder_s: float = 0.0
+    encoder_s: float = 0.0
+    sample_s: float = 0.0
+    windows: int = 0
+    new_windows: int = 0
+    voxels: int = 0
+    note: str = ""
+
+    def as_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+class Session:
+    """Segment objects in one CT from clicks.
+
+    Args:
+        engine: anything with the engine contract (``engines.base``): ``encode``, ``decode``,
+            ``info`` (``img_size``, ``mask_size``).
+        spacing_mm: model window spacing (1.5 mm for the published weights).
+        intensity: clamp and padding of the CT before z-scoring.
+        max_windows: windows per object at most (growth stops there; the object is marked
+            truncated).
+        grow: grow objects into neighbour windows when their mask touches a face.
+        snap_vox: lattice (in window voxels) that window centres snap to; 0 centres exactly.
+        ramp_vox: width of the blending ramp at window faces, in window voxels.
+        cache_size: image embeddings kept (LRU).
+    """
+
+    def __init__(
+        self,
+        engine: Any,
+        spacing_mm: float = DEFAULT_SPACING_MM,
+        intensity: Intensity = Intensity(),
+        max_windows: int = 8,
+        grow: bool = True,
+        snap_vox: int = 16,
+        ramp_vox: float = 16.0,
+        cache_size: int = 32,
+    ) -> None:
+        self.engine = engine
+        self.spacing_mm = float(spacing_mm)
+        self.intensity = intensity
+        self.max_windows = int(max_windows)
+        self.grow = grow
+        self.snap_vox = int(snap_vox)
+        self.ramp_vox = float(ramp_vox)
+        self.cache_size = int(cache_size)
+        self.size = int(engine.info.img_size)
+        self.mask_size = int(engine.info.mask_size)
+        self.volume: Volume | None = None
+        self.objects: "OrderedDict[int, ObjectState]" = OrderedDict()
+        self._embeddings: "OrderedDict[tuple, Any]" = OrderedDict()
+        self._history: list[tuple[int, ObjectState | None]] = []
+        self._grid_cache: dict[int, tuple] = {}
+        self.timings: dict[str, float] = {"encoder_s": 0.0, "decoder_s": 0.0, "sample_s": 0.0, "map_back_s": 0.0}
+        self.counts: dict[str, int] = {"encoder_calls": 0, "decoder_calls": 0}
+
+    # -- verbs ----------------------------------------------------------------------------------
+    def set_volume(self, volume: Volume) -> None:
+        """Start on a new CT: forgets objects, clicks and cached embeddings."""
+        self.volume = volume
+        self.objects.clear()
+        self._embeddings.clear()
+        self._history.clear()
+        self._grid_cache.clear()
+
+    def add_object(self, label: int, name: str | None = None) -> ObjectState:
+        if label < 1:
+            raise ValueError("object labels must be >= 1")
+        if label not in self.objects:
+            self.objects[label] = ObjectState(label, name or f"object_{label}")
+        elif name:
+            self.objects[label].name = name
+        return self.objects[label]
+
+    def add_click(
+        self,
+        label: int,
+        xyz: np.ndarray | None = None,
+        voxel: np.ndarray | None = None,
+        positive: bool = True,
+        name: str | None = None,
+    ) -> ClickReport:
+        """Add one click to object ``label`` at world RAS mm ``xyz`` or CT voxel ``voxel``."""
+        vol = self._need_volume()
+        if (xyz is None) == (voxel is None):
+            raise ValueError("give exactly one of xyz (RAS mm) or voxel (i, j, k)")
+        if xyz is None:
+            ijk = np.asarray(voxel, dtype=np.float64).reshape(3)
+            ras = vol.voxel_to_world(ijk)[0]
+        else:
+            ras = np.asarray(xyz, dtype=np.float64).reshape(3)
+            ijk = vol.world_to_voxel(ras)[0]
+        if not vol.contains_voxel(ijk)[0]:
+            raise ValueError(f"click at voxel {np.round(ijk, 2).tolist()} lies outside the volume {vol.shape}")
+        existed = label in self.objects
+        state = self.add_object(label, name)
+        self._history.append((label, copy.deepcopy(state) if existed else None))
+        self._grid_cache.pop(label, None)
+        click = SessionClick(ras, ijk, bool(positive))
+        state.clicks.append(click)
+        report = ClickReport(label=label, positive=bool(positive))
+
+        containing = [w for w in state.windows if w.geom.contains(ras[None])[0]]
+        if not containing:
+            if not positive:
+                report.note = "negative click outside the object's windows: nothing to remove there"
+            elif len(state.windows) >= self.max_windows:
+                state.truncated = True
+                report.note = f"window limit ({self.max_windows}) reached; click not applied"
+            else:
+                geom = window_at(ras, self.spacing_mm, self.size, self.snap_vox)
+                win = WindowState(geom, np.zeros((self.mask_size,) * 3, np.float32))
+                state.windows.append(win)
+                report.new_windows += 1
+                containing = [win]
+        for win in containing:
+            self._decode(win, ras, positive, report)
+        if self.grow and state.windows:
+            self._grow(state, report)
+            self._prune(state)
+        report.windows = len(state.windows)
+        report.voxels = int(self.mask(label).sum()) if state.windows else 0
+        return report
+
+    def undo(self, label: int | None = None) -> bool:
+        """Undo the last click (of ``label`` if given, else the last click of the session)."""
+        for i in range(len(self._history) - 1, -1, -1):
+            lab, snapshot = self._history[i]
+            if label is None or lab == label:
+                del self._history[i]
+                if snapshot is None:
+                    self.objects.pop(lab, None)
+                else:
+                    self.objects[lab] = snapshot
+                self._grid_cache.pop(lab, None)
+                return True
+        return False
+
+    def reset(self, label: int | None = None) -> None:
+        """Forget one object's clicks and masks, or every object's (embeddings stay cached)."""
+        if label is None:
+            self.objects.clear()
+            self._history.clear()
+            self._grid_cache.clear()
+        else:
+            self.objects.pop(label, None)
+            self._history = [h for h in self._history if h[0] != label]
+            self._grid_cache.pop(label, None)
+
+    def mask(self, label: int) -> np.ndarray:
+        """Boolean mask of one object on the CT grid (before the overlap rule between objects)."""
+        vol = self._need_volume()
+        out = np.zeros(vol.shape, dtype=bool)
+        got = self.object_logits(label)
+        if got is not None:
+            box, logits = got
+            out[box] = logits > 0
+        return out
+
+    def object_logits(self, label: int) -> tuple[tuple[slice, slice, slice], np.ndarray] | None:
+        """(box, blended logits on ``volume.array[box]``) of one object; None when empty.
+
+        Voxels of the box that no window covers hold -inf.
+        """
+        if label in self._grid_cache:
+            return self._grid_cache[label]
+        vol = self._need_volume()
+        state = self.objects.get(label)
+        result = None
+        if state is not None and state.windows:
+            t0 = time.perf_counter()
+            result = self._blend(state, vol)
+            self.timings["map_back_s"] += time.perf_counter() - t0
+        self._grid_cache[label] = result
+        return result
+
+    def label_map(self) -> np.ndarray:
+        """All objects in one label map on the CT grid (overlap rule in the module docstring)."""
+        vol = self._need_volume()
+        max_label = max(self.objects, default=0)
+        labels = np.zeros(vol.shape, dtype=label_dtype(max_label))
+        owners: dict[int, tuple[tuple[slice, slice, slice], np.ndarray]] = {}
+        for lab in self.objects:
+            got = self.object_logits(lab)
+            if got is None:
+                continue
+            box, logits = got
+            region = logits > 0
+            if not region.any():
+                continue
+            current = labels[box]
+            take = region & (current == 0)
+            conflict = region & (current != 0)
+            if conflict.any():
+                idx = np.nonzero(conflict)
+                mine = logits[idx]
+                theirs = np.full(mine.shape, -np.inf, dtype=np.float32)
+                owner_ids = current[idx]
+                for other in np.unique(owner_ids):
+                    obox, ologits = owners[int(other)]
+                    sel = owner_ids == other
+                    gi = [idx[a][sel] + box[a].start - obox[a].start for a in range(3)]
+                    theirs[sel] = ologits[gi[0], gi[1], gi[2]]
+                win = mine > theirs
+                take[tuple(i[win] for i in idx)] = True
+            current[take] = lab
+            labels[box] = current
+            owners[lab] = (box, logits)
+        return labels
+
+    def embedding_cache_info(self) -> dict[str, int]:
+        return {"cached": len(self._embeddings), "limit": self.cache_size}
+
+    # -- internals ------------------------------------------------------------------------------
+    def _need_volume(self) -> Volume:
+        if self.volume is None:
+            raise RuntimeError("call set_volume first")
+        return self.volume
+
+    def _embedding(self, geom: WindowGeometry, report: ClickReport) -> Any:
+        key = geom.key
+        if key in self._embeddings:
+            self._embeddings.move_to_end(key)
+            return self._embeddings[key]
+        t0 = time.perf_counter()
+        image = window_image(self._need_volume(), geom, self.intensity)
+        t1 = time.perf_counter()
+        emb = self.engine.encode(image)
+        t2 = time.perf_counter()
+        report.sample_s += t1 - t0
+        report.encoder_s += t2 - t1
+        report.encoder_calls += 1
+        self.timings["sample_s"] += t1 - t0
+        self.timings["encoder_s"] += t2 - t1
+        self.counts["encoder_calls"] += 1
+        self._embeddings[key] = emb
+        while len(self._embeddings) > self.cache_size:
+            self._embeddings.popitem(last=False)
+        return emb
+
+    def _decode(self, win: WindowState, ras: np.ndarray, positive: bool, report: ClickReport) -> None:
+        emb = self._embedding(win.geom, report)
+        point = win.geom.world_to_window(ras[None]).astype(np.float32)[None]  # (1, 1, 3)
+        label = np.array([[1 if positive else 0]], dtype=np.int64)
+        t0 = time.perf_counter()
+        logits, _ = self.engine.decode(emb, point, label, win.logits[None, None])
+        dt = time.perf_counter() - t0
+        win.logits = np.asarray(logits, dtype=np.float32).reshape(win.logits.shape)
+        win.decoder_calls += 1
+        report.decoder_calls += 1
+        report.decoder_s += dt
+        self.timings["decoder_s"] += dt
+        self.counts["decoder_calls"] += 1
+
+    def _face_touch(self, win: WindowState) -> list[tuple[int, int, np.ndarray]]:
+        """Faces (axis, side) the positive mask touches, with the touching low-res voxels."""
+        pos = win.logits > 0
+        m = self.mask_size
+        out = []
+        for axis in range(3):
+            for side, idx in ((-1, 0), (1, m - 1)):
+                slab = np.take(pos, idx, axis=axis)
+                if slab.any():
+                    uv = np.argwhere(slab)
+                    vox = np.insert(uv, axis, idx, axis=1).astype(np.float64)
+                    out.append((axis, side, vox))
+        return out
+
+    def _lowres_to_world(self, geom: WindowGeometry, vox: np.ndarray) -> np.ndarray:
+        aff = geom.lowres_affine(self.mask_size)
+        return vox @ aff[:3, :3].T + aff[:3, 3]
+
+    def _grow(self, state: ObjectState, report: ClickReport) -> None:
+        vol = self._need_volume()
+        queue = list(state.windows)
+        while queue:
+            win = queue.pop(0)
+            for axis, side, vox in self._face_touch(win):
+                geom = win.geom.shifted(axis, side)
+                if geom.key in state.window_keys():
+                    continue
+                # grow only where the touching mask lies inside the CT
+                world = self._lowres_to_world(win.geom, vox)
+                if not vol.contains_voxel(vol.world_to_voxel(world)).any():
+                    continue
+                if len(state.windows) >= self.max_windows:
+                    state.truncated = True
+                    continue
+                seed = self._seed_point(win, geom)
+                if seed is None:
+                    continue
+                new = WindowState(geom, np.zeros((self.mask_size,) * 3, np.float32), win.geom.key, (axis, side))
+                state.windows.append(new)
+                report.new_windows += 1
+                self._decode(new, seed, True, report)
+                for c in state.clicks:
+                    if geom.contains(c.ras[None])[0]:
+                        self._decode(new, c.ras, c.positive, report)
+                queue.append(new)
+
+    def _seed_point(self, win: WindowState, geom: WindowGeometry) -> np.ndarray | None:
+        """Deepest voxel of ``win``'s mask that lies well inside window ``geom`` (world mm)."""
+        from scipy.ndimage import distance_transform_edt
+
+        pos = win.logits > 0
+        if not pos.any():
+            return None
+        depth = distance_transform_edt(np.pad(pos, 1))[1:-1, 1:-1, 1:-1]
+        vox = np.argwhere(pos).astype(np.float64)
+        world = self._lowres_to_world(win.geom, vox)
+        inside = geom.contains(world, margin_vox=self.size / 16)
+        if not inside.any():
+            inside = geom.contains(world)
+            if not inside.any():
+                return None
+        d = depth[pos][inside]
+        return world[inside][int(np.argmax(d))]
+
+    def _prune(self, state: ObjectState) -> None:
+        """Drop grown windows whose parent mask no longer touches the face they grew through."""
+        changed = True
+        while changed:
+            changed = False
+            by_key = {w.geom.key: w for w in state.windows}
+            for w in list(state.windows):
+                if w.parent is None:
+                    continue
+                anchored = any(c.positive and w.geom.contains(c.ras[None])[0] for c in state.clicks)
+                parent = by_key.get(w.parent)
+                touching = parent is not None and any(
+                    (a, s) == w.face for a, s, _ in self._face_touch(parent)
+                )
+                if not touching and not anchored:
+                    state.windows.remove(w)
+                    changed = True
+
+    def _blend(self, state: ObjectState, vol: Volume) -> tuple[tuple[slice, slice, slice], np.ndarray] | None:
+        boxes = []
+        for w in state.windows:
+            ext = lowres_positive_extent(w.logits)
+            if ext is None:
+                continue
+            b = box_of(w.geom.lowres_affine(self.mask_size), ext, vol)
+            if b is not None:
+                boxes.append(b)
+        if not boxes:
+            return None
+        box = tuple(slice(min(b[a].start for b in boxes), max(b[a].stop for b in boxes)) for a in range(3))
+        shape = tuple(s.stop - s.start for s in box)
+        if len(state.windows) == 1:
+            values, weights = logits_to_grid(state.windows[0].logits, state.windows[0].geom, vol, box, self.ramp_vox)
+            return box, np.where(weights > 0, values, -np.inf).astype(np.float32)
+        num = np.zeros(shape, np.float32)
+        den = np.zeros(shape, np.float32)
+        full = [(-0.5, self.size - 0.5)] * 3
+        for w in state.windows:
+            wb = box_of(w.geom.affine, full, vol, pad=0)
+            if wb is None or any(wb[a].stop <= box[a].start or wb[a].start >= box[a].stop for a in range(3)):
+                continue
+            values, weights = logits_to_grid(w.logits, w.geom, vol, box, self.ramp_vox)
+            num += values * weights
+            den += weights
+        blended = np.full(shape, -np.inf, np.float32)
+        np.divide(num, den, out=blended, where=den > 0)
+        return box, blended
