@@ -13,7 +13,6 @@ import io
 import json
 import os
 import re
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping
@@ -21,6 +20,7 @@ from typing import Any, Iterable, Mapping
 import torch
 
 from . import __version__
+from .atomic import atomic_write_bytes
 from .errors import CheckpointError
 
 SAFETENSORS_SUFFIXES = (".safetensors", ".st")
@@ -47,7 +47,7 @@ class Checkpoint:
 
 
 # --------------------------------------------------------------------------------------------
-# hashing and atomic writes
+# hashing
 
 
 def sha256_file(path: str | os.PathLike) -> str:
@@ -56,22 +56,6 @@ def sha256_file(path: str | os.PathLike) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
-
-
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Write ``data`` to a temporary file beside ``path``, fsync, then rename over ``path``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 # --------------------------------------------------------------------------------------------

@@ -11,7 +11,7 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 
-from .checkpoints import atomic_write_bytes
+from .atomic import atomic_write_bytes
 from .volume import Volume
 
 # distinct colours for objects (RGB)

@@ -7,13 +7,13 @@ One coordinate rule everywhere: ``affine @ [i, j, k, 1] = [x, y, z, 1]`` in RAS 
 from __future__ import annotations
 
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from .atomic import atomic_path
 from .errors import VolumeError
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
@@ -333,17 +333,6 @@ def _atomic_nifti_save(img: Any, path: Path) -> Path:
     except OSError as exc:
         raise VolumeError(f"{path}: cannot create the output folder ({_one_line(exc)})") from None
     suffix = ".nii.gz" if path.name.lower().endswith(".gz") else ".nii"
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp" + suffix, dir=path.parent)
-    os.close(fd)
-    try:
-        nib.save(img, tmp)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(path, suffix=suffix) as tmp:
+        nib.save(img, str(tmp))
     return path
