@@ -1,0 +1,485 @@
+"""``bosam segment``: CT + prompt file -> label map on the input grid, manifest, extras.
+
+One Python function per CLI form, with the same options, so scripts get what the terminal
+gets: ``segment_file`` (one CT), ``segment_batch`` (folders or a manifest), and
+``interactive`` (commands read line by line).
+"""
+
+from __future__ import annotations
+
+import csv
+import datetime as _dt
+import json
+import os
+import re
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, TextIO
+
+import numpy as np
+
+from .errors import BosamError, PromptError, VolumeError
+from .session import Session
+from .volume import Volume, read_volume, write_label_map
+from .windows import DEFAULT_CLAMP_HU, DEFAULT_SPACING_MM, Intensity
+
+OVERLAP_RULE = "highest blended logit wins; exact ties go to the object listed first"
+BUNDLED_WEIGHTS = Path(__file__).parent / "weights" / "bosam-tiny.safetensors"
+
+
+@dataclass
+class SegmentOptions:
+    """Options of ``bosam segment`` (the CLI flags, one to one).
+
+    Attributes:
+        spacing_mm: model window spacing; None takes the checkpoint's, else 1.5 mm.
+        clamp_hu: HU clamp before z-scoring; None takes the checkpoint's, else [-1000, 1000].
+            An empty tuple disables clamping.
+        max_windows: windows per object at most.
+        per_object: also write one mask file per object.
+        overlay: also write an overlay PNG.
+        mesh: also write one STL mesh per object (patient mm).
+    """
+
+    spacing_mm: float | None = None
+    clamp_hu: tuple[float, ...] | None = None
+    max_windows: int = 8
+    per_object: bool = False
+    overlay: bool = False
+    mesh: bool = False
+
+
+def bundled_checkpoint() -> Path | None:
+    return BUNDLED_WEIGHTS if BUNDLED_WEIGHTS.exists() else None
+
+
+def resolve_checkpoint(checkpoint: str | os.PathLike | None) -> str:
+    """The checkpoint to use: the one given, else the bundled model."""
+    if checkpoint is not None:
+        return str(checkpoint)
+    bundled = bundled_checkpoint()
+    if bundled is None:
+        raise BosamError("no --checkpoint given and no bundled model is installed")
+    return str(bundled)
+
+
+def make_session(engine: Any, options: SegmentOptions, metadata: dict[str, Any] | None = None) -> Session:
+    """A session configured from options, falling back to the checkpoint's metadata."""
+    meta = metadata or {}
+    spacing = options.spacing_mm or meta.get("spacing_mm") or DEFAULT_SPACING_MM
+    if options.clamp_hu is not None:
+        clamp = tuple(options.clamp_hu) or None
+    else:
+        m = (meta.get("intensity") or {}).get("clamp_hu", list(DEFAULT_CLAMP_HU))
+        clamp = tuple(m) if m else None
+    if spacing <= 0:
+        raise BosamError(f"--spacing must be > 0 mm, got {spacing}")
+    return Session(
+        engine,
+        spacing_mm=float(spacing),
+        intensity=Intensity(clamp_hu=clamp),  # type: ignore[arg-type]
+        max_windows=options.max_windows,
+    )
+
+
+def engine_metadata(engine: Any) -> dict[str, Any]:
+    """Checkpoint metadata (spacing, intensity) an engine carries, if any."""
+    model = getattr(engine, "model", None)
+    meta = getattr(model, "checkpoint_metadata", None) or getattr(engine, "metadata", None) or {}
+    return dict(meta)
+
+
+# ---------------------------------------------------------------------------------------------
+# one CT
+
+
+def output_paths(ct_path: Path, out: str | os.PathLike | None) -> dict[str, Path]:
+    """Where the outputs of one CT go. ``out`` may be a .nii/.nii.gz path or a folder."""
+    stem = case_name(ct_path)
+    if out is None:
+        label_map = Path.cwd() / f"{stem}_bosam.nii.gz"
+    else:
+        out = Path(out)
+        name = out.name.lower()
+        if name.endswith(".nii") or name.endswith(".nii.gz"):
+            label_map = out
+        else:
+            label_map = out / f"{stem}.nii.gz"
+    base = label_map.name[: -len(".nii.gz")] if label_map.name.lower().endswith(".nii.gz") else label_map.stem
+    parent = label_map.parent
+    return {
+        "label_map": label_map,
+        "manifest": parent / f"{base}.json",
+        "objects_dir": parent / f"{base}_objects",
+        "overlay": parent / f"{base}_overlay.png",
+        "meshes_dir": parent / f"{base}_meshes",
+    }
+
+
+def case_name(path: Path) -> str:
+    name = path.name
+    for suffix in (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mrk.json", ".json"):
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)]
+    return name
+
+
+def _safe_name(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("_") or "object"
+
+
+def segment_volume(session: Session, volume: Volume, prompts: Any) -> dict[str, Any]:
+    """Run every object's clicks in file order; returns labels and per-object facts."""
+    session.set_volume(volume)
+    reports: dict[int, list[dict[str, Any]]] = {}
+    for obj in prompts.objects:
+        session.add_object(obj.label, obj.name)
+        reports[obj.label] = []
+        for click in obj.clicks:
+            rep = session.add_click(obj.label, xyz=np.asarray(click.ras, dtype=float), positive=click.positive)
+            reports[obj.label].append(rep.as_dict())
+    labels = session.label_map()
+    return {"labels": labels, "reports": reports}
+
+
+def segment_file(
+    ct: str | os.PathLike,
+    points: str | os.PathLike,
+    out: str | os.PathLike | None,
+    engine: Any,
+    options: SegmentOptions = SegmentOptions(),
+    session: Session | None = None,
+) -> dict[str, Any]:
+    """Segment one CT from one prompt file; writes the label map and its manifest (plus the
+    extras asked for) and returns the manifest. Nothing is written when an input is bad."""
+    from .prompts import load_prompts
+    from .report import object_stats, write_json
+
+    t0 = time.perf_counter()
+    ct_path = Path(ct)
+    volume = read_volume(ct_path)
+    t_read = time.perf_counter()
+    prompts = load_prompts(points, volume)
+    t_prompts = time.perf_counter()
+    paths = output_paths(ct_path, out)
+    session = session or make_session(engine, options, engine_metadata(engine))
+    before = dict(session.timings)
+    counts_before = dict(session.counts)
+    result = segment_volume(session, volume, prompts)
+    labels = result["labels"]
+    t_seg = time.perf_counter()
+
+    written: list[Path] = [write_label_map(labels, volume, paths["label_map"])]
+    objects = []
+    for i, obj in enumerate(prompts.objects):
+        state = session.objects[obj.label]
+        mask = labels == obj.label
+        entry: dict[str, Any] = {
+            "label": obj.label,
+            "name": obj.name,
+            "clicks": [
+                {"positive": c.positive, "ras": _r(c.ras), "voxel": _r(c.ijk)} for c in obj.clicks
+            ],
+            **object_stats(int(mask.sum()), volume),
+            "voxels_before_overlap_rule": int(session.mask(obj.label).sum()),
+            "windows": len(state.windows),
+            "window_centres_ras": [_r(w.geom.centre_ras_mm) for w in state.windows],
+            "truncated": state.truncated,
+            "encoder_calls": sum(r["encoder_calls"] for r in result["reports"][obj.label]),
+            "decoder_calls": sum(r["decoder_calls"] for r in result["reports"][obj.label]),
+        }
+        if options.per_object:
+            p = paths["objects_dir"] / f"{obj.label}_{_safe_name(obj.name)}.nii.gz"
+            written.append(write_label_map(mask.astype(np.uint8), volume, p))
+            entry["mask_file"] = str(p)
+        if options.mesh:
+            from .report import mask_to_mesh, write_stl
+
+            verts, faces = mask_to_mesh(mask, volume.affine)
+            p = paths["meshes_dir"] / f"{obj.label}_{_safe_name(obj.name)}.stl"
+            written.append(write_stl(verts, faces, p, name=obj.name))
+            entry["mesh_file"] = str(p)
+            entry["mesh_faces"] = int(len(faces))
+        objects.append(entry)
+    if options.overlay:
+        from .report import write_overlay
+
+        written.append(write_overlay(volume, labels, objects, paths["overlay"]))
+    t_write = time.perf_counter()
+
+    timings = {k: round(session.timings[k] - before.get(k, 0.0), 4) for k in session.timings}
+    manifest = {
+        "tool": "bosam segment",
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "versions": _versions(),
+        "input": {
+            "ct": str(ct_path),
+            "points": str(points),
+            "shape": list(volume.shape),
+            "affine": np.round(volume.affine, 6).tolist(),
+            "spacing_mm": _r(volume.spacing_mm),
+            "axcodes": volume.axcodes,
+            "coordinate_system": getattr(prompts, "coordinate_system", None),
+        },
+        "output": {
+            "label_map": str(paths["label_map"]),
+            "dtype": str(labels.dtype),
+            "files": [str(p) for p in written] + [str(paths["manifest"])],
+        },
+        "checkpoint": {
+            "path": getattr(getattr(engine, "model", None), "checkpoint_path", None)
+            or engine.info.details.get("checkpoint_path"),
+            "sha256": engine.info.checkpoint_sha256,
+            "preset": engine.info.preset,
+        },
+        "engine": engine.info.as_dict(),
+        "model_window": {
+            "size": session.size,
+            "spacing_mm": session.spacing_mm,
+            "axes": "RAS",
+            "clamp_hu": list(session.intensity.clamp_hu) if session.intensity.clamp_hu else None,
+            "max_windows_per_object": session.max_windows,
+        },
+        "overlap_rule": OVERLAP_RULE,
+        "objects": objects,
+        "calls": {k: session.counts[k] - counts_before.get(k, 0) for k in session.counts},
+        "timings_s": {
+            "read": round(t_read - t0, 4),
+            "prompts": round(t_prompts - t_read, 4),
+            "sample_windows": timings["sample_s"],
+            "encoder": timings["encoder_s"],
+            "decoder": timings["decoder_s"],
+            "map_back": timings["map_back_s"],
+            "segment_other": round((t_seg - t_prompts) - sum(timings.values()), 4),
+            "write": round(t_write - t_seg, 4),
+            "total": round(time.perf_counter() - t0, 4),
+        },
+    }
+    write_json(manifest, paths["manifest"])
+    return manifest
+
+
+def _r(v: Any, nd: int = 3) -> list[float]:
+    return [round(float(x), nd) for x in np.asarray(v, dtype=float).reshape(-1)]
+
+
+def _versions() -> dict[str, Any]:
+    from .runtime_info import versions
+
+    return versions()
+
+
+# ---------------------------------------------------------------------------------------------
+# batch
+
+
+@dataclass
+class Case:
+    ct: Path
+    points: Path
+    out: Path | None = None
+
+
+def _is_image_file(p: Path) -> bool:
+    n = p.name.lower()
+    return n.endswith((".nii", ".nii.gz", ".nrrd", ".nhdr"))
+
+
+def find_cases(ct: str | os.PathLike, points: str | os.PathLike | None) -> list[Case]:
+    """Cases of a batch: a folder of CTs with a folder of prompt files matched by case name
+    (``case.nii.gz`` <-> ``case.json`` / ``case.mrk.json``), or a CSV / JSON manifest with
+    columns ``ct``, ``points`` and optional ``out`` (relative paths are relative to it)."""
+    ct = Path(ct)
+    if ct.is_file() and ct.suffix.lower() in (".csv", ".json"):
+        return _cases_from_manifest(ct)
+    if not ct.is_dir():
+        raise BosamError(f"{ct}: not a folder of CTs or a .csv/.json manifest")
+    if points is None or not Path(points).is_dir():
+        raise BosamError(f"{points}: a batch needs --points to be a folder of prompt files")
+    prompt_files = {case_name(p): p for p in sorted(Path(points).iterdir()) if p.name.lower().endswith(".json")}
+    cases = []
+    for img in sorted(p for p in ct.iterdir() if _is_image_file(p)):
+        name = case_name(img)
+        if name in prompt_files:
+            cases.append(Case(img, prompt_files[name]))
+        else:
+            cases.append(Case(img, Path(points) / f"{name}.json"))  # reported as missing later
+    if not cases:
+        raise BosamError(f"{ct}: no CT files (.nii, .nii.gz, .nrrd) in this folder")
+    return cases
+
+
+def _cases_from_manifest(path: Path) -> list[Case]:
+    base = path.parent
+    rows: list[dict[str, Any]]
+    try:
+        if path.suffix.lower() == ".csv":
+            with open(path, newline="") as f:
+                rows = list(csv.DictReader(f))
+        else:
+            data = json.loads(path.read_text())
+            rows = data["cases"] if isinstance(data, dict) else data
+    except (json.JSONDecodeError, KeyError, csv.Error, UnicodeDecodeError) as exc:
+        raise BosamError(f"{path}: not a readable batch manifest ({type(exc).__name__}: {exc})") from None
+    cases = []
+    for i, row in enumerate(rows):
+        if not isinstance(row, dict) or not row.get("ct") or not row.get("points"):
+            raise BosamError(f"{path}: row {i + 1} needs 'ct' and 'points'")
+        out = row.get("out")
+        cases.append(
+            Case(base / str(row["ct"]), base / str(row["points"]), (base / str(out)) if out else None)
+        )
+    if not cases:
+        raise BosamError(f"{path}: manifest lists no cases")
+    return cases
+
+
+def is_batch(ct: str | os.PathLike) -> bool:
+    """A folder holding image files, or a CSV/JSON manifest (a DICOM folder is one CT)."""
+    p = Path(ct)
+    if p.is_file():
+        return p.suffix.lower() in (".csv", ".json")
+    return p.is_dir() and any(_is_image_file(c) for c in p.iterdir())
+
+
+def segment_batch(
+    cases: Iterable[Case],
+    out_dir: str | os.PathLike | None,
+    engine: Any,
+    options: SegmentOptions = SegmentOptions(),
+    on_case: Callable[[Case, dict[str, Any] | None, str | None], None] | None = None,
+) -> list[dict[str, Any]]:
+    """Segment every case with one engine; a failing case is recorded and skipped."""
+    session = make_session(engine, options, engine_metadata(engine))
+    results = []
+    for case in cases:
+        out = case.out or (Path(out_dir) if out_dir else Path.cwd())
+        try:
+            if not case.points.exists():
+                raise PromptError(f"{case.points}: no prompt file for this CT")
+            manifest = segment_file(case.ct, case.points, out, engine, options, session=session)
+            row = {"ct": str(case.ct), "ok": True, "manifest": manifest, "error": None}
+        except (BosamError, OSError, ValueError) as exc:
+            row = {"ct": str(case.ct), "ok": False, "manifest": None, "error": str(exc)}
+        results.append(row)
+        if on_case:
+            on_case(case, row["manifest"], row["error"])
+    return results
+
+
+# ---------------------------------------------------------------------------------------------
+# interactive
+
+INTERACTIVE_HELP = """commands (coordinates in the session's system):
+  + x y z            positive click          - x y z     negative click
+  object N [name]    switch to (or create) object label N
+  undo               undo the last click     reset       clear the current object
+  save [path]        write the label map now (it is also rewritten after every click)
+  list               objects, clicks, voxels
+  help               this text               quit        save and leave"""
+
+
+def interactive(
+    ct: str | os.PathLike,
+    out: str | os.PathLike | None,
+    engine: Any,
+    options: SegmentOptions = SegmentOptions(),
+    coordinate_system: str = "RAS",
+    points: str | os.PathLike | None = None,
+    stdin: TextIO | None = None,
+    stdout: TextIO | None = None,
+) -> int:
+    """A scriptable session: reads commands line by line, prints one line per event.
+
+    Returns the number of commands that failed (the CLI exits non-zero if any did).
+    """
+    from .prompts import click_from, load_prompts
+
+    stdin = stdin or sys.stdin
+    stdout = stdout or sys.stdout
+    system = coordinate_system.upper() if coordinate_system.lower() != "voxel" else "voxel"
+    if system not in ("RAS", "LPS", "voxel"):
+        raise PromptError(f"--coords: unknown coordinate system {coordinate_system!r} (use RAS, LPS or voxel)")
+    ct_path = Path(ct)
+    volume = read_volume(ct_path)
+    paths = output_paths(ct_path, out)
+    session = make_session(engine, options, engine_metadata(engine))
+    session.set_volume(volume)
+    current = 1
+    failures = 0
+
+    def say(msg: str) -> None:
+        stdout.write(msg + "\n")
+        stdout.flush()
+
+    def save(path: Path | None = None) -> None:
+        target = path or paths["label_map"]
+        write_label_map(session.label_map(), volume, target)
+
+    if points is not None:
+        prompts = load_prompts(points, volume)
+        for obj in prompts.objects:
+            session.add_object(obj.label, obj.name)
+            for c in obj.clicks:
+                session.add_click(obj.label, xyz=np.asarray(c.ras), positive=c.positive)
+            current = obj.label
+        save()
+        say(f"loaded {points}: {len(prompts.objects)} objects")
+    say(f"bosam interactive on {ct_path.name} {volume.shape} ({volume.axcodes}); coordinates {system}; "
+        f"engine {engine.info.name}/{engine.info.device}; output {paths['label_map']}; 'help' lists commands")
+    for raw in stdin:
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        parts = line.split()
+        cmd = parts[0].lower()
+        try:
+            if cmd in ("+", "-"):
+                if len(parts) != 4:
+                    raise ValueError(f"'{cmd}' needs three coordinates")
+                coords = [float(v) for v in parts[1:]]
+                click = click_from(volume, coords, system, cmd == "+")
+                rep = session.add_click(current, xyz=np.asarray(click.ras), positive=click.positive)
+                save()
+                new = f", {rep.new_windows} new window(s), encoder {rep.encoder_s * 1000:.0f} ms" if rep.encoder_calls else ", no new window"
+                say(
+                    f"object {current} click {cmd}: decoder {rep.decoder_s * 1000:.1f} ms "
+                    f"({rep.decoder_calls} call(s)){new}; {rep.voxels} voxels in {rep.windows} window(s)"
+                    + (f"; {rep.note}" if rep.note else "")
+                )
+            elif cmd == "object":
+                if len(parts) < 2:
+                    raise ValueError("'object' needs a label number")
+                current = int(parts[1])
+                session.add_object(current, " ".join(parts[2:]) or None)
+                say(f"object {current} ({session.objects[current].name}) selected")
+            elif cmd == "undo":
+                ok = session.undo()
+                save()
+                say("undone" if ok else "nothing to undo")
+            elif cmd == "reset":
+                session.reset(current)
+                save()
+                say(f"object {current} cleared")
+            elif cmd == "save":
+                target = Path(parts[1]) if len(parts) > 1 else None
+                save(target)
+                say(f"saved {target or paths['label_map']}")
+            elif cmd == "list":
+                for lab, st in session.objects.items():
+                    say(f"object {lab} {st.name}: {len(st.clicks)} clicks, {int(session.mask(lab).sum())} voxels, "
+                        f"{len(st.windows)} windows")
+            elif cmd == "help":
+                say(INTERACTIVE_HELP)
+            elif cmd in ("quit", "exit", "q"):
+                break
+            else:
+                raise ValueError(f"unknown command {parts[0]!r} (try 'help')")
+        except (ValueError, BosamError) as exc:
+            failures += 1
+            say(f"error: {exc}")
+    save()
+    say(f"saved {paths['label_map']}")
+    return failures

@@ -1,0 +1,184 @@
+"""bosam segment end to end through the real CLI: grids, manifests, extras, batches, errors."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import shutil
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+from bosam_cli.checkpoints import save_checkpoint
+from bosam_cli.model import build_preset
+from conftest import DATA, need
+
+CT_SM = DATA / "totalsegmentator" / "example_ct_sm.nii.gz"
+SEG_SM = DATA / "totalsegmentator" / "example_seg.nii.gz"
+
+
+def bosam(*args: str, stdin: str | None = None, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "bosam_cli", *args], capture_output=True, text=True, input=stdin, cwd=cwd, timeout=300
+    )
+
+
+@pytest.fixture(scope="module")
+def random_checkpoint(tmp_path_factory) -> Path:
+    torch.manual_seed(0)
+    return save_checkpoint(build_preset("tiny"), tmp_path_factory.mktemp("ck") / "tiny_random.pth")
+
+
+@pytest.fixture(scope="module")
+def prompts_sm(tmp_path_factory) -> Path:
+    seg = np.asanyarray(nib.load(need(SEG_SM)).dataobj)
+    objects = []
+    for label, name in [(31, "vertebrae_L1"), (30, "vertebrae_L2")]:
+        idx = np.argwhere(seg == label)
+        objects.append({"label": label, "name": name, "clicks": [{"xyz": idx[len(idx) // 2].tolist(), "positive": True}]})
+    p = tmp_path_factory.mktemp("prompts") / "example_ct_sm.json"
+    p.write_text(json.dumps({"coordinate_system": "voxel", "objects": objects}))
+    return p
+
+
+def test_real_ct_end_to_end_output_on_the_input_grid(tmp_path, random_checkpoint, prompts_sm):
+    ct = need(CT_SM)
+    out = tmp_path / "out"
+    r = bosam("segment", str(ct), "--points", str(prompts_sm), "-c", str(random_checkpoint), "--engine", "torch",
+              "-o", str(out), "--overlay", "--mesh", "--per-object", "--max-windows", "2")
+    assert r.returncode == 0, r.stderr
+    src, dst = nib.load(str(ct)), nib.load(str(out / "example_ct_sm.nii.gz"))
+    assert dst.shape == src.shape
+    assert np.array_equal(dst.affine, src.affine)
+    for getter in ("get_sform", "get_qform"):
+        (m_src, c_src), (m_dst, c_dst) = getattr(src.header, getter)(coded=True), getattr(dst.header, getter)(coded=True)
+        assert int(c_src) == int(c_dst)
+        if m_src is not None:
+            assert np.allclose(m_src, m_dst)
+    labels = np.asanyarray(dst.dataobj)
+    assert labels.dtype == np.uint8 and set(np.unique(labels)) <= {0, 30, 31}
+
+    manifest = json.loads((out / "example_ct_sm.json").read_text())
+    for key in ("versions", "input", "output", "checkpoint", "engine", "model_window", "overlap_rule", "objects", "timings_s"):
+        assert key in manifest
+    assert len(manifest["checkpoint"]["sha256"]) == 64 and manifest["engine"]["engine"] == "torch"
+    assert manifest["input"]["shape"] == list(src.shape)
+    for o in manifest["objects"]:
+        assert {"label", "name", "clicks", "voxels", "volume_mm3", "windows", "truncated"} <= set(o)
+        assert o["voxels"] == int((labels == o["label"]).sum())
+        assert np.isclose(o["volume_mm3"], o["voxels"] * 27.0, rtol=1e-6)
+        c = o["clicks"][0]
+        assert {"ras", "voxel", "positive"} <= set(c)
+        assert np.allclose(src.affine @ np.append(c["voxel"], 1), np.append(c["ras"], 1), atol=0.01)
+        assert 1 <= o["windows"] <= 2
+        mask = np.asanyarray(nib.load(o["mask_file"]).dataobj)
+        assert mask.shape == src.shape and int(mask.sum()) == o["voxels"]
+        stl = Path(o["mesh_file"]).read_bytes()
+        assert struct.unpack("<I", stl[80:84])[0] == o["mesh_faces"] == (len(stl) - 84) // 50
+    for k in ("read", "sample_windows", "encoder", "decoder", "map_back", "write", "total"):
+        assert manifest["timings_s"][k] >= 0
+    png = (out / "example_ct_sm_overlay.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def _expect_clean_failure(r: subprocess.CompletedProcess, name: str, out_dir: Path) -> None:
+    assert r.returncode != 0
+    lines = [l for l in r.stderr.strip().splitlines() if l.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:"), r.stderr
+    assert name in lines[0]
+    assert not out_dir.exists() or not any(out_dir.iterdir())
+
+
+def test_bad_inputs_fail_cleanly_without_output(tmp_path, random_checkpoint, prompts_sm):
+    ct = need(CT_SM)
+    out = tmp_path / "out"
+    # corrupt NIfTI: truncated gzip
+    bad_ct = tmp_path / "corrupt.nii.gz"
+    bad_ct.write_bytes(ct.read_bytes()[:20000])
+    r = bosam("segment", str(bad_ct), "--points", str(prompts_sm), "-c", str(random_checkpoint), "-o", str(out))
+    _expect_clean_failure(r, "corrupt.nii.gz", out)
+    # 4-D NIfTI
+    img = nib.load(str(ct))
+    four = tmp_path / "four_d.nii.gz"
+    nib.save(nib.Nifti1Image(np.zeros(img.shape + (2,), np.int16), img.affine), str(four))
+    r = bosam("segment", str(four), "--points", str(prompts_sm), "-c", str(random_checkpoint), "-o", str(out))
+    _expect_clean_failure(r, "four_d.nii.gz", out)
+    # a point outside the volume
+    outside = tmp_path / "outside.json"
+    outside.write_text(json.dumps({"coordinate_system": "voxel", "objects": [{"label": 1, "clicks": [{"xyz": [500, 1, 1]}]}]}))
+    r = bosam("segment", str(ct), "--points", str(outside), "-c", str(random_checkpoint), "-o", str(out))
+    _expect_clean_failure(r, "outside.json", out)
+    # unknown coordinate system
+    unknown = tmp_path / "unknown.json"
+    unknown.write_text(json.dumps({"coordinate_system": "XYZ", "objects": [{"label": 1, "clicks": [{"xyz": [1, 1, 1]}]}]}))
+    r = bosam("segment", str(ct), "--points", str(unknown), "-c", str(random_checkpoint), "-o", str(out))
+    _expect_clean_failure(r, "unknown.json", out)
+    # wrong checkpoint: weights of no known model
+    sd = build_preset("tiny").state_dict()
+    sd["image_encoder.pos_embed"] = torch.zeros(1, 4, 4, 4, 192)
+    wrong = tmp_path / "wrong.pth"
+    torch.save(sd, wrong)
+    r = bosam("segment", str(ct), "--points", str(prompts_sm), "-c", str(wrong), "-o", str(out))
+    _expect_clean_failure(r, "wrong.pth", out)
+    # not a checkpoint at all
+    text = tmp_path / "notes.pth"
+    text.write_text("not weights")
+    r = bosam("segment", str(ct), "--points", str(prompts_sm), "-c", str(text), "-o", str(out))
+    _expect_clean_failure(r, "notes.pth", out)
+
+
+def test_batch_reports_and_skips_failing_cases(tmp_path, random_checkpoint, prompts_sm):
+    ct = need(CT_SM)
+    cts, pts, out = tmp_path / "cts", tmp_path / "pts", tmp_path / "out"
+    cts.mkdir(), pts.mkdir()
+    shutil.copy(ct, cts / "case_a.nii.gz")
+    shutil.copy(ct, cts / "case_b.nii.gz")
+    shutil.copy(prompts_sm, pts / "case_a.json")  # case_b has no prompt file
+    r = bosam("segment", str(cts), "--points", str(pts), "-c", str(random_checkpoint), "--engine", "torch",
+              "-o", str(out), "--max-windows", "1", "--json")
+    assert r.returncode == 1
+    rows = json.loads(r.stdout)
+    assert [x["ok"] for x in rows] == [True, False]
+    assert "case_b" in rows[1]["error"]
+    assert (out / "case_a.nii.gz").exists() and not (out / "case_b.nii.gz").exists()
+    # the same through a CSV manifest
+    manifest = tmp_path / "cases.csv"
+    manifest.write_text(f"ct,points,out\n{cts / 'case_a.nii.gz'},{pts / 'case_a.json'},{tmp_path / 'm_out'}\n")
+    r = bosam("segment", str(manifest), "-c", str(random_checkpoint), "--engine", "torch", "--max-windows", "1")
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "m_out" / "case_a.nii.gz").exists()
+
+
+def test_interactive_session_is_scriptable(tmp_path, random_checkpoint):
+    ct = need(CT_SM)
+    seg = np.asanyarray(nib.load(need(SEG_SM)).dataobj)
+    idx = np.argwhere(seg == 31)
+    a, b = idx[len(idx) // 2], idx[len(idx) // 3]
+    script = "\n".join([
+        "object 31 vertebrae_L1",
+        f"+ {a[0]} {a[1]} {a[2]}",
+        f"- {b[0]} {b[1]} {b[2]}",
+        "undo",
+        "list",
+        "bogus",
+        f"save {tmp_path / 'snap.nii.gz'}",
+        "quit",
+    ])
+    out = tmp_path / "inter.nii.gz"
+    r = bosam("segment", str(ct), "--interactive", "--coords", "voxel", "-c", str(random_checkpoint),
+              "--engine", "torch", "-o", str(out), "--max-windows", "1", stdin=script)
+    assert r.returncode == 1  # one failing command ('bogus')
+    lines = r.stdout.splitlines()
+    clicks = [l for l in lines if "decoder" in l and "ms" in l]
+    assert len(clicks) == 2
+    assert "encoder" in clicks[0] and "no new window" in clicks[1]
+    assert any(l.startswith("undone") for l in lines)
+    assert any("unknown command" in l for l in lines)
+    assert out.exists() and (tmp_path / "snap.nii.gz").exists()
+    assert nib.load(str(out)).shape == nib.load(str(ct)).shape

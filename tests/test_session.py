@@ -1,0 +1,135 @@
+"""Masks land where clicks are, in every orientation; objects grow across windows without seams."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from bosam_cli.session import Session
+from bosam_cli.volume import Volume
+from fake_engines import SphereEngine, ThresholdEngine
+from test_windows import ORIENTATIONS, affine_for
+
+
+def _volume(codes, spacing, tilt, shape=(90, 90, 90)) -> Volume:
+    aff = affine_for(codes, spacing, tilt)
+    centre = (np.asarray(shape) - 1) / 2
+    aff[:3, 3] = -aff[:3, :3] @ centre  # world origin at the array centre
+    return Volume(np.zeros(shape, np.int16), aff)
+
+
+def _world_grid(vol: Volume) -> np.ndarray:
+    ijk = np.stack(np.meshgrid(*[np.arange(n) for n in vol.shape], indexing="ij"), -1).reshape(-1, 3)
+    return vol.voxel_to_world(ijk).reshape(*vol.shape, 3)
+
+
+@pytest.mark.parametrize("codes, spacing, tilt", ORIENTATIONS)
+def test_mask_is_a_ball_around_the_click_in_patient_space(codes, spacing, tilt):
+    vol = _volume(codes, spacing, tilt)
+    session = Session(SphereEngine(radius_vox=12), spacing_mm=1.5)
+    session.set_volume(vol)
+    click = np.array([6.0, -4.0, 3.0])
+    rep = session.add_click(1, xyz=click)
+    assert rep.encoder_calls == 1 and rep.decoder_calls == 1 and rep.windows == 1
+    mask = session.mask(1)
+    dist = np.linalg.norm(_world_grid(vol) - click, axis=-1)
+    radius_mm = 12 * 1.5
+    tol = 1.5 * max(spacing)  # low-res sampling of a non-linear field
+    assert mask.any()
+    assert not (mask & (dist > radius_mm + tol)).any(), "mask outside the ball"
+    assert mask[dist < radius_mm - tol].all(), "ball not filled"
+    # same click given as a voxel of the file's array
+    session.reset()
+    session.add_click(2, voxel=vol.world_to_voxel(click[None])[0])
+    assert (session.mask(2) == mask).all()
+
+
+def _cylinder_volume(codes, spacing, tilt, half_length_mm=130.0, radius_mm=25.0):
+    """A bright cylinder along world z (260 mm, longer than a 192 mm window) inside a CT that
+    extends 300 mm along z and 90 mm across, on a grid with the given axis codes."""
+    aff = affine_for(codes, spacing, tilt)
+    world_extent = np.array([90.0, 90.0, 300.0])
+    shape = tuple(
+        int(np.ceil(world_extent[int(np.argmax(np.abs(aff[:3, c])))] / spacing[c])) for c in range(3)
+    )
+    aff[:3, 3] = -aff[:3, :3] @ ((np.asarray(shape) - 1) / 2)
+    vol = Volume(np.zeros(shape, np.int16), aff)
+    w = _world_grid(vol)
+    inside = (w[..., 0] ** 2 + w[..., 1] ** 2 < radius_mm**2) & (np.abs(w[..., 2]) < half_length_mm)
+    vol = vol.with_array(np.where(inside, 900, 40).astype(np.int16))
+    return vol, inside, w
+
+
+@pytest.mark.parametrize("codes, spacing, tilt", [("RAS", (1.2, 1.2, 3.0), 0.0), ("LPS", (1.5, 1.5, 2.5), 0.0), ("PIR", (3.0, 1.5, 1.5), 8.0)])
+def test_object_longer_than_a_window_grows_without_seams(codes, spacing, tilt):
+    vol, truth, w = _cylinder_volume(codes, spacing, tilt)
+    session = Session(ThresholdEngine(threshold=1.0), spacing_mm=1.5, max_windows=8)
+    session.set_volume(vol)
+    rep = session.add_click(1, xyz=[0.0, 0.0, 0.0])
+    assert rep.windows >= 2 and rep.new_windows == rep.windows
+    mask = session.mask(1)
+    dice = 2 * (mask & truth).sum() / (mask.sum() + truth.sum())
+    assert dice > 0.85
+    # no seams: every slab along the cylinder axis (world z) is segmented, with a stable area
+    z = w[..., 2]
+    areas = []
+    for z0 in np.arange(-126, 126, 6.0):
+        slab = (z >= z0) & (z < z0 + 6)
+        t = (truth & slab).sum()
+        if t:
+            areas.append((mask & slab).sum() / t)
+    areas = np.array(areas)
+    assert areas.min() > 0.7 and areas.max() < 1.6
+    assert not session.objects[1].truncated
+
+
+def test_window_limit_marks_object_truncated():
+    vol, truth, w = _cylinder_volume("RAS", (1.2, 1.2, 3.0), 0.0)
+    session = Session(ThresholdEngine(threshold=1.0), spacing_mm=1.5, max_windows=1)
+    session.set_volume(vol)
+    rep = session.add_click(1, xyz=[0.0, 0.0, 0.0])
+    assert rep.windows == 1 and session.objects[1].truncated
+    assert (session.mask(1) & truth).sum() < truth.sum()
+
+
+def test_negative_click_removes_and_undo_restores():
+    vol = _volume("RAS", (1.0, 1.0, 1.0), 0.0)
+    session = Session(SphereEngine(radius_vox=14), spacing_mm=1.5)
+    session.set_volume(vol)
+    session.add_click(1, xyz=[0.0, 0.0, 0.0])
+    full = session.mask(1).sum()
+    rep = session.add_click(1, xyz=[12.0, 0.0, 0.0], positive=False)
+    assert rep.decoder_calls == 1 and rep.encoder_calls == 0  # a click costs one decoder call
+    assert session.mask(1).sum() < full
+    assert session.undo()
+    assert session.mask(1).sum() == full
+    assert session.undo() and 1 not in session.objects
+    assert not session.undo()
+
+
+def test_nearby_objects_share_cached_embeddings_and_overlap_rule():
+    vol = _volume("LPS", (0.8, 0.8, 1.0), 0.0)
+    engine = SphereEngine(radius_vox=10)
+    session = Session(engine, spacing_mm=1.5)
+    session.set_volume(vol)
+    session.add_click(1, xyz=[0.0, 0.0, 0.0])
+    session.add_click(2, xyz=[9.0, 0.0, 0.0])  # same snapped window, overlapping balls
+    assert engine.encoded == 1
+    labels = session.label_map()
+    both = session.mask(1) & session.mask(2)
+    assert both.any()
+    w = _world_grid(vol)
+    d1 = np.linalg.norm(w - [0.0, 0.0, 0.0], axis=-1)
+    d2 = np.linalg.norm(w - [9.0, 0.0, 0.0], axis=-1)
+    # the ball whose centre is nearer has the higher logit (radius - distance)
+    clear = both & (np.abs(d1 - d2) > 1.0)
+    assert (labels[clear & (d1 < d2)] == 1).all() and (labels[clear & (d2 < d1)] == 2).all()
+    assert set(np.unique(labels)) == {0, 1, 2}
+
+
+def test_click_outside_the_volume_is_refused():
+    vol = _volume("RAS", (1.0, 1.0, 1.0), 0.0)
+    session = Session(SphereEngine(), spacing_mm=1.5)
+    session.set_volume(vol)
+    with pytest.raises(ValueError, match="outside the volume"):
+        session.add_click(1, xyz=[500.0, 0.0, 0.0])
