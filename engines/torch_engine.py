@@ -78,6 +78,9 @@ class TorchEngine:
         self, embedding: Embedding, points: np.ndarray, labels: np.ndarray, mask_prompt: np.ndarray
     ) -> tuple[np.ndarray, np.ndarray]:
         torch = self.torch
+        if not isinstance(embedding, Embedding) or embedding.engine != "torch":
+            got = embedding.engine if isinstance(embedding, Embedding) else type(embedding).__name__
+            raise ValueError(f"embedding comes from engine {got!r}, not from this torch engine")
         points, labels, mask_prompt = check_decode_inputs(points, labels, mask_prompt, self.info.mask_size)
         with torch.inference_mode(), self._autocast():
             logits, iou = self.model.decode(
