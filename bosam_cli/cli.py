@@ -157,6 +157,167 @@ def points_check(
         con.print(f"[yellow]warning:[/] {outside} of {len(records)} clicks fall outside the volume; segmentation would refuse this file")
 
 
+@app.command("export")
+@handle_errors
+def export_command(
+    checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", "-c", help="Weights to export (any supported layout)."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Engine folder [default: engines/<checkpoint stem or preset>, '-fp16' appended for fp16]."),
+    preset: Optional[str] = typer.Option(None, "--preset", help="Model preset [default: detected from the checkpoint]; without --checkpoint, exports a randomly initialised model (for tests and benchmarks)."),
+    trt: bool = typer.Option(False, "--trt", help="Also build TensorRT plans (needs TensorRT and a CUDA GPU)."),
+    precision: str = typer.Option("fp32", "--precision", help="fp32, or fp16 (mixed: LayerNorm, Softmax, reductions and positional encoding stay fp32; inputs and outputs fp32)."),
+    max_points: int = typer.Option(64, "--max-points", help="Most points per decoder call (the decoder takes 1..N)."),
+    opset: int = typer.Option(18, "--opset", help="ONNX opset, 18..20."),
+    workspace_gib: Optional[float] = typer.Option(None, "--workspace-gib", help="TensorRT builder workspace limit in GiB."),
+    threads: Optional[int] = typer.Option(None, "--threads", help="CPU threads for the export and its verification."),
+    as_json: bool = typer.Option(False, "--json", help="Print the manifest as JSON."),
+) -> None:
+    """Export ONNX encoder + decoder (and TensorRT plans), verified against PyTorch."""
+    from export.onnx_export import export_onnx
+
+    from .errors import BosamError
+
+    if checkpoint is None and preset is None:
+        raise BosamError("--checkpoint is required (or --preset to export a randomly initialised model)")
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+    err = _console(stderr=True)
+    manifest = export_onnx(
+        str(checkpoint) if checkpoint is not None else None,
+        out,
+        precision=precision,
+        max_points=max_points,
+        opset=opset,
+        preset=preset,
+        trt=trt,
+        trt_options={"workspace_gib": workspace_gib} if workspace_gib else None,
+        threads=threads,
+        log=lambda msg: err.print(f"[dim]{msg}[/]"),
+    )
+    if as_json:
+        print_json(manifest)
+        return
+    _print_export_summary(manifest)
+
+
+def _wide_console():
+    """A console 120 columns wide when stdout is not a terminal (logs, pipes), so tables keep one line per row."""
+    con = _console()
+    if not con.is_terminal:
+        from rich.console import Console
+
+        con = Console(highlight=False, width=120)
+    return con
+
+
+def _print_export_summary(manifest: dict) -> None:
+    from rich.table import Table
+
+    con = _wide_console()
+    ver = manifest["verification"]
+    t = Table(title=f"verification: ONNX Runtime CPU vs torch fp32 ({manifest['precision']})")
+    for col in ("part", "inputs", "output", "max abs", "max rel", "allowed abs", "Dice", "ok"):
+        t.add_column(col, justify="left" if col in ("part", "inputs", "output") else "right")
+    for c in ver["cases"]:
+        t.add_row(
+            c["component"], c["case"], c["output"], f"{c['max_abs']:.2e}", f"{c['max_rel']:.2e}", f"{c['allowed_abs']:.2e}",
+            "" if c.get("dice") is None else f"{c['dice']:.4f}", "[green]yes[/]" if c["passed"] else "[red]NO[/]",
+        )
+    con.print(t)
+    for name, rep in manifest["trt_readiness"].items():
+        state = "[green]ready[/]" if rep["ok"] else "[red]not ready[/]"
+        con.print(f"TensorRT readiness of {name}: {state} (opset {rep['opset']}, IR {rep['ir_version']}, "
+                  f"{rep['nodes']} nodes, dynamic: {', '.join(rep['dynamic_dims']) or 'none'})")
+        for e in rep["errors"]:
+            con.print(f"  [red]error:[/] {e}")
+        for w in rep["warnings"]:
+            con.print(f"  [yellow]warning:[/] {w}")
+    trt = manifest.get("tensorrt")
+    if trt:
+        con.print(f"TensorRT {trt['version']} plans for {trt['gpu']} (sm {trt['compute_capability']}), points 1..{trt['max_points']}")
+    exporters = ", ".join(sorted(set(manifest["exporter"].values())))
+    con.print(f"wrote {manifest['path']} ({exporters} exporter, opset {manifest['opset']}, IR {manifest['ir_version']}, "
+              f"{manifest['precision']}, points 1..{manifest['max_points']})")
+
+
+@app.command()
+@handle_errors
+def bench(
+    engine: str = typer.Option("all", "--engine", help="torch, onnxruntime, tensorrt, or all (those available here)."),
+    checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", "-c", help="Weights [default: a randomly initialised --preset model; timing does not depend on the weights]."),
+    engine_dir: Optional[Path] = typer.Option(None, "--engine-dir", help="Folder written by 'bosam export' [default: engines/<checkpoint stem or preset>]."),
+    preset: Optional[str] = typer.Option(None, "--preset", help="Model preset without a checkpoint [default: the engine folder's, else sam-med3d]."),
+    device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda, cuda:1 ... [default: best available]."),
+    precision: Optional[str] = typer.Option(None, "--precision", help="torch: fp32, bf16, fp16; engine folders: the precision they must hold."),
+    repeats: int = typer.Option(3, "--repeats", help="Timed encoder runs (after one warm-up)."),
+    decoder_repeats: int = typer.Option(20, "--decoder-repeats", help="Timed clicks per point count."),
+    threads: Optional[int] = typer.Option(None, "--threads", help="CPU threads (torch and ONNX Runtime)."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON for machines."),
+) -> None:
+    """Latency per engine: encoder per window, decoder per click (1 and 10 points); median and min."""
+    import gc
+
+    from engines.bench import bench_engine, machine_info
+    from engines.manifest import load_manifest
+    from engines.registry import open_engine
+
+    from .errors import BosamError, EngineError
+
+    kinds = ["torch", "onnxruntime", "tensorrt"] if engine == "all" else [engine]
+    if repeats < 1 or decoder_repeats < 1:
+        raise BosamError("--repeats and --decoder-repeats must be >= 1")
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+    if preset is None and checkpoint is None:
+        preset = load_manifest(engine_dir).get("preset") if engine_dir is not None else "sam-med3d"
+    results, skipped = [], []
+    err = _console(stderr=True)
+    for kind in kinds:
+        try:
+            eng = open_engine(
+                kind,
+                checkpoint=str(checkpoint) if checkpoint else None,
+                engine_dir=str(engine_dir) if engine_dir and kind != "torch" else None,
+                device=device,
+                precision=precision,
+                threads=threads,
+                preset=preset,
+            )
+        except EngineError as exc:
+            if engine != "all":
+                raise
+            skipped.append({"engine": kind, "reason": str(exc)})
+            continue
+        err.print(f"[dim]timing {kind} on {eng.info.device} ...[/]")
+        results.append(bench_engine(eng, repeats=repeats, decoder_repeats=decoder_repeats))
+        del eng
+        gc.collect()
+    report = {"machine": machine_info(threads), "preset": preset, "checkpoint": str(checkpoint) if checkpoint else None,
+              "results": results, "skipped": skipped}
+    if as_json:
+        print_json(report)
+        return
+    from rich.table import Table
+
+    con = _wide_console()
+    base = next((r["encoder_s"]["median"] for r in results if r["engine"] == "torch"), None)
+    m = report["machine"]
+    t = Table(title=f"bosam bench: {preset or 'checkpoint'} on {m['cpu'] or m['platform']} ({m['cpu_count']} CPUs, threads {threads or 'default'})")
+    for col in ("engine", "device", "precision", "encoder s (median / min)", "vs torch", "click 1 pt ms", "click 10 pts ms"):
+        t.add_column(col, justify="left" if col in ("engine", "device", "precision") else "right")
+    for r in results:
+        e, d1, d10 = r["encoder_s"], r["decoder_ms"]["1"], r["decoder_ms"]["10"]
+        ratio = f"{base / e['median']:.1f}x" if base else ""
+        t.add_row(r["engine"], r["device"], r["precision"], f"{e['median']:.3f} / {e['min']:.3f}", ratio,
+                  f"{d1['median']:.1f} / {d1['min']:.1f}", f"{d10['median']:.1f} / {d10['min']:.1f}")
+    con.print(t)
+    for s in skipped:
+        con.print(f"[dim]skipped {s['engine']}: {s['reason']}[/]")
+
+
 def main() -> None:
     app()
 
