@@ -1,0 +1,367 @@
+"""ONNX export: manifest, verification, TensorRT readiness, fp16, atomic failure, identity checks."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import engine_fixtures as fx
+from bosam_cli.errors import EngineError
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    return fx.tiny_export(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    return fx.tiny_checkpoint(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def fp16(tmp_path_factory):
+    proc, out, manifest = fx.fp16_cli_export(tmp_path_factory)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return out, manifest
+
+
+# --------------------------------------------------------------------------------------------
+# manifest and verification
+
+
+def test_manifest_complete(exported, ckpt):
+    from bosam_cli import __version__
+    from bosam_cli.checkpoints import load_model, sha256_file
+    from export import state_dict_fingerprint
+
+    out, man = exported
+    on_disk = json.loads((out / "manifest.json").read_text())
+    assert on_disk["checkpoint_sha256"] == man["checkpoint_sha256"] == sha256_file(ckpt)
+    assert on_disk["weights_fingerprint"] == state_dict_fingerprint(load_model(ckpt))
+    assert on_disk["format"] == "bosam-engines/1" and on_disk["bosam_version"] == __version__
+    assert on_disk["preset"] == "tiny" and on_disk["arch"]["encoder_embed_dim"] == 192
+    assert on_disk["precision"] == "fp32" and on_disk["max_points"] == fx.MAX_POINTS
+    assert on_disk["opset"] == 18 and on_disk["ir_version"] <= 10
+    assert set(on_disk["exporter"]) == {"encoder", "decoder"}
+    assert set(on_disk["exporter"].values()) <= {"dynamo", "legacy"}
+    dt.datetime.fromisoformat(on_disk["created"])
+    for key in ("bosam", "torch", "onnx", "onnxruntime", "onnxscript"):
+        assert on_disk["versions"][key], key
+
+    enc, dec = on_disk["encoder"], on_disk["decoder"]
+    assert [(v["name"], v["shape"], v["dtype"]) for v in enc["inputs"]] == [("image", [1, 1, 128, 128, 128], "float32")]
+    assert [(v["name"], v["shape"], v["dtype"]) for v in enc["outputs"]] == [("embedding", [1, 192, 8, 8, 8], "float32")]
+    assert [(v["name"], v["shape"], v["dtype"]) for v in dec["inputs"]] == [
+        ("embedding", [1, 192, 8, 8, 8], "float32"),
+        ("points", [1, "num_points", 3], "float32"),
+        ("labels", [1, "num_points"], "int64"),
+        ("mask_prompt", [1, 1, 32, 32, 32], "float32"),
+    ]
+    assert [(v["name"], v["shape"], v["dtype"]) for v in dec["outputs"]] == [
+        ("low_res_logits", [1, 1, 32, 32, 32], "float32"),
+        ("iou", [1, 1], "float32"),
+    ]
+    for part in (enc, dec):
+        assert part["opset"] == 18 and part["ir_version"] <= 10 and part["bytes"] > 0
+        assert (out / part["file"]).is_file() and len(part["sha256"]) == 64
+    assert not list(out.glob("*.data")), "ONNX must be saved without external data"
+
+
+def test_verification_numbers_stored(exported):
+    _, man = exported
+    ver = man["verification"]
+    assert ver["passed"] and ver["precision"] == "fp32" and ver["seed"] == 0
+    cases = {(c["component"], c["case"]) for c in ver["cases"]}
+    assert ("encoder", "random image") in cases
+    for n in (1, 5, fx.MAX_POINTS):
+        assert any(comp == "decoder" and case.startswith(f"N={n},") for comp, case in cases), n
+    assert any(comp == "end-to-end" for comp, _ in cases)
+    for c in ver["cases"]:
+        assert c["passed"]
+        assert 0 <= c["max_abs"] <= c["allowed_abs"] < 2e-3  # fp32: tight
+        assert np.isfinite(c["max_rel"])
+        if c["output"] == "logits":
+            assert c["dice"] >= 0.99
+
+
+def test_readiness_clean_for_both_graphs(exported):
+    from export import check_trt_readiness
+
+    out, man = exported
+    enc = check_trt_readiness(out / "encoder.onnx")
+    dec = check_trt_readiness(out / "decoder.onnx", max_points=fx.MAX_POINTS)
+    assert enc.ok and dec.ok, (enc.errors, dec.errors)
+    assert enc.warnings == [] and dec.warnings == []
+    assert enc.dynamic_dims == []
+    assert dec.dynamic_dims == ["input points[1]=num_points", "input labels[1]=num_points"]
+    assert enc.opset == dec.opset == 18 and max(enc.ir_version, dec.ir_version) <= 10
+    assert not {"NonZero", "ScatterND", "ScatterElements", "Einsum", "OneHot", "Mod", "Loop", "If"} & (
+        set(enc.op_counts) | set(dec.op_counts)
+    )
+    assert "LayerNormalization" in enc.op_counts and "LayerNormalization" in dec.op_counts
+    assert man["trt_readiness"]["decoder.onnx"]["ok"] and man["trt_readiness"]["encoder.onnx"]["ok"]
+
+
+def _bad_model(tmp_path: Path, nodes, inputs, outputs, opset=18, ir=10, inits=(), domains=()):
+    import onnx
+    from onnx import helper
+
+    graph = helper.make_graph(nodes, "bad", inputs, outputs, initializer=list(inits))
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset), *domains])
+    model.ir_version = ir
+    path = tmp_path / f"bad{len(list(tmp_path.iterdir()))}.onnx"
+    onnx.save(model, str(path))
+    return path
+
+
+def test_readiness_flags_what_tensorrt_rejects(tmp_path):
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    from export import check_trt_readiness
+
+    f = TensorProto.FLOAT
+    x = helper.make_tensor_value_info("x", f, [1, "n", 3])
+    # data-dependent ops, einsum, and a second dynamic axis on a non-points input
+    p = _bad_model(
+        tmp_path,
+        [helper.make_node("NonZero", ["x"], ["nz"]),
+         helper.make_node("Einsum", ["x", "x"], ["e"], equation="bnc,bmc->bnm"),
+         helper.make_node("Mod", ["k", "k"], ["m"])],
+        [x, helper.make_tensor_value_info("k", TensorProto.INT64, [2])],
+        [helper.make_tensor_value_info("nz", TensorProto.INT64, [3, None]),
+         helper.make_tensor_value_info("e", f, [1, "n", "n"]),
+         helper.make_tensor_value_info("m", TensorProto.INT64, [2])],
+    )
+    rep = check_trt_readiness(p)
+    text = " | ".join(rep.errors)
+    assert not rep.ok
+    for word in ("NonZero", "Einsum", "Mod", "dynamic dimension input x[1]", "output nz", "output e"):
+        assert word in text, word
+
+    # opset and IR beyond TensorRT 10, a custom-domain op, a cubic Resize, a run-time Slice axis
+    roi = numpy_helper.from_array(np.zeros(0, np.float32), "roi")
+    scales = numpy_helper.from_array(np.array([1, 1, 2, 2], np.float32), "scales")
+    p = _bad_model(
+        tmp_path,
+        [helper.make_node("Resize", ["img", "roi", "scales"], ["r"], mode="cubic"),
+         helper.make_node("Slice", ["img", "st", "en", "ax"], ["s"]),
+         helper.make_node("MyOp", ["img"], ["c"], domain="my.domain")],
+        [helper.make_tensor_value_info("img", f, [1, 1, 4, 4]),
+         helper.make_tensor_value_info("st", TensorProto.INT64, [1]),
+         helper.make_tensor_value_info("en", TensorProto.INT64, [1]),
+         helper.make_tensor_value_info("ax", TensorProto.INT64, [1])],
+        [helper.make_tensor_value_info("r", f, [1, 1, 8, 8]),
+         helper.make_tensor_value_info("s", f, None),
+         helper.make_tensor_value_info("c", f, None)],
+        opset=21, ir=11, inits=[roi, scales], domains=[onnx.helper.make_opsetid("my.domain", 1)],
+    )
+    rep = check_trt_readiness(p)
+    text = " | ".join(rep.errors)
+    for word in ("opset 21", "IR version 11", "custom domain", "Resize", "cubic", "Slice", "build-time constant"):
+        assert word in text, word
+
+
+def test_legacy_exporter_fallback(tmp_path, monkeypatch, tiny_model):
+    """When dynamo fails the legacy exporter runs (with the export-wrapper adaptation), is
+    recorded in the manifest, verifies, and gives TensorRT-ready graphs with static outputs."""
+    import torch
+
+    from export import export_onnx
+
+    real = torch.onnx.export
+
+    def dynamo_broken(*args, dynamo=True, **kwargs):
+        if dynamo:
+            raise RuntimeError("simulated dynamo failure")
+        return real(*args, dynamo=False, **kwargs)
+
+    monkeypatch.setattr(torch.onnx, "export", dynamo_broken)
+    man = export_onnx(tiny_model, tmp_path / "legacy", max_points=8)
+    assert man["exporter"] == {"encoder": "legacy", "decoder": "legacy"}
+    assert man["export_details"]["decoder"]["dynamo_error"] == "simulated dynamo failure"
+    assert man["verification"]["passed"] and man["checkpoint_sha256"] is None and len(man["weights_fingerprint"]) == 64
+    for name, rep in man["trt_readiness"].items():
+        assert rep["ok"], (name, rep["errors"])
+    assert [o["shape"] for o in man["decoder"]["outputs"]] == [[1, 1, 32, 32, 32], [1, 1]]
+
+
+# --------------------------------------------------------------------------------------------
+# fp16
+
+
+def test_fp16_export_verified_and_mixed(fp16):
+    import onnx
+
+    from export import check_trt_readiness
+
+    out, man = fp16
+    assert man["precision"] == "fp16" and man["max_points"] == 8
+    ver = man["verification"]
+    assert ver["passed"]
+    logits = [c for c in ver["cases"] if c["output"] == "logits"]
+    assert len(logits) == 4
+    for c in logits:
+        assert c["dice"] >= ver["tolerance"]["dice_min"] >= 0.98
+        assert c["max_abs"] <= c["allowed_abs"]
+        assert c["max_abs"] > 0  # it really is reduced precision
+    enc_case = next(c for c in ver["cases"] if c["component"] == "encoder")
+    assert enc_case["max_rel"] < 2e-2
+
+    for name in ("encoder.onnx", "decoder.onnx"):
+        model = onnx.shape_inference.infer_shapes(onnx.load(str(out / name)))
+        assert model.ir_version <= 10
+        types = {v.name: v.type.tensor_type.elem_type for v in list(model.graph.value_info) + list(model.graph.input)}
+        types.update({i.name: i.data_type for i in model.graph.initializer})
+        for v in list(model.graph.input) + list(model.graph.output):
+            if v.name != "labels":
+                assert v.type.tensor_type.elem_type == onnx.TensorProto.FLOAT, v.name
+        kept, halved = set(), set()
+        for node in model.graph.node:
+            if node.op_type in ("LayerNormalization", "Softmax", "ReduceMean", "ReduceSum", "ReduceLogSumExp"):
+                assert types[node.input[0]] == onnx.TensorProto.FLOAT, (name, node.name)
+                kept.add(node.op_type)
+            if node.op_type in ("MatMul", "Conv") and types.get(node.input[0]) == onnx.TensorProto.FLOAT16:
+                halved.add(node.op_type)
+        assert {"LayerNormalization", "Softmax"} <= kept and "MatMul" in halved
+        assert check_trt_readiness(out / name).ok
+    notes = man["fp16_conversion"]["decoder.onnx"]
+    assert notes["fp32_ops"]["Sin"] >= 1 and notes["fp16_nodes"] > 0 and notes["weights_clipped_to_fp16_range"] == 0
+
+
+# --------------------------------------------------------------------------------------------
+# failures leave nothing; argument checks
+
+
+def test_failed_export_leaves_no_folder(tmp_path, monkeypatch, exported, tmp_path_factory):
+    """The ONNX files do not match the model (other weights): verification fails, nothing stays."""
+    import export.onnx_export as ox
+    from bosam_cli.checkpoints import load_model
+
+    src, _ = exported
+
+    def fake_export_one(module, args, path, *a, **k):
+        shutil.copyfile(src / path.name, path)
+        return {"exporter": "dynamo", "seconds": 0.0}
+
+    monkeypatch.setattr(ox, "_export_one", fake_export_one)
+    other = load_model(fx.other_checkpoint(tmp_path_factory))
+    target = tmp_path / "a" / "b" / "engines-x"
+    with pytest.raises(EngineError, match="verification failed"):
+        ox.export_onnx(other, target, max_points=fx.MAX_POINTS)
+    assert not (tmp_path / "a").exists()
+    assert list(tmp_path.iterdir()) == []
+
+    # an existing engine folder survives a failed re-export untouched
+    keep = tmp_path / "keep"
+    keep.mkdir()
+    (keep / "manifest.json").write_text('{"format": "old"}')
+    with pytest.raises(EngineError, match="verification failed"):
+        ox.export_onnx(other, keep, max_points=fx.MAX_POINTS)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["keep"]
+    assert (keep / "manifest.json").read_text() == '{"format": "old"}'
+
+
+def test_export_argument_checks(tmp_path, tiny_model):
+    from export import export_onnx
+
+    with pytest.raises(EngineError, match="precision"):
+        export_onnx(tiny_model, tmp_path / "x", precision="int8")
+    with pytest.raises(EngineError, match="max-points"):
+        export_onnx(tiny_model, tmp_path / "x", max_points=1)
+    with pytest.raises(EngineError, match="opset"):
+        export_onnx(tiny_model, tmp_path / "x", opset=21)
+    busy = tmp_path / "busy"
+    busy.mkdir()
+    (busy / "notes.txt").write_text("mine")
+    with pytest.raises(EngineError, match="not an engine folder"):
+        export_onnx(tiny_model, busy)
+    assert (busy / "notes.txt").read_text() == "mine"
+    with pytest.raises(EngineError, match="TensorRT"):
+        export_onnx(tiny_model, tmp_path / "trt", trt=True)  # no TensorRT here: refused before exporting
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["busy"]
+
+
+def test_default_engine_dir():
+    from engines.manifest import default_engine_dir
+
+    assert default_engine_dir("/x/y/bosam_v2.pth") == Path("engines/bosam_v2")
+    assert default_engine_dir(None, "tiny", "fp16", root="/r") == Path("/r/engines/tiny-fp16")
+    assert default_engine_dir(None, None) == Path("engines/sam-med3d")
+
+
+def test_state_dict_fingerprint_is_stable_and_sensitive(tiny_model):
+    import torch
+
+    from bosam_cli.model import build_preset
+    from export import state_dict_fingerprint
+
+    torch.manual_seed(0)
+    again = build_preset("tiny").eval()
+    assert state_dict_fingerprint(tiny_model) == state_dict_fingerprint(again)
+    with torch.no_grad():
+        again.mask_decoder.iou_token.weight[0, 0] += 1e-3
+    assert state_dict_fingerprint(tiny_model) != state_dict_fingerprint(again)
+
+
+# --------------------------------------------------------------------------------------------
+# engine folders are refused when they do not match
+
+
+def _manifest_only(tmp_path: Path, manifest: dict, **changes) -> Path:
+    d = tmp_path / f"m{len(list(tmp_path.iterdir()))}"
+    d.mkdir()
+    (d / "manifest.json").write_text(json.dumps({**manifest, **changes}))
+    return d
+
+
+def test_engine_dir_mismatch_refused(tmp_path, exported, ckpt, tmp_path_factory):
+    from engines.registry import open_engine
+
+    out, man = exported
+    on_disk = json.loads((out / "manifest.json").read_text())
+    other = fx.other_checkpoint(tmp_path_factory)
+    with pytest.raises(EngineError, match="exported from checkpoint sha256"):
+        open_engine("onnxruntime", checkpoint=other, engine_dir=out, device="cpu")
+    with pytest.raises(EngineError, match="exported from checkpoint sha256"):
+        open_engine("auto", checkpoint=other, engine_dir=out)  # explicit folder: refused, no fallback
+    with pytest.raises(EngineError, match="bosam 0.0.1"):
+        open_engine("onnxruntime", checkpoint=ckpt, engine_dir=_manifest_only(tmp_path, on_disk, bosam_version="0.0.1"))
+    with pytest.raises(EngineError, match="preset 'tiny', not 'sam-med3d'"):
+        open_engine("onnxruntime", engine_dir=out, preset="sam-med3d")
+    with pytest.raises(EngineError, match="are fp32, not fp16"):
+        open_engine("onnxruntime", engine_dir=out, precision="fp16")
+    with pytest.raises(EngineError, match="randomly initialised"):
+        open_engine("onnxruntime", checkpoint=ckpt, engine_dir=_manifest_only(tmp_path, on_disk, checkpoint_sha256=None))
+    with pytest.raises(EngineError, match="format"):
+        open_engine("onnxruntime", engine_dir=_manifest_only(tmp_path, on_disk, format="other/9"))
+    with pytest.raises(EngineError, match="manifest.json is missing"):
+        open_engine("onnxruntime", engine_dir=tmp_path)
+    with pytest.raises(EngineError, match="encoder.onnx: missing"):
+        open_engine("onnxruntime", checkpoint=ckpt, engine_dir=_manifest_only(tmp_path, on_disk))
+    # the matching checkpoint opens
+    eng = open_engine("onnxruntime", checkpoint=ckpt, engine_dir=out, device="cpu")
+    assert eng.info.checkpoint_sha256 == on_disk["checkpoint_sha256"]
+
+
+def test_auto_picks_ort_cpu_then_torch(tmp_path, monkeypatch, exported, ckpt):
+    from engines.registry import open_engine
+
+    out, _ = exported
+    eng = open_engine("auto", checkpoint=ckpt, engine_dir=out)
+    assert eng.info.name == "onnxruntime" and eng.info.details["providers"][0] == "CPUExecutionProvider"
+    assert any(n.startswith("tensorrt:") for n in eng.info.details["auto"])
+    # default folder engines/<stem> under the working directory
+    monkeypatch.chdir(tmp_path)
+    eng = open_engine("auto", checkpoint=ckpt, device="cpu")
+    assert eng.info.name == "torch" and "no engine folder" in eng.info.details["auto"][0]
+    (tmp_path / "engines").mkdir()
+    shutil.copytree(out, tmp_path / "engines" / ckpt.stem)
+    eng = open_engine("auto", checkpoint=ckpt, device="cpu")
+    assert eng.info.name == "onnxruntime"
