@@ -133,6 +133,7 @@ def _safe_name(name: str) -> str:
 def segment_volume(session: Session, volume: Volume, prompts: Any) -> dict[str, Any]:
     """Run every object's clicks in file order; returns labels and per-object facts."""
     session.set_volume(volume)
+    measure, session.measure_clicks = session.measure_clicks, False
     reports: dict[int, list[dict[str, Any]]] = {}
     for obj in prompts.objects:
         session.add_object(obj.label, obj.name)
@@ -141,6 +142,7 @@ def segment_volume(session: Session, volume: Volume, prompts: Any) -> dict[str, 
             rep = session.add_click(obj.label, xyz=np.asarray(click.ras, dtype=float), positive=click.positive)
             reports[obj.label].append(rep.as_dict())
     labels = session.label_map()
+    session.measure_clicks = measure
     return {"labels": labels, "reports": reports}
 
 

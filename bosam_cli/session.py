@@ -122,6 +122,7 @@ class Session:
         snap_vox: int = 16,
         ramp_vox: float = 16.0,
         cache_size: int = 32,
+        measure_clicks: bool = True,
     ) -> None:
         self.engine = engine
         self.spacing_mm = float(spacing_mm)
@@ -131,6 +132,7 @@ class Session:
         self.snap_vox = int(snap_vox)
         self.ramp_vox = float(ramp_vox)
         self.cache_size = int(cache_size)
+        self.measure_clicks = measure_clicks
         self.size = int(engine.info.img_size)
         self.mask_size = int(engine.info.mask_size)
         self.volume: Volume | None = None
@@ -206,7 +208,8 @@ class Session:
             self._grow(state, report)
             self._prune(state)
         report.windows = len(state.windows)
-        report.voxels = int(self.mask(label).sum()) if state.windows else 0
+        if self.measure_clicks and state.windows:
+            report.voxels = int(self.mask(label).sum())
         return report
 
     def undo(self, label: int | None = None) -> bool:
@@ -442,11 +445,16 @@ class Session:
         full = [(-0.5, self.size - 0.5)] * 3
         for w in state.windows:
             wb = box_of(w.geom.affine, full, vol, pad=0)
-            if wb is None or any(wb[a].stop <= box[a].start or wb[a].start >= box[a].stop for a in range(3)):
+            if wb is None:
                 continue
-            values, weights = logits_to_grid(w.logits, w.geom, vol, box, self.ramp_vox)
-            num += values * weights
-            den += weights
+            # the part of the union box this window covers, in box-relative and CT indices
+            sub = tuple(slice(max(wb[a].start, box[a].start), min(wb[a].stop, box[a].stop)) for a in range(3))
+            if any(sl.stop <= sl.start for sl in sub):
+                continue
+            values, weights = logits_to_grid(w.logits, w.geom, vol, sub, self.ramp_vox)
+            rel = tuple(slice(sub[a].start - box[a].start, sub[a].stop - box[a].start) for a in range(3))
+            num[rel] += values * weights
+            den[rel] += weights
         blended = np.full(shape, -np.inf, np.float32)
         np.divide(num, den, out=blended, where=den > 0)
         return box, blended

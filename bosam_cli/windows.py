@@ -133,11 +133,23 @@ class _Mapping:
     perm: tuple[int, int, int] | None  # src axis used by each dst axis
     coords_1d: list[np.ndarray] | None  # per dst axis: src coordinate along src axis perm[a]
 
-    def full_coords(self) -> np.ndarray:
-        """(3, *dst_shape) src coordinates of every dst voxel (general path)."""
-        grids = np.meshgrid(*[np.arange(n, dtype=np.float64) for n in self.dst_shape], indexing="ij")
-        m = self.matrix
-        return np.stack([m[r, 0] * grids[0] + m[r, 1] * grids[1] + m[r, 2] * grids[2] + m[r, 3] for r in range(3)])
+    def full_coords(self, matrix: np.ndarray | None = None) -> np.ndarray:
+        """(3, *dst_shape) float64 src coordinates of every dst voxel (general path)."""
+        m = self.matrix if matrix is None else matrix
+        idx = [np.arange(n, dtype=np.float64) for n in self.dst_shape]
+        return np.stack(
+            [
+                m[r, 0] * idx[0][:, None, None] + m[r, 1] * idx[1][None, :, None] + m[r, 2] * idx[2][None, None, :] + m[r, 3]
+                for r in range(3)
+            ]
+        )
+
+    def src_extent(self) -> tuple[np.ndarray, np.ndarray]:
+        """Min and max src coordinate per src axis over the dst grid (a linear map: corners)."""
+        hi = np.asarray(self.dst_shape, dtype=np.float64) - 1
+        corners = np.array([[a, b, c, 1.0] for a in (0, hi[0]) for b in (0, hi[1]) for c in (0, hi[2])])
+        src = corners @ self.matrix[:3].T
+        return src.min(axis=0), src.max(axis=0)
 
 
 def _mapping(src_affine: np.ndarray, dst_affine: np.ndarray, dst_shape: Sequence[int]) -> _Mapping:
@@ -227,23 +239,56 @@ def resample(
         for a in range(3):
             block = _interp_axis(block, a, coords[a] - lo[mp.perm[a]], order, edge, cval)
         return np.ascontiguousarray(block, dtype=out_dtype)
-    from scipy.ndimage import map_coordinates
-
-    coords_full = mp.full_coords()
-    lo = [int(np.clip(np.floor(coords_full[a].min()) - 1, 0, src.shape[a] - 1)) for a in range(3)]
-    hi = [int(np.clip(np.ceil(coords_full[a].max()) + 2, lo[a] + 1, src.shape[a])) for a in range(3)]
+    cmin, cmax = mp.src_extent()
+    lo = [int(np.clip(np.floor(cmin[a]) - 1, 0, src.shape[a] - 1)) for a in range(3)]
+    hi = [int(np.clip(np.ceil(cmax[a]) + 2, lo[a] + 1, src.shape[a])) for a in range(3)]
     block = src[lo[0] : hi[0], lo[1] : hi[1], lo[2] : hi[2]]
     block = block.astype(np.float32) if order == 1 else block
-    for a in range(3):
-        coords_full[a] -= lo[a]
-    if edge:
-        for a in range(3):
-            np.clip(coords_full[a], 0, block.shape[a] - 1, out=coords_full[a])
-        mode = "nearest"
-    else:
-        mode = "grid-constant"
-    out = map_coordinates(block, coords_full, order=order, mode=mode, cval=cval, prefilter=False)
+    shift = np.eye(4)
+    shift[:3, 3] = [-v for v in lo]
+    m_block = shift @ mp.matrix  # dst index -> block index
+    out = _map_affine(block, m_block, mp, order, edge, cval)
     return out.astype(out_dtype, copy=False)
+
+
+def _map_affine(block: np.ndarray, m: np.ndarray, mp: _Mapping, order: int, edge: bool, cval: float) -> np.ndarray:
+    """Interpolate ``block`` at ``m @ dst index`` for every voxel of the dst grid: torch's
+    ``grid_sample`` when torch is installed (vectorised, many times faster), else scipy's
+    ``map_coordinates``. Same semantics either way: voxel centres at integer indices; beyond
+    the block either its edge values (``edge``) or ``cval`` blended in within one voxel."""
+    try:
+        import torch
+        import torch.nn.functional as F
+    except ImportError:  # runtime-only deployments
+        torch = None  # type: ignore[assignment]
+    if torch is not None and order == 1 and min(block.shape) > 1:
+        n = np.asarray(block.shape, dtype=np.float64)
+        # grid_sample wants (x, y, z) = (block axis 2, 1, 0) normalised to [-1, 1]
+        a = m[[2, 1, 0], :] * (2.0 / (n[[2, 1, 0]] - 1))[:, None]
+        a[:, 3] -= 1.0
+        a = a.astype(np.float32)
+        i, j, k = (np.arange(d, dtype=np.float32) for d in mp.dst_shape)
+        grid = (
+            a[:, 0] * i[:, None, None, None]
+            + a[:, 1] * j[None, :, None, None]
+            + a[:, 2] * k[None, None, :, None]
+            + a[:, 3]
+        )
+        shift = 0.0 if edge else float(cval)
+        vol = torch.from_numpy(np.ascontiguousarray(block, dtype=np.float32) - np.float32(shift))[None, None]
+        with torch.inference_mode():
+            out = F.grid_sample(
+                vol, torch.from_numpy(grid)[None], mode="bilinear",
+                padding_mode="border" if edge else "zeros", align_corners=True,
+            )
+        return out.numpy()[0, 0] + np.float32(shift)
+    from scipy.ndimage import map_coordinates
+
+    coords = mp.full_coords(m)
+    if edge:
+        for ax in range(3):
+            np.clip(coords[ax], 0, block.shape[ax] - 1, out=coords[ax])
+    return map_coordinates(block, coords, order=order, mode="nearest" if edge else "grid-constant", cval=cval, prefilter=False)
 
 
 def box_of(src_affine: np.ndarray, src_extent: Sequence[tuple[float, float]], dst: Volume, pad: int = 1) -> tuple[slice, slice, slice] | None:
@@ -357,10 +402,12 @@ def logits_to_grid(
         # coords_1d[a] is the window coordinate along window axis perm[a] for box axis a
         weights = w_axes[0][:, None, None] * w_axes[1][None, :, None] * w_axes[2][None, None, :]
     else:
-        q = mp.full_coords()
+        m = mp.matrix.astype(np.float32)
+        i, j, k = (np.arange(n, dtype=np.float32) for n in shape)
         weights = np.ones(shape, dtype=np.float32)
-        for a in range(3):
-            weights *= blend_weight_1d(q[a], geom.size, ramp_vox)
+        for a in range(3):  # window coordinate along window axis a, one axis at a time
+            q = m[a, 0] * i[:, None, None] + m[a, 1] * j[None, :, None] + (m[a, 2] * k + m[a, 3])[None, None, :]
+            weights *= blend_weight_1d(q, geom.size, ramp_vox)
     return values, weights
 
 
