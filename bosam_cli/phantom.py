@@ -349,7 +349,8 @@ class _ArcTube(_Shape):
     with semi-axes A, B, from angle ``t0`` to ``t1`` (radians, polar angle of the ellipse
     parameter; the arc goes the short way from t0 through the mid angle), dropping ``drop`` mm
     along the local third axis from start to end. Cross-section: ``rt`` radially, ``rh`` along
-    the third axis, tapering to ``taper`` times at the end."""
+    the third axis, tapering to ``taper`` times at the end. ``progress`` = the part of a longer
+    arc this piece is (drop and taper follow the whole arc; see ``_arc_tube``)."""
 
     def __init__(
         self,
@@ -363,15 +364,18 @@ class _ArcTube(_Shape):
         drop: float = 0.0,
         rot: np.ndarray | None = None,
         taper: float = 1.0,
+        progress: tuple[float, float] = (0.0, 1.0),
     ):
         self.c = np.asarray(centre, dtype=np.float64)
+        self.p0, self.p1 = progress
         self.A, self.B, self.rt, self.rh, self.drop, self.taper = A, B, rt, rh, drop, taper
         self.rot = np.eye(3) if rot is None else rot
         self.mid = 0.5 * (t0 + t1)
         self.half = 0.5 * abs(t1 - t0)
         self.direction = 1.0 if t1 >= t0 else -1.0
         ts = np.linspace(t0, t1, 33)
-        pts_local = np.stack([A * np.cos(ts), B * np.sin(ts), -drop * (ts - t0) / (t1 - t0)], axis=1)
+        prog = self.p0 + (self.p1 - self.p0) * np.linspace(0.0, 1.0, 33)
+        pts_local = np.stack([A * np.cos(ts), B * np.sin(ts), -drop * prog], axis=1)
         pts = pts_local @ self.rot.T + self.c
         r = max(rt, rh)
         self.lo, self.hi = pts.min(0) - r, pts.max(0) + r
@@ -381,7 +385,8 @@ class _ArcTube(_Shape):
         theta = np.arctan2(q1 / self.B, q0 / self.A)
         delta = _wrap(theta - self.mid)
         clamped = np.clip(delta, -self.half, self.half)
-        progress = (self.direction * clamped + self.half) / (2.0 * self.half)  # 0 at t0, 1 at t1
+        local = (self.direction * clamped + self.half) / (2.0 * self.half)  # 0 at t0, 1 at t1
+        progress = self.p0 + (self.p1 - self.p0) * local
         tc = self.mid + clamped
         r_local = np.sqrt((self.A * np.cos(tc)) ** 2 + (self.B * np.sin(tc)) ** 2)
         rho = np.sqrt((q0 / self.A) ** 2 + (q1 / self.B) ** 2)
@@ -390,6 +395,17 @@ class _ArcTube(_Shape):
         height = q2 + self.drop * progress
         scale = 1.0 + (self.taper - 1.0) * progress
         return _ellipsoid_depth(radial / scale, height / scale, excess, (self.rt, self.rh, min(self.rt, self.rh))) * scale
+
+
+def _arc_tube(*args: Any, pieces: int = 1, **kw: Any) -> _Shape:
+    """An ``_ArcTube`` split into ``pieces`` consecutive pieces (a union): each gets its own tight
+    bounding box, which makes long curved tubes (ribs) far cheaper to evaluate."""
+    if pieces <= 1:
+        return _ArcTube(*args, **kw)
+    centre, A, B, t0, t1, rt, rh = args[:7]
+    edges = np.linspace(t0, t1, pieces + 1)
+    prog = np.linspace(0.0, 1.0, pieces + 1)
+    return _Union(*(_ArcTube(centre, A, B, edges[i], edges[i + 1], rt, rh, *args[7:], progress=(prog[i], prog[i + 1]), **kw) for i in range(pieces)))
 
 
 class _HalfSpace(_Shape):
@@ -807,7 +823,7 @@ class _AnatomyBuilder:
                 t0 = -np.pi / 2 + side * phi0
                 t1 = -np.pi / 2 + side * math.radians(end_deg + self.u(-8, 8))
                 d = drop * s * self.u(0.8, 1.2)
-                shaft = _ArcTube((0.0, yc, start_z), A, B, t0, t1, rt * s, rh * s, d, taper=0.8)
+                shaft = _arc_tube((0.0, yc, start_z), A, B, t0, t1, rt * s, rh * s, d, taper=0.8, pieces=5)
                 start = np.array([A * math.cos(t0), yc + B * math.sin(t0), start_z])
                 neck = _Capsule(head, start, 3.3 * s, 4.5 * s)
                 rib = _Union(neck, shaft)
@@ -820,7 +836,7 @@ class _AnatomyBuilder:
                 if n <= 10:  # costal cartilage continues the rib towards the sternum (not bone)
                     t2 = t1 + side * math.radians(30.0)
                     z_end = start_z - d
-                    cart = _ArcTube((0.0, yc, z_end), A * 0.98, B * 0.98, t1, t2, rt * s * 0.9, rh * s * 0.8, -8.0 * s)
+                    cart = _arc_tube((0.0, yc, z_end), A * 0.98, B * 0.98, t1, t2, rt * s * 0.9, rh * s * 0.8, -8.0 * s, pieces=2)
                     self.soft_structure(f"cartilage_{side_name}_{n}", cart, self.u(100, 220), "cartilage_disc", texture=15.0)
 
     # -- pelvis and femurs -----------------------------------------------------------------------
@@ -930,12 +946,23 @@ class _AnatomyBuilder:
             ang = (half * (0.75 + 0.25 * lam) - np.abs(_wrap(theta - mid))) * np.sqrt((a * np.cos(theta)) ** 2 + (b * np.sin(theta)) ** 2)
             return np.minimum(np.minimum(band, ang), np.minimum(z_crest - p[2], p[2] - (z_low - 14.0 * s)))
 
-        ext = max(a_top, b_top) + th_top
-        wing_shape = _Func(
-            wing,
-            (min(c_top[0], c_bot[0]) - ext, min(c_top[1], c_bot[1]) - ext, z_low - 15.0 * s),
-            (max(c_top[0], c_bot[0]) + ext, max(c_top[1], c_bot[1]) + ext, z_crest + 1.0),
-        )
+        # The band is thin in a big box: cover it with cells (height x angle), each evaluating the
+        # same function in its own tight box; the union of identical functions is the wing.
+        cells = []
+        lam_edges, ang_edges = np.linspace(0.0, 1.0, 4), np.linspace(t_lo, t_hi, 5)
+        for l0, l1 in zip(lam_edges[:-1], lam_edges[1:]):
+            for a0, a1 in zip(ang_edges[:-1], ang_edges[1:]):
+                lam = np.linspace(l0, l1, 6)[:, None]
+                ang = np.linspace(a0, a1, 9)[None, :]
+                cx = c_bot[0] + (c_top[0] - c_bot[0]) * lam**0.7
+                cy = c_bot[1] + (c_top[1] - c_bot[1]) * lam**0.7
+                xs = cx + (a_bot + (a_top - a_bot) * lam) * np.cos(ang)
+                ys = cy + (b_bot + (b_top - b_bot) * lam) * np.sin(ang)
+                z0 = z_low + (z_crest - z_low) * l0 - (15.0 * s if l0 == 0.0 else 0.0)
+                z1 = z_low + (z_crest - z_low) * l1
+                pad = 0.5 * th_bot + 1.0
+                cells.append(_Func(wing, (xs.min() - pad, ys.min() - pad, z0 - 1.0), (xs.max() + pad, ys.max() + pad, z1 + 1.0)))
+        wing_shape = _Union(*cells)
         sym = np.array([side * 11.0 * s, F[1] + 55.0 * s, F[2] - 20.0 * s])
         isch = np.array([side * 52.0 * s, F[1] - 15.0 * s, F[2] - 62.0 * s])
         pubic_sup = _Capsule(F + np.array([-side * 18.0, 14.0, -4.0]) * s, sym, 8.5 * s, 10.0 * s)
@@ -1351,9 +1378,11 @@ def _paint(
         d = np.array(d)
     if st.carve:
         # Keep a joint space to neighbouring bones: depth <= -(neighbour depth + gap). The term
-        # only matters where it is below the cortex (+ ramp); it is capped at ``cap`` and the
+        # only matters where it is below the cortex plus a voxel; it is capped at ``cap`` and the
         # neighbour is evaluated with a floor beyond it, so box edges leave no seams.
-        cap = ctx.floor_mm + 4.0
+        starts = [lay.depth_mm for lay in st.layers]
+        cortex = max(float(v) for v in starts) if not any(callable(v) for v in starts) else 6.0
+        cap = cortex + ramp_mm[1] + 1.0
         ctx_carve = _Ctx(ctx.affine, ctx.shape, ctx.dtype, cap + st.carve_gap_mm + 1.0)
         for other in st.carve:
             hit = ctx_carve.overlap(sl, other.shape.lo - st.carve_gap_mm, other.shape.hi + st.carve_gap_mm)
