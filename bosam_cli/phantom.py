@@ -405,7 +405,12 @@ def _arc_tube(*args: Any, pieces: int = 1, **kw: Any) -> _Shape:
     centre, A, B, t0, t1, rt, rh = args[:7]
     edges = np.linspace(t0, t1, pieces + 1)
     prog = np.linspace(0.0, 1.0, pieces + 1)
-    return _Union(*(_ArcTube(centre, A, B, edges[i], edges[i + 1], rt, rh, *args[7:], progress=(prog[i], prog[i + 1]), **kw) for i in range(pieces)))
+    return _Union(
+        *(
+            _ArcTube(centre, A, B, edges[i], edges[i + 1], rt, rh, *args[7:], progress=(prog[i], prog[i + 1]), **kw)
+            for i in range(pieces)
+        )
+    )
 
 
 class _HalfSpace(_Shape):
@@ -509,7 +514,8 @@ class _Framed(_Shape):
 
     def __init__(self, shape: _Shape, centre: Sequence[float], rot: np.ndarray):
         self.shape, self.c, self.rot = shape, np.asarray(centre, dtype=np.float64), rot
-        corners = np.array([[x, y, z] for x in (shape.lo[0], shape.hi[0]) for y in (shape.lo[1], shape.hi[1]) for z in (shape.lo[2], shape.hi[2])])
+        lo, hi = shape.lo, shape.hi
+        corners = np.array([[x, y, z] for x in (lo[0], hi[0]) for y in (lo[1], hi[1]) for z in (lo[2], hi[2])])
         world = corners @ rot.T + self.c
         self.lo, self.hi = world.min(0), world.max(0)
 
@@ -700,7 +706,13 @@ class _AnatomyBuilder:
         # bone intensities of this "patient"
         u = rng.uniform
         self.cortical_hu = float(u(800, 1500))
-        self.cancellous = {"vertebra": u(150, 300), "rib": u(180, 330), "pelvis": u(160, 320), "femur": u(200, 400), "sacrum": u(130, 280)}
+        self.cancellous = {
+            "vertebra": u(150, 300),
+            "rib": u(180, 330),
+            "pelvis": u(160, 320),
+            "femur": u(200, 400),
+            "sacrum": u(130, 280),
+        }
         self.marrow_hu = float(u(-60, 40))
         self.bone_texture = lambda: _Texture(rng, float(u(20, 50)), (4.0, 14.0))
 
@@ -755,7 +767,9 @@ class _AnatomyBuilder:
             disc_rot = _rot(-math.degrees(math.atan2(disc_axis[1], disc_axis[2])), 0, 0)
             disc_centre = point + 0.5 * gap * disc_axis
             disc = _Cylinder(disc_centre, rx * 1.04, ry * 1.04, 0.5 * gap + 1.0, disc_rot)
-            self.soft_structure(f"disc_below_{name}", disc, self.u(70, 95), "cartilage_disc", texture=5.0, wall_mm=3.0 * s, wall_hu=self.u(90, 115))
+            self.soft_structure(
+                f"disc_below_{name}", disc, self.u(70, 95), "cartilage_disc", texture=5.0, wall_mm=3.0 * s, wall_hu=self.u(90, 115)
+            )
             thoracic = name.startswith("T")
             v = self.vertebra_shape(name, rx, ry, hh, thoracic)
             framed = _framed(v["shape"], centre, rot)
@@ -784,7 +798,8 @@ class _AnatomyBuilder:
         parts.append(_Capsule(sp_start, sp_start + (0, -sp_len, -sp_drop), 3.2 * s, sp_h))
         facet_reach = hh + 0.5 * _LEVELS[name].disc * s + 2.0 * s
         for side in (-1.0, 1.0):
-            parts.append(_Capsule((side * 0.6 * rx, -0.5 * ry, 0.15 * hh), (side * (cx + 2.5 * s), vc + 0.3 * cy, 0.15 * hh), 4.5 * s, 6.5 * s))
+            pedicle_a, pedicle_b = (side * 0.6 * rx, -0.5 * ry, 0.15 * hh), (side * (cx + 2.5 * s), vc + 0.3 * cy, 0.15 * hh)
+            parts.append(_Capsule(pedicle_a, pedicle_b, 4.5 * s, 6.5 * s))
             if thoracic:
                 reach, dv, dw = (rx + (8.0 if name == "T12" else 20.0) * s, vc - 12.0 * s, 2.0 * s)
                 tp_r = (4.0 * s, 5.0 * s)
@@ -792,8 +807,11 @@ class _AnatomyBuilder:
                 reach, dv, dw = (rx + 26.0 * s, vc + 3.0 * s, 0.0)
                 tp_r = (3.5 * s, 5.0 * s)
             parts.append(_Capsule((side * (cx + 3.0 * s), vc + 1.0 * s, 0.1 * hh), (side * reach, dv, dw), *tp_r))
-            parts.append(_Capsule((side * (cx + 6.5 * s), vc - 2.0 * s, 0.0), (side * (cx + 6.5 * s), vc - 2.0 * s, facet_reach), 2.6 * s, 2.6 * s))
-            parts.append(_Capsule((side * cx, vc - 6.0 * s, 0.0), (side * cx, vc - 6.0 * s, -facet_reach), 2.6 * s, 2.6 * s))
+            # articular processes: superior pair lateral of the inferior pair of the level above
+            sup = (side * (cx + 6.5 * s), vc - 2.0 * s)
+            inf = (side * cx, vc - 6.0 * s)
+            parts.append(_Capsule((*sup, 0.0), (*sup, facet_reach), 2.6 * s, 2.6 * s))
+            parts.append(_Capsule((*inf, 0.0), (*inf, -facet_reach), 2.6 * s, 2.6 * s))
         canal = _Cylinder((0, vc, 0), cx, cy, 4 * hh)
         shape = _Subtract(_Union(*parts), canal)
         tip_v = vc - arch_b - sp_len - sp_h
@@ -943,7 +961,8 @@ class _AnatomyBuilder:
             qx, qy = p[0] - cx, p[1] - cy
             band = 0.5 * th - np.abs(_ellipse_depth(qx, qy, a, b))
             theta = np.arctan2(qy / b, qx / a)
-            ang = (half * (0.75 + 0.25 * lam) - np.abs(_wrap(theta - mid))) * np.sqrt((a * np.cos(theta)) ** 2 + (b * np.sin(theta)) ** 2)
+            r_local = np.sqrt((a * np.cos(theta)) ** 2 + (b * np.sin(theta)) ** 2)
+            ang = (half * (0.75 + 0.25 * lam) - np.abs(_wrap(theta - mid))) * r_local
             return np.minimum(np.minimum(band, ang), np.minimum(z_crest - p[2], p[2] - (z_low - 14.0 * s)))
 
         # The band is thin in a big box: cover it with cells (height x angle), each evaluating the
@@ -994,7 +1013,9 @@ class _AnatomyBuilder:
         if self.rng.random() < 0.7:
             ty = y_post + 0.1 * bb - u(8, 20)
             table = _Slab(1, ty - 24.0, ty)
-            self.soft_structure("table", table, -750.0, "table", texture=0.0, wall_mm=2.0, wall_hu=u(150, 350), wall_tissue="table")
+            self.soft_structure(
+                "table", table, -750.0, "table", texture=0.0, wall_mm=2.0, wall_hu=u(150, 350), wall_tissue="table"
+            )
         body_layers = [
             _Layer(0.0, u(-120, -80), _T["fat"]),
             _Layer(fat, u(35, 60), _T["muscle"]),
@@ -1002,28 +1023,36 @@ class _AnatomyBuilder:
         ]
         self.soft.append(_Structure("body", outline, body_layers))
         ph = self.contrast
-        enh = lambda native, arterial, portal: native if ph == "native" else (arterial if ph == "arterial" else portal)  # noqa: E731
+        def enh(native: float, arterial: float, portal: float) -> float:
+            """HU of an enhancing structure in this contrast phase."""
+            return native if ph == "native" else (arterial if ph == "arterial" else portal)
+
+        enhanced = "enhanced" if ph != "native" else "soft_tissue"
         # paraspinal muscles: along the posterior column, lateral of the spinous processes
         top_v, bot_v = verts[-1], verts[0]
         for side in (-1.0, 1.0):
             pa = np.array([side * 28.0 * s, bot_v["centre"][1] - bot_v["ry"] - 40.0 * s, bot_v["centre"][2] - 40.0 * s])
             pb = np.array([side * 28.0 * s, top_v["centre"][1] - top_v["ry"] - 40.0 * s, top_v["centre"][2] + 40.0 * s])
-            self.soft_structure("paraspinal", _Capsule(pa, pb, 24.0 * s, 20.0 * s, up=(0, 1, 0)), u(40, 60), "muscle", texture=6.0)
+            muscle_shape = _Capsule(pa, pb, 24.0 * s, 20.0 * s, up=(0, 1, 0))
+            self.soft_structure("paraspinal", muscle_shape, u(40, 60), "muscle", texture=6.0)
         lumbar = [v for name, v in self.vertebrae.items() if name.startswith("L")]
         if lumbar:  # psoas: thin at L1, thick low down
             top, bot = lumbar[-1], lumbar[0]
             for side in (-1.0, 1.0):
                 pa = bot["centre"] + np.array([side * (bot["rx"] + 18.0 * s), 5.0 * s, -30.0 * s])
                 pb = top["centre"] + np.array([side * (top["rx"] + 8.0 * s), 0.0, 10.0 * s])
-                self.soft_structure("psoas", _Capsule(pa, pb, 18.0 * s, 16.0 * s, up=(0, 1, 0)), u(40, 55), "muscle", texture=5.0)
+                muscle_shape = _Capsule(pa, pb, 18.0 * s, 16.0 * s, up=(0, 1, 0))
+                self.soft_structure("psoas", muscle_shape, u(40, 55), "muscle", texture=5.0)
         # organs by level
         names = set(self.vertebrae)
         thoracic = bool(names & {"T9", "T10", "T11"})
         if thoracic or "T12" in names:
             ref = self.vertebrae.get("T11") or self.vertebrae.get("T12")
             c = ref["centre"]
-            self.soft_structure("liver", _Ellipsoid(c + np.array([60.0 * s, 60.0 * s, -10.0 * s]), (80 * s, 70 * s, 95 * s)), enh(u(55, 65), u(70, 85), u(100, 125)), "organ", texture=8.0)
-            self.soft_structure("spleen", _Ellipsoid(c + np.array([-80.0 * s, 15.0 * s, -15.0 * s]), (25 * s, 45 * s, 50 * s), _rot(0, 0, -30)), enh(u(40, 50), u(90, 130), u(105, 125)), "organ", texture=8.0)
+            liver = _Ellipsoid(c + np.array([60.0, 60.0, -10.0]) * s, np.array([80, 70, 95]) * s)  # patient's right
+            self.soft_structure("liver", liver, enh(u(55, 65), u(70, 85), u(100, 125)), "organ", texture=8.0)
+            spleen = _Ellipsoid(c + np.array([-80.0, 15.0, -15.0]) * s, np.array([25, 45, 50]) * s, _rot(0, 0, -30))
+            self.soft_structure("spleen", spleen, enh(u(40, 50), u(90, 130), u(105, 125)), "organ", texture=8.0)
         cage = self.cage
         if cage is not None:  # lung bases: inside the rib cage, beside the spine, above the diaphragm
             ref = cage["vertebra"]
@@ -1060,8 +1089,16 @@ class _AnatomyBuilder:
                 content = self.rng.choice(["gas", "fluid", "feces", "oral"], p=[0.35, 0.3, 0.2, 0.15])
                 if content == "oral" and not self.oral_contrast:
                     content = "fluid"
-                hu, tissue = {"gas": (u(-980, -900), "lung_gas"), "fluid": (u(0, 25), "fluid"), "feces": (u(-120, 40), "soft_tissue"), "oral": (u(200, 450), "enhanced")}[content]
-                self.soft_structure("bowel", _Ellipsoid(bc, (r * u(0.8, 1.3), r, r * u(0.8, 1.6)), _rot(0, 0, u(0, 180))), hu, tissue, texture=15.0, wall_mm=2.5 * s, wall_hu=u(30, 60), wall_tissue="soft_tissue")
+                hu, tissue = {
+                    "gas": (u(-980, -900), "lung_gas"),
+                    "fluid": (u(0, 25), "fluid"),
+                    "feces": (u(-120, 40), "soft_tissue"),
+                    "oral": (u(200, 450), "enhanced"),
+                }[content]
+                loop = _Ellipsoid(bc, (r * u(0.8, 1.3), r, r * u(0.8, 1.6)), _rot(0, 0, u(0, 180)))
+                self.soft_structure(
+                    "bowel", loop, hu, tissue, texture=15.0, wall_mm=2.5 * s, wall_hu=u(30, 60), wall_tissue="soft_tissue"
+                )
         # vessels: aorta (bifurcating at L4), IVC; aortic wall calcifications
         bottom_z, top_z = bone_lo[2] - 30.0, bone_hi[2] + 30.0
         ao_r = u(9, 12) * s
@@ -1074,29 +1111,34 @@ class _AnatomyBuilder:
         a_lo = np.array([ao_x, ay_lo, aorta_bottom])
         aorta = _Capsule(a_lo, (ao_x, ay_hi, top_z), ao_r, ao_r)
         art_hu = enh(u(35, 45), u(220, 350), u(150, 200))
-        self.soft_structure("aorta", aorta, art_hu, "enhanced" if ph != "native" else "soft_tissue", texture=4.0)
+        self.soft_structure("aorta", aorta, art_hu, enhanced, texture=4.0)
         if aorta_bottom > bottom_z:
             for side in (-1.0, 1.0):
                 end = a_lo + np.array([side * 55.0 * s, 15.0 * s, -(aorta_bottom - bottom_z)])
-                self.soft_structure("iliac_artery", _Capsule(a_lo, end, 0.6 * ao_r, 0.6 * ao_r), art_hu, "enhanced" if ph != "native" else "soft_tissue", texture=4.0)
+                self.soft_structure("iliac_artery", _Capsule(a_lo, end, 0.6 * ao_r, 0.6 * ao_r), art_hu, enhanced, texture=4.0)
         ivc_x = 0.3 * verts[0]["rx"] + 12.0 * s
         ivc = _Capsule((ivc_x, ay_lo - 2 * s, bottom_z), (ivc_x, ay_hi - 2 * s, top_z), 12.0 * s, 9.0 * s, up=(0, 1, 0))
-        self.soft_structure("ivc", ivc, enh(u(35, 45), u(80, 130), u(130, 170)), "enhanced" if ph != "native" else "soft_tissue", texture=4.0)
+        self.soft_structure("ivc", ivc, enh(u(35, 45), u(80, 130), u(130, 170)), enhanced, texture=4.0)
         for _ in range(int(self.rng.choice([0, 0, 1, 2, 3]))):
             t = u(0.1, 0.9)
             ang = u(0, 2 * np.pi)
-            pc = a_lo + t * (np.array([ao_x, ay_hi, top_z]) - a_lo) + np.array([math.cos(ang), math.sin(ang), 0.0]) * ao_r * 0.9
+            on_axis = a_lo + t * (np.array([ao_x, ay_hi, top_z]) - a_lo)
+            pc = on_axis + np.array([math.cos(ang), math.sin(ang), 0.0]) * ao_r * 0.9  # in the wall
             rr = u(1.2, 2.8)
             self.soft_structure("calcification", _Ellipsoid(pc, (rr, rr, rr * u(1, 2))), u(450, 900), "calcification", texture=0.0)
         if self.region in ("pelvis", "all"):
             F = self.femur_heads
             if F:
                 mid = 0.5 * (F[0] + F[1])
-                self.soft_structure("bladder", _Ellipsoid(mid + np.array([0.0, 30.0 * s, 15.0 * s]), (40 * s, 30 * s, 35 * s)), u(5, 15), "fluid", texture=2.0, wall_mm=2.5 * s, wall_hu=u(30, 50), wall_tissue="soft_tissue")
+                bladder = _Ellipsoid(mid + np.array([0.0, 30.0, 15.0]) * s, np.array([40, 30, 35]) * s)
+                self.soft_structure(
+                    "bladder", bladder, u(5, 15), "fluid", texture=2.0, wall_mm=2.5 * s, wall_hu=u(30, 50), wall_tissue="soft_tissue"
+                )
                 for side, Fh in zip((1.0, -1.0), F):
                     glut = _Ellipsoid(Fh + np.array([side * 15.0 * s, -60.0 * s, 30.0 * s]), (55 * s, 35 * s, 80 * s))
                     self.soft_structure("gluteus", glut, u(40, 60), "muscle", texture=6.0)
-                    thigh = _Capsule(Fh + np.array([side * 15.0, 10.0, -30.0]) * s, Fh + np.array([side * 5.0, 10.0, -320.0]) * s, 45 * s, 45 * s)
+                    thigh_top, thigh_bottom = Fh + np.array([side * 15.0, 10.0, -30.0]) * s, Fh + np.array([side * 5.0, 10.0, -320.0]) * s
+                    thigh = _Capsule(thigh_top, thigh_bottom, 45 * s, 45 * s)
                     self.soft_structure("thigh", thigh, u(40, 60), "muscle", texture=6.0)
         lo = np.array([-ab, y_post, z_lo])
         hi = np.array([ab, y_ant, z_hi])
@@ -1176,7 +1218,9 @@ _AXIS_OF = {"R": (0, 1.0), "L": (0, -1.0), "A": (1, 1.0), "P": (1, -1.0), "S": (
 def _check_orientation(orientation: str) -> str:
     code = str(orientation).upper()
     if len(code) != 3 or any(c not in _AXIS_OF for c in code) or len({_AXIS_OF[c][0] for c in code}) != 3:
-        raise ValueError(f"orientation must be three axis codes, one of each of R/L, A/P, S/I (e.g. RAS, LPS, PIR); got {orientation!r}")
+        raise ValueError(
+            f"orientation must be three axis codes, one of each of R/L, A/P, S/I (e.g. RAS, LPS, PIR); got {orientation!r}"
+        )
     return code
 
 
@@ -1519,7 +1563,8 @@ def make_phantom(
     kind_of = {st.label: st.kind for st in anat.structures if st.label > 0}
     if kind_of.get(TS_LABELS["sacrum"]):
         kind_of[TS_LABELS["vertebrae_S1"]] = kind_of[TS_LABELS["sacrum"]]
-    objects = [PhantomObject(int(lab), _NAME_OF[int(lab)], kind_of[int(lab)], int(counts[lab])) for lab in np.flatnonzero(counts[1:]) + 1]
+    present = [int(lab) for lab in np.flatnonzero(counts[1:]) + 1]
+    objects = [PhantomObject(lab, _NAME_OF[lab], kind_of[lab], int(counts[lab])) for lab in present]
     spacing = np.sqrt((affine[:3, :3] ** 2).sum(axis=0))
     info = {
         "region": anat.region,
