@@ -16,8 +16,9 @@ Anatomy (typical adult sizes times a per-seed scale of 0.8-1.05):
   loops holding gas, fluid or oral contrast (200..450 HU), small aortic calcifications
   (450..900 HU), costal cartilage (100..220 HU), intervertebral discs (70..110 HU); liver, spleen,
   bladder, lung bases (-880..-820 HU) and the spinal canal.
-* bones with a cortical shell (800..1500 HU, 0.8..5 mm thick) around cancellous bone
-  (150..400 HU) or, in the femoral shaft, fatty marrow (-60..40 HU): vertebrae (body, pedicles,
+* bones with a cortical shell (800..1500 HU; 0.5..1.1 mm thick, 4-5 mm along the femoral shaft)
+  around cancellous bone (80..380 HU, osteopenic to dense) or, in the femoral shaft, fatty marrow
+  (-60..40 HU): vertebrae (body, pedicles,
   lamina, spinous and transverse processes, articular processes, spinal canal) stacked on
   intervertebral discs with a lordotic/kyphotic curve; ribs (curved tubes descending from their
   vertebra, carved 1.5 mm away from it); sacrum with S1 (one fused bone split into two labels
@@ -706,13 +707,16 @@ class _AnatomyBuilder:
         # bone intensities of this "patient"
         u = rng.uniform
         self.cortical_hu = float(u(800, 1500))
+        # cancellous HU from osteopenic to dense; cortical shells are thin (real vertebral and rib
+        # shells are ~0.4-0.8 mm): at thick slices the cortex then averages out as in real CT
         self.cancellous = {
-            "vertebra": u(150, 300),
-            "rib": u(180, 330),
-            "pelvis": u(160, 320),
-            "femur": u(200, 400),
-            "sacrum": u(130, 280),
+            "vertebra": u(100, 300),
+            "rib": u(120, 300),
+            "pelvis": u(100, 300),
+            "femur": u(150, 380),
+            "sacrum": u(80, 260),
         }
+        self.cortex_mm = {"vertebra": u(0.5, 0.9), "rib": u(0.4, 0.8), "pelvis": u(0.6, 1.1), "sacrum": u(0.5, 0.9)}
         self.marrow_hu = float(u(-60, 40))
         self.bone_texture = lambda: _Texture(rng, float(u(20, 50)), (4.0, 14.0))
 
@@ -780,7 +784,7 @@ class _AnatomyBuilder:
             if draw:
                 tex = self.bone_texture()
                 base_hu = self.cancellous["vertebra"] * self.u(0.9, 1.1)
-                info["structure"] = self.bone(f"vertebrae_{name}", "vertebra", framed, _hu_field(base_hu, tex), max(0.8, 1.1 * s))
+                info["structure"] = self.bone(f"vertebrae_{name}", "vertebra", framed, _hu_field(base_hu, tex), self.cortex_mm["vertebra"])
             point = centre + hh * axis
             prev_axis = axis
 
@@ -848,7 +852,7 @@ class _AnatomyBuilder:
                 if "rib" in self.kinds:
                     tex = self.bone_texture()
                     st = self.bone(
-                        f"rib_{side_name}_{n}", "rib", rib, _hu_field(self.cancellous["rib"] * self.u(0.9, 1.1), tex), max(0.8, 1.2 * s)
+                        f"rib_{side_name}_{n}", "rib", rib, _hu_field(self.cancellous["rib"] * self.u(0.9, 1.1), tex), self.cortex_mm["rib"]
                     )
                     st.carve = [vv["structure"] for vv in self.vertebrae.values() if "structure" in vv]
                 if n <= 10:  # costal cartilage continues the rib towards the sternum (not bone)
@@ -884,7 +888,7 @@ class _AnatomyBuilder:
         sac_st = None
         if "pelvis" in self.kinds:
             tex = self.bone_texture()
-            sac_st = self.bone("sacrum", "pelvis", sacrum, _hu_field(self.cancellous["sacrum"], tex), max(0.8, 1.0 * s), sublabel=s1_label)
+            sac_st = self.bone("sacrum", "pelvis", sacrum, _hu_field(self.cancellous["sacrum"], tex), self.cortex_mm["sacrum"], sublabel=s1_label)
 
         head_r = 23.0 * s * self.u(0.93, 1.07)
         joint = 2.5 * s
@@ -904,7 +908,7 @@ class _AnatomyBuilder:
 
                 def cortex(p: Coords, z_n: float = z_n) -> np.ndarray:
                     t = np.clip((z_n - 25.0 * s - p[2]) / (40.0 * s), 0.0, 1.0)
-                    return 1.5 * s + 3.5 * s * t
+                    return 1.0 + 4.0 * s * t  # thin at head and neck, ~4-5 mm along the shaft
 
                 fov_lo = femur["shape"].lo.copy()
                 fov_lo[2] = z_n - 50.0 * s  # the view ends just below the lesser trochanter
@@ -912,7 +916,7 @@ class _AnatomyBuilder:
             if "pelvis" in self.kinds:
                 hip = self.hip_shape(F, side, head_r + joint, base)
                 tex = self.bone_texture()
-                hip_st = self.bone(f"hip_{side_name}", "pelvis", hip, _hu_field(self.cancellous["pelvis"], tex), max(0.8, 1.3 * s))
+                hip_st = self.bone(f"hip_{side_name}", "pelvis", hip, _hu_field(self.cancellous["pelvis"], tex), self.cortex_mm["pelvis"])
                 hip_st.carve = [c for c in (sac_st, fem_st) if c is not None]
                 hip_st.carve_gap_mm = 2.5 * s
             self.femur_heads.append(F)

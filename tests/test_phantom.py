@@ -120,20 +120,21 @@ def test_bone_hu_inside_labels():
     ct, labels = p.ct.array.astype(np.float64), p.labels.array
     for obj in p.objects:
         hu = ct[labels == obj.label]
-        assert 120 < np.median(hu) < 900, obj.name
-        assert np.percentile(hu, 99) > 550, obj.name  # cortical shell
+        assert 80 < np.median(hu) < 700, obj.name
+        assert np.percentile(hu, 99) > max(400, np.median(hu) + 150), obj.name  # a brighter cortical shell
         assert np.percentile(hu, 1) > -150, obj.name
     for lab in (TS_LABELS["vertebrae_L1"], TS_LABELS["vertebrae_T12"]):
         # cancellous interior (deep voxels) well below cortical HU
         inside = labels == lab
         deep = ndimage.distance_transform_edt(inside, sampling=p.labels.spacing_mm) > 4.0
-        assert 120 < np.median(ct[deep]) < 450
+        assert 60 < np.median(ct[deep]) < 400
     # pelvis at fine spacing: carved joints must not turn whole bones into cortex
     q = make_phantom(4, spacing_mm=(0.8, 0.8, 1.0), shape=(150, 120, 90), orientation="LPS", kinds=["pelvis", "femur"])
     assert {o.name for o in q.objects} >= {"hip_left", "hip_right", "sacrum"}
     for obj in q.objects:
         hu = q.ct.array[q.labels.array == obj.label]
-        assert 100 < np.median(hu) < 600, obj.name
+        assert 80 < np.median(hu) < 600, obj.name
+        assert np.percentile(hu, 99) > 450, obj.name  # the thin cortex is resolved at 0.8 mm
     body = ct[p.tissue.array == 1]  # subcutaneous fat
     assert -150 < np.median(body) < -50
     assert np.median(ct[p.tissue.array == 0]) < -900  # air
