@@ -79,6 +79,10 @@ def state_dict_fingerprint(model: Any) -> str:
 
 def _resolve_model(model_or_checkpoint: Any, preset: str | None) -> tuple[Any, str | None, str | None]:
     """(model in eval mode on CPU fp32, checkpoint path or None, checkpoint sha256 or None)."""
+    import copy
+
+    import torch
+
     from bosam_cli.checkpoints import load_model
 
     if model_or_checkpoint is None or isinstance(model_or_checkpoint, (str, os.PathLike)):
@@ -87,6 +91,10 @@ def _resolve_model(model_or_checkpoint: Any, preset: str | None) -> tuple[Any, s
         model = model_or_checkpoint
         if preset is not None and getattr(model, "preset", None) not in (None, preset):
             raise EngineError(f"the model is preset '{model.preset}', not '{preset}'")
+        p = next(model.parameters(), None)
+        if model.training or (p is not None and (p.device.type != "cpu" or p.dtype != torch.float32)):
+            # never move or switch the caller's model (a training loop's CUDA model, say)
+            model = copy.deepcopy(model)
     model = model.to("cpu").float().eval()
     return model, getattr(model, "checkpoint_path", None), getattr(model, "checkpoint_sha256", None)
 
@@ -229,7 +237,7 @@ def _export_one_inner(
             raise EngineError(f"ONNX export of {path.name} failed with both exporters: dynamo: {first}; legacy: {first2}") from None
         info["exporter"] = "legacy"
         info["dynamo_error"] = first
-    _finalise(path, output_shapes)
+    info["gelu_reordered_for_ort_fusion"] = _finalise(path, output_shapes)
     info["seconds"] = round(time.perf_counter() - t0, 2)
     return info
 
@@ -262,7 +270,7 @@ def _legacy_friendly(module: Any):
             del m.forward
 
 
-def _finalise(path: Path, output_shapes: dict[str, tuple[int, ...]]) -> None:
+def _finalise(path: Path, output_shapes: dict[str, tuple[int, ...]]) -> int:
     """Cap the IR version at 10 (TensorRT 10 and onnxruntime-gpu builds reject newer IRs) and
     state the static output shapes where the exporter left symbols (the legacy exporter names
     Slice outputs' dims instead of computing them)."""
@@ -282,8 +290,66 @@ def _finalise(path: Path, output_shapes: dict[str, tuple[int, ...]]) -> None:
         for v in want:
             dims.add().dim_value = int(v)
         changed = True
-    if changed:
+    gelus = reorder_gelu(model)
+    if changed or gelus:
         onnx.save(model, str(path))
+    return gelus
+
+
+def reorder_gelu(model: Any) -> int:
+    """Rewrite exported erf-GELUs into the operand order ONNX Runtime fuses; returns how many.
+
+    torch's exporters write ``0.5 * (1 + erf(x / sqrt2))`` then ``* x``; ORT's GeluFusion only
+    matches ``(x * (1 + erf(x / sqrt2))) * 0.5`` and otherwise runs five elementwise passes
+    (measured on a 48x32^3 tensor: 2.1 ms vs 0.9 ms fused, 2 vCPUs). Same operations, same
+    operands, only the order of the two products changes, so TensorRT and checkers see
+    standard ops either way; verification bounds the rounding difference (~1e-7).
+    """
+    from onnx import numpy_helper
+
+    g = model.graph
+    consts = {i.name: numpy_helper.to_array(i) for i in g.initializer}
+    for n in g.node:
+        if n.op_type == "Constant" and n.attribute and n.attribute[0].name == "value":
+            consts[n.output[0]] = numpy_helper.to_array(n.attribute[0].t)
+    producer = {o: n for n in g.node for o in n.output}
+    consumers: dict[str, list[Any]] = {}
+    for n in g.node:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n)
+    outputs = {o.name for o in g.output}
+
+    def scalar(name: str, value: float) -> bool:
+        arr = consts.get(name)
+        return arr is not None and arr.size == 1 and abs(float(arr.reshape(-1)[0]) - value) < 1e-3
+
+    def only_consumer(name: str) -> Any:
+        c = consumers.get(name, [])
+        return c[0] if len(c) == 1 and name not in outputs else None
+
+    count = 0
+    for erf in [n for n in g.node if n.op_type == "Erf"]:
+        div = producer.get(erf.input[0])
+        if div is None or div.op_type != "Div" or not scalar(div.input[1], 2 ** 0.5):
+            continue
+        x = div.input[0]
+        add = only_consumer(erf.output[0])
+        if add is None or add.op_type != "Add" or not any(scalar(i, 1.0) for i in add.input):
+            continue
+        half = only_consumer(add.output[0])
+        if half is None or half.op_type != "Mul":
+            continue
+        half_const = next((i for i in half.input if scalar(i, 0.5)), None)
+        if half_const is None:
+            continue
+        last = only_consumer(half.output[0])
+        if last is None or last.op_type != "Mul" or x not in last.input:
+            continue
+        # half: 0.5 * add  ->  x * add ;  last: x * half  ->  half * 0.5
+        half.input[:] = [x, add.output[0]]
+        last.input[:] = [half.output[0], half_const]
+        count += 1
+    return count
 
 
 # --------------------------------------------------------------------------------------------
@@ -474,20 +540,28 @@ def _export_into(
         )
     del image, dec_args
     fp16_notes: dict[str, Any] | None = None
+    fp16_seconds: float | None = None
     if precision == "fp16":
         from .fp16 import convert_to_mixed_fp16
 
         log("converting to mixed precision (fp16 with fp32 LayerNorm/Softmax/reductions)")
+        t0 = time.perf_counter()
         fp16_notes = {}
         for name in (ENCODER_ONNX, DECODER_ONNX):
             fp16_notes[name] = convert_to_mixed_fp16(folder / name, folder / name)
+        fp16_seconds = round(time.perf_counter() - t0, 2)
 
+    timings = {f"export_{k}": v["seconds"] for k, v in exporters.items()}
     log("verifying with ONNX Runtime (CPU) against PyTorch")
+    t0 = time.perf_counter()
     verification = verify_export(model, folder, precision, max_points, seed=seed, threads=threads)
+    timings["verification"] = round(time.perf_counter() - t0, 2)
+    t0 = time.perf_counter()
     readiness = {
         name: check_trt_readiness(folder / name, max_points=max_points if name == DECODER_ONNX else None).as_dict(brief=True)
         for name in (ENCODER_ONNX, DECODER_ONNX)
     }
+    timings["trt_readiness"] = round(time.perf_counter() - t0, 2)
     vers = versions()
     vers["onnxscript"] = dist_version("onnxscript")
     enc_io, dec_io = describe_io(folder / ENCODER_ONNX), describe_io(folder / DECODER_ONNX)
@@ -514,6 +588,7 @@ def _export_into(
         "fp16_conversion": fp16_notes,
         "verification": verification,
         "trt_readiness": readiness,
+        "timings_s": {**timings, **({"fp16_conversion": fp16_seconds} if fp16_seconds is not None else {})},
         "tensorrt": None,
         "versions": vers,
     }

@@ -108,6 +108,24 @@ def test_readiness_clean_for_both_graphs(exported):
     assert man["trt_readiness"]["decoder.onnx"]["ok"] and man["trt_readiness"]["encoder.onnx"]["ok"]
 
 
+def test_gelus_are_fused_by_onnxruntime(exported, tmp_path):
+    """The exported erf-GELUs are in the operand order ORT's GeluFusion matches (one kernel
+    instead of five elementwise passes per GELU)."""
+    import onnx
+    import onnxruntime as ort
+
+    out, man = exported
+    assert man["export_details"]["decoder"]["gelu_reordered_for_ort_fusion"] >= 4  # mask down/up-scaling
+    assert man["export_details"]["encoder"]["gelu_reordered_for_ort_fusion"] >= 6  # one per block
+    for name in ("encoder.onnx", "decoder.onnx"):
+        so = ort.SessionOptions()
+        so.log_severity_level = 3
+        so.optimized_model_filepath = str(tmp_path / name)
+        ort.InferenceSession(str(out / name), so, providers=["CPUExecutionProvider"])
+        ops = [n.op_type for n in onnx.load(str(tmp_path / name)).graph.node]
+        assert "Erf" not in ops and "Gelu" in ops, name
+
+
 def _bad_model(tmp_path: Path, nodes, inputs, outputs, opset=18, ir=10, inits=(), domains=()):
     import onnx
     from onnx import helper
@@ -365,3 +383,22 @@ def test_auto_picks_ort_cpu_then_torch(tmp_path, monkeypatch, exported, ckpt):
     shutil.copytree(out, tmp_path / "engines" / ckpt.stem)
     eng = open_engine("auto", checkpoint=ckpt, device="cpu")
     assert eng.info.name == "onnxruntime"
+
+
+def test_export_leaves_the_callers_model_alone(tiny_model):
+    import torch
+
+    from export.onnx_export import _resolve_model
+
+    tiny_model.train()
+    model, path, sha = _resolve_model(tiny_model, None)
+    assert model is not tiny_model and tiny_model.training and not model.training
+    assert path is None and sha is None
+    tiny_model.eval()
+    same, _, _ = _resolve_model(tiny_model, "tiny")
+    assert same is tiny_model  # already CPU fp32 eval: no copy
+    half = tiny_model.to(torch.bfloat16)
+    model, _, _ = _resolve_model(half, None)
+    assert next(half.parameters()).dtype == torch.bfloat16 and next(model.parameters()).dtype == torch.float32
+    with pytest.raises(EngineError, match="preset 'tiny', not 'sam-med3d'"):
+        _resolve_model(tiny_model, "sam-med3d")
