@@ -318,6 +318,92 @@ def bench(
         con.print(f"[dim]skipped {s['engine']}: {s['reason']}[/]")
 
 
+# --------------------------------------------------------------------------------------------
+# training, evaluation, datasets (train.py, evaluate.py, data.py)
+
+SPLIT_CHOICES = {"tr": ("Tr",), "val": ("Val",), "ts": ("Ts",), "all": ("Tr", "Val", "Ts")}
+
+
+def _splits(split: str) -> tuple:
+    key = split.lower()
+    if key not in SPLIT_CHOICES:
+        fail(f"--split must be one of {', '.join(SPLIT_CHOICES)}, not {split!r}")
+    return SPLIT_CHOICES[key]
+
+
+def _clamp_option(text: Optional[str]) -> Optional[tuple]:
+    if text is None:
+        return None
+    try:
+        lo, hi = (float(v) for v in text.split(","))
+    except ValueError:
+        fail(f"--clamp-hu: expected two numbers like -1000,1000, got {text!r}")
+    if not lo < hi:
+        fail(f"--clamp-hu: the lower bound must be below the upper, got {text!r}")
+    return (lo, hi)
+
+
+@app.command()
+@handle_errors
+def prepare(
+    data: list[Path] = typer.Option(..., "--data", "-d", help="nnU-Net-style dataset folder (imagesTr/, labelsTr/); repeat for several."),
+    check: bool = typer.Option(False, "--check", help="Check every case: unpaired files, unreadable files, image/label shape or affine mismatch, empty labels."),
+    cache: Optional[Path] = typer.Option(None, "--cache", help="Write decoded volumes here (uncompressed .npy + JSON) so training does not spend its time un-gzipping."),
+    labels: Optional[str] = typer.Option(None, "--labels", help="Labels to use: ids, ranges (25-50), names, 'bone' or a bone group (spine, rib ...) of --labelmap."),
+    labelmap: Optional[Path] = typer.Option(None, "--labelmap", help="Label-map JSON with names, bone ids and bone groups (e.g. TotalSegmentator's)."),
+    split: str = typer.Option("tr", "--split", help="Which folders: tr (imagesTr), val, ts, or all."),
+    as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
+) -> None:
+    """Check a bone dataset before training, and optionally cache it decoded."""
+    from .data import scan_dataset
+
+    if not check and cache is None:
+        fail("nothing to do: give --check and/or --cache DIR")
+    con = _console(stderr=True)
+    status = con.status("reading cases ...") if not as_json else None
+    if status is not None:
+        status.start()
+    try:
+        def on_case(case, info, problems):
+            if status is not None:
+                status.update(f"read {case.key}")
+
+        scan = scan_dataset([str(d) for d in data], labels, str(labelmap) if labelmap else None, _splits(split),
+                            str(cache) if cache else None, write_cache=cache is not None, on_case=on_case)
+    finally:
+        if status is not None:
+            status.stop()
+    report = {"summary": scan.summary(), "problems": [p.as_dict() for p in scan.problems],
+              "cache": str(cache) if cache else None, "cached_cases": sum(i.cached for i in scan.infos)}
+    if as_json:
+        print_json(report)
+    else:
+        from rich.table import Table
+
+        out = _console()
+        s = report["summary"]
+        out.print(f"{s['cases']} usable cases, {s['errors']} errors, {s['warnings']} warnings in {', '.join(s['roots'])}")
+        if scan.problems:
+            t = Table(title="problems")
+            for col in ("severity", "case", "file", "problem"):
+                t.add_column(col)
+            for p in scan.problems:
+                t.add_row("[red]error[/]" if p.severity == "error" else "[yellow]warning[/]", p.case,
+                          str(p.path) if p.path else "", p.message)
+            out.print(t)
+        if s["labels"]:
+            t = Table(title="labels")
+            for col in ("id", "name", "cases", "voxels"):
+                t.add_column(col, justify="right" if col != "name" else "left")
+            for lab, e in s["labels"].items():
+                t.add_row(lab, e["name"], str(e["cases"]), f"{e['voxels']:,}")
+            out.print(t)
+        if cache:
+            out.print(f"cache: {report['cached_cases']} cases in {cache}")
+    if check and scan.errors:
+        raise typer.Exit(1)
+
+
 def main() -> None:
     app()
 

@@ -1,0 +1,787 @@
+"""nnU-Net-style CT datasets with bone labels, their integrity check, an optional decoded
+cache, and the training patch sampler.
+
+A dataset root holds ``imagesTr/`` (``X_0000.nii.gz`` or ``X.nii.gz``) and ``labelsTr/``
+(``X.nii.gz``), optionally ``imagesVal/labelsVal`` and ``imagesTs/labelsTs``, and optionally a
+``dataset.json`` naming the labels (nnU-Net v1 ``{"1": "femur"}`` or v2 ``{"femur": 1}``).
+Several roots can be used at once.
+
+Training patches are model windows cut with the same ``windows.py`` code that ``bosam
+segment`` uses (world-space window at the model spacing, axes along RAS, trilinear CT, nearest
+labels, clamp + z-score), so a model sees in training exactly what it sees in use. Everything
+random is drawn from a ``numpy.random.Generator`` the caller passes in, which makes every
+patch a deterministic function of the caller's seed (training derives it from seed, rank,
+epoch and step, so a resumed run draws the same patches).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import re
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Sequence
+
+import numpy as np
+
+from .errors import BosamError, VolumeError
+from .volume import Volume
+from .windows import (
+    DEFAULT_CLAMP_HU,
+    DEFAULT_SIZE,
+    DEFAULT_SPACING_MM,
+    WindowGeometry,
+    normalise,
+    sample_labels,
+    sample_window,
+    window_at,
+)
+
+#: dataset splits (folder suffixes) in nnU-Net layout
+SPLITS = ("Tr", "Val", "Ts")
+CACHE_FORMAT = "bosam-cache/1"
+#: the published patch rule: patches with <= 1000 foreground voxels at 1.5 mm are rejected
+PUBLISHED_MIN_FG_MM3 = 1000 * 1.5**3
+_CHANNEL = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})$")
+AFFINE_ATOL_MM = 1e-3
+
+
+# ---------------------------------------------------------------------------------------------
+# discovery
+
+
+@dataclass(frozen=True)
+class Case:
+    """One image/label pair of a dataset.
+
+    Attributes:
+        name: case identifier (file name without ``_0000`` and extension).
+        image: path of the CT (channel 0000).
+        label: path of the label map.
+        root: dataset root it belongs to.
+        split: "Tr", "Val" or "Ts".
+    """
+
+    name: str
+    image: Path
+    label: Path
+    root: Path
+    split: str = "Tr"
+
+    @property
+    def key(self) -> str:
+        """Unique across roots: ``<root name>/<split>/<case>``."""
+        return f"{self.root.name}/{self.split}/{self.name}"
+
+
+@dataclass(frozen=True)
+class Problem:
+    """An integrity problem of one case or file.
+
+    ``error`` problems refuse training/evaluation (unless skipped); ``warning`` ones are told.
+    """
+
+    case: str
+    path: Path | None
+    message: str
+    severity: str = "error"
+
+    def __str__(self) -> str:
+        where = str(self.path) if self.path is not None else self.case
+        return f"{where}: {self.message}"
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"case": self.case, "path": str(self.path) if self.path else None, "message": self.message,
+                "severity": self.severity}
+
+
+def _nifti_stem(name: str) -> str | None:
+    low = name.lower()
+    if low.endswith(".nii.gz"):
+        return name[: -len(".nii.gz")]
+    if low.endswith(".nii"):
+        return name[: -len(".nii")]
+    return None
+
+
+def _listing(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
+
+
+def find_cases(roots: Sequence[str | os.PathLike], splits: Sequence[str] = ("Tr",)) -> tuple[list[Case], list[Problem]]:
+    """Pair images with labels in every root and split; returns (cases, problems).
+
+    Raises BosamError (one line naming the folder) when a root is missing or holds none of the
+    asked-for ``images<split>/labels<split>`` folder pairs; per-file problems (unpaired files,
+    two files for one case, other channels) are returned, not raised.
+    """
+    if not roots:
+        raise BosamError("no dataset given (--data DIR)")
+    cases: list[Case] = []
+    problems: list[Problem] = []
+    seen_roots: set[Path] = set()
+    for r in roots:
+        root = Path(r)
+        if not root.exists():
+            raise BosamError(f"{root}: no such dataset folder")
+        if not root.is_dir():
+            raise BosamError(f"{root}: is a file; a dataset is a folder with imagesTr/ and labelsTr/")
+        if root.resolve() in seen_roots:
+            raise BosamError(f"{root}: dataset given twice")
+        seen_roots.add(root.resolve())
+        found_any = False
+        for split in splits:
+            img_dir, lab_dir = root / f"images{split}", root / f"labels{split}"
+            if not img_dir.is_dir() and not lab_dir.is_dir():
+                continue
+            if not img_dir.is_dir():
+                raise BosamError(f"{img_dir}: missing (found {lab_dir.name}/ but no {img_dir.name}/)")
+            if not lab_dir.is_dir():
+                raise BosamError(f"{lab_dir}: missing (found {img_dir.name}/ but no {lab_dir.name}/)")
+            found_any = True
+            c, p = _pair_folder(root, split, img_dir, lab_dir)
+            cases += c
+            problems += p
+        if not found_any:
+            want = " or ".join(f"images{s}/+labels{s}/" for s in splits)
+            raise BosamError(f"{root}: not an nnU-Net-style dataset (no {want})")
+    return cases, problems
+
+
+def _pair_folder(root: Path, split: str, img_dir: Path, lab_dir: Path) -> tuple[list[Case], list[Problem]]:
+    problems: list[Problem] = []
+    images: dict[str, list[Path]] = {}
+    for p in _listing(img_dir):
+        stem = _nifti_stem(p.name)
+        if stem is None:
+            problems.append(Problem(p.name, p, "not a NIfTI file (.nii/.nii.gz); ignored", "warning"))
+            continue
+        m = _CHANNEL.match(stem)
+        name = stem
+        if m:
+            name = m.group("case")
+            if m.group("channel") != "0000":
+                problems.append(Problem(name, p, f"channel {m.group('channel')} ignored: bosam reads one CT channel (_0000)", "warning"))
+                continue
+        images.setdefault(name, []).append(p)
+    labels: dict[str, list[Path]] = {}
+    for p in _listing(lab_dir):
+        stem = _nifti_stem(p.name)
+        if stem is None:
+            problems.append(Problem(p.name, p, "not a NIfTI file (.nii/.nii.gz); ignored", "warning"))
+            continue
+        labels.setdefault(stem, []).append(p)
+    cases = []
+    for name in sorted(set(images) | set(labels)):
+        key = f"{root.name}/{split}/{name}"
+        imgs, labs = images.get(name, []), labels.get(name, [])
+        if len(imgs) > 1:
+            problems.append(Problem(key, imgs[0], f"{len(imgs)} image files for case '{name}' ({', '.join(p.name for p in imgs)}): ambiguous"))
+        if len(labs) > 1:
+            problems.append(Problem(key, labs[0], f"{len(labs)} label files for case '{name}' ({', '.join(p.name for p in labs)}): ambiguous"))
+        if len(imgs) > 1 or len(labs) > 1:
+            continue
+        if not labs:
+            problems.append(Problem(key, imgs[0], f"unpaired image: no label file {lab_dir.name}/{name}.nii.gz"))
+        elif not imgs:
+            problems.append(Problem(key, labs[0], f"unpaired label: no image {img_dir.name}/{name}_0000.nii.gz"))
+        else:
+            cases.append(Case(name, imgs[0], labs[0], root, split))
+    return cases, problems
+
+
+# ---------------------------------------------------------------------------------------------
+# label names and the label filter
+
+
+def read_label_names(root: str | os.PathLike) -> dict[int, str]:
+    """Label names from a root's ``dataset.json`` (nnU-Net v1 or v2 form); {} when absent.
+
+    v2 region entries (a name mapped to a list of ids) are skipped: bosam segments one label id
+    per object.
+    """
+    path = Path(root) / "dataset.json"
+    if not path.exists():
+        return {}
+    try:
+        obj = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise BosamError(f"{path}: not valid JSON ({exc})") from None
+    labels = obj.get("labels") if isinstance(obj, dict) else None
+    if not isinstance(labels, dict):
+        return {}
+    out: dict[int, str] = {}
+    for k, v in labels.items():
+        if isinstance(v, int) and not isinstance(v, bool):  # v2: name -> id
+            out[int(v)] = str(k)
+        elif isinstance(k, str) and k.strip().lstrip("-").isdigit():  # v1: "id" -> name
+            out[int(k)] = str(v)
+    out.pop(0, None)
+    return out
+
+
+def read_labelmap(path: str | os.PathLike) -> dict[str, Any]:
+    """A label-map JSON like ``totalsegmentator_total_v2_labelmap.json``: ``labels`` (id ->
+    {name, bone, group} or id -> name), optional ``bone_ids`` and ``bone_groups``."""
+    path = Path(path)
+    try:
+        obj = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise BosamError(f"{path}: no such label-map file") from None
+    except (OSError, json.JSONDecodeError) as exc:
+        raise BosamError(f"{path}: not a valid label-map JSON ({exc})") from None
+    if not isinstance(obj, dict) or not isinstance(obj.get("labels"), dict):
+        raise BosamError(f"{path}: label map must be a JSON object with a 'labels' object")
+    return obj
+
+
+def labelmap_names(labelmap: dict[str, Any]) -> dict[int, str]:
+    out: dict[int, str] = {}
+    for k, v in labelmap["labels"].items():
+        name = v.get("name") if isinstance(v, dict) else v
+        if str(k).isdigit() and name is not None:
+            out[int(k)] = str(name)
+    out.pop(0, None)
+    return out
+
+
+def labelmap_bone_ids(labelmap: dict[str, Any]) -> list[int]:
+    if isinstance(labelmap.get("bone_ids"), list):
+        return sorted(int(i) for i in labelmap["bone_ids"])
+    return sorted(int(k) for k, v in labelmap["labels"].items() if isinstance(v, dict) and v.get("bone") and int(k) > 0)
+
+
+def resolve_labels(
+    spec: str | Sequence[str] | None,
+    names: dict[int, str] | None = None,
+    labelmap: dict[str, Any] | None = None,
+    where: str = "--labels",
+) -> list[int] | None:
+    """Label ids selected by ``spec``; None means every label > 0.
+
+    ``spec`` is a comma-separated list (or a list) of: ids (``25``), ranges (``25-50``), label
+    names (``femur_left``, from dataset.json or the label map), ``bone`` (the label map's bone
+    ids), or a bone group of the label map (``spine``, ``rib`` ...).
+    """
+    if spec is None:
+        return None
+    items = [s.strip() for s in (spec.split(",") if isinstance(spec, str) else spec) for s in str(s).split(",")]
+    items = [s for s in items if s]
+    if not items:
+        return None
+    by_name: dict[str, int] = {}
+    for source in (labelmap_names(labelmap) if labelmap else {}, names or {}):
+        by_name.update({n.lower(): i for i, n in source.items()})
+    groups = {str(k).lower(): v for k, v in (labelmap or {}).get("bone_groups", {}).items()} if labelmap else {}
+    out: set[int] = set()
+    for item in items:
+        low = item.lower()
+        if re.fullmatch(r"\d+", item):
+            out.add(int(item))
+        elif re.fullmatch(r"\d+-\d+", item):
+            a, b = (int(x) for x in item.split("-"))
+            if b < a:
+                raise BosamError(f"{where}: empty range '{item}'")
+            out.update(range(a, b + 1))
+        elif low in ("bone", "bones"):
+            if labelmap is None:
+                raise BosamError(f"{where}: 'bone' needs a label map (--labelmap FILE.json with bone ids)")
+            out.update(labelmap_bone_ids(labelmap))
+        elif low in groups:
+            out.update(int(i) for i in groups[low])
+        elif low in by_name:
+            out.add(by_name[low])
+        else:
+            known = ", ".join(sorted(by_name)[:8])
+            hint = f" (known names: {known}, ...)" if known else " (no dataset.json label names and no --labelmap)"
+            raise BosamError(f"{where}: unknown label '{item}'{hint}")
+    out.discard(0)
+    if not out:
+        raise BosamError(f"{where}: selects no label > 0")
+    return sorted(out)
+
+
+# ---------------------------------------------------------------------------------------------
+# scanning (integrity check) and the decoded cache
+
+
+@dataclass
+class CaseInfo:
+    """What the integrity scan learnt about one case (kept for sampling).
+
+    Attributes:
+        case: the files.
+        shape: voxel grid of image and label.
+        affine: voxel -> RAS mm (4x4 nested list).
+        labels: selected label id -> voxel count (only labels present).
+        bboxes: label id -> [[lo, hi) per axis] voxel bounding box.
+        cached: whether the decoded arrays come from the cache.
+    """
+
+    case: Case
+    shape: tuple[int, int, int]
+    affine: list[list[float]]
+    labels: dict[int, int] = field(default_factory=dict)
+    bboxes: dict[int, list[list[int]]] = field(default_factory=dict)
+    cached: bool = False
+
+    @property
+    def voxel_volume_mm3(self) -> float:
+        return float(abs(np.linalg.det(np.asarray(self.affine)[:3, :3])))
+
+    @property
+    def spacing_mm(self) -> list[float]:
+        a = np.asarray(self.affine)
+        return [float(v) for v in np.sqrt((a[:3, :3] ** 2).sum(axis=0))]
+
+
+def _image_array(arr: np.ndarray) -> np.ndarray:
+    """CT as int16 when the values are integers that fit, else float32 (cache size, speed)."""
+    if arr.dtype == np.int16:
+        return arr
+    if arr.dtype.kind in "iu" and arr.size and arr.min() >= -32768 and arr.max() <= 32767:
+        return arr.astype(np.int16)
+    return arr.astype(np.float32, copy=False)
+
+
+def _label_array(arr: np.ndarray, path: Path) -> np.ndarray:
+    """Label map as the smallest unsigned integer type; refuses non-integer or negative ids."""
+    if arr.dtype.kind == "f":
+        if not np.all(np.isfinite(arr)):
+            raise VolumeError(f"{path}: labels: NaN or infinite values")
+        if not np.array_equal(arr, np.rint(arr)):
+            raise VolumeError(f"{path}: labels: non-integer values (is this an image rather than a label map?)")
+    elif arr.dtype.kind not in "biu":
+        raise VolumeError(f"{path}: labels: unsupported dtype {arr.dtype}")
+    lo = int(arr.min()) if arr.size else 0
+    hi = int(arr.max()) if arr.size else 0
+    if lo < 0:
+        raise VolumeError(f"{path}: labels: negative label {lo}")
+    if hi > 65535:
+        raise VolumeError(f"{path}: labels: label {hi} > 65535")
+    return arr.astype(np.uint8 if hi <= 255 else np.uint16, copy=False)
+
+
+def _label_stats(labels: np.ndarray) -> tuple[dict[int, int], dict[int, list[list[int]]]]:
+    from scipy import ndimage
+
+    counts = np.bincount(labels.reshape(-1).astype(np.int64))
+    present = {int(i): int(c) for i, c in enumerate(counts) if i > 0 and c > 0}
+    boxes: dict[int, list[list[int]]] = {}
+    if present:
+        objs = ndimage.find_objects(labels.astype(np.int32, copy=False))
+        for i in present:
+            sl = objs[i - 1]
+            boxes[i] = [[int(s.start), int(s.stop)] for s in sl]
+    return present, boxes
+
+
+def _file_sig(path: Path) -> list[int]:
+    st = path.stat()
+    return [int(st.st_size), int(st.st_mtime_ns)]
+
+
+def cache_folder(cache: str | os.PathLike, root: Path) -> Path:
+    """Cache sub-folder of one dataset root (root name + hash of its absolute path)."""
+    digest = hashlib.sha1(str(root.resolve()).encode()).hexdigest()[:10]
+    return Path(cache) / f"{root.name}-{digest}"
+
+
+def _cache_paths(cache: str | os.PathLike, case: Case) -> tuple[Path, Path, Path]:
+    base = cache_folder(cache, case.root) / case.split
+    return base / f"{case.name}.json", base / f"{case.name}.image.npy", base / f"{case.name}.label.npy"
+
+
+def _read_cache_entry(cache: str | os.PathLike | None, case: Case) -> dict[str, Any] | None:
+    """The cache entry of a case when it exists and matches the source files (size, mtime)."""
+    if cache is None:
+        return None
+    meta_p, img_p, lab_p = _cache_paths(cache, case)
+    if not (meta_p.exists() and img_p.exists() and lab_p.exists()):
+        return None
+    try:
+        meta = json.loads(meta_p.read_text())
+        ok = (
+            meta.get("format") == CACHE_FORMAT
+            and meta.get("image_sig") == _file_sig(case.image)
+            and meta.get("label_sig") == _file_sig(case.label)
+        )
+    except (OSError, json.JSONDecodeError):
+        return None
+    return meta if ok else None
+
+
+def _write_cache_entry(cache: str | os.PathLike, case: Case, image: Volume, labels: np.ndarray,
+                       present: dict[int, int], boxes: dict[int, list[list[int]]]) -> None:
+    meta_p, img_p, lab_p = _cache_paths(cache, case)
+    meta_p.parent.mkdir(parents=True, exist_ok=True)
+    for arr, p in ((_image_array(image.array), img_p), (labels, lab_p)):
+        tmp = p.with_name(p.name + ".tmp.npy")
+        np.save(tmp, np.ascontiguousarray(arr))
+        os.replace(tmp, p)
+    meta = {
+        "format": CACHE_FORMAT,
+        "image": str(case.image),
+        "label": str(case.label),
+        "image_sig": _file_sig(case.image),
+        "label_sig": _file_sig(case.label),
+        "shape": list(image.shape),
+        "affine": np.asarray(image.affine).tolist(),
+        "labels": {str(k): v for k, v in present.items()},
+        "bboxes": {str(k): v for k, v in boxes.items()},
+    }
+    tmp = meta_p.with_name(meta_p.name + ".tmp")
+    tmp.write_text(json.dumps(meta))
+    os.replace(tmp, meta_p)
+
+
+def _select(present: dict[int, int], boxes: dict[int, list[list[int]]], label_ids: Sequence[int] | None):
+    if label_ids is None:
+        return dict(present), dict(boxes)
+    keep = set(label_ids)
+    return {k: v for k, v in present.items() if k in keep}, {k: v for k, v in boxes.items() if k in keep}
+
+
+def scan_case(
+    case: Case,
+    label_ids: Sequence[int] | None = None,
+    cache: str | os.PathLike | None = None,
+    write_cache: bool = False,
+) -> tuple[CaseInfo | None, list[Problem]]:
+    """Read one case and check it: both files readable, same shape and affine, label map of
+    non-negative integers that is not empty, and some selected label present.
+
+    Returns (info, problems); info is None when the case has an error. With a valid cache
+    entry nothing is decoded; with ``write_cache`` the decoded arrays are written to the cache.
+    """
+    from .volume import read_volume
+
+    entry = _read_cache_entry(cache, case)
+    if entry is not None:
+        present = {int(k): int(v) for k, v in entry["labels"].items()}
+        boxes = {int(k): v for k, v in entry["bboxes"].items()}
+        shape = tuple(int(s) for s in entry["shape"])
+        affine = entry["affine"]
+        cached = True
+    else:
+        try:
+            image = read_volume(case.image)
+        except VolumeError as exc:
+            return None, [Problem(case.key, case.image, _strip_path(str(exc), case.image))]
+        try:
+            label = read_volume(case.label)
+        except VolumeError as exc:
+            return None, [Problem(case.key, case.label, _strip_path(str(exc), case.label))]
+        if image.shape != label.shape:
+            return None, [Problem(case.key, case.label, f"shape {list(label.shape)} differs from the image's {list(image.shape)} ({case.image.name})")]
+        diff = float(np.abs(image.affine - label.affine).max())
+        if diff > AFFINE_ATOL_MM:
+            return None, [Problem(case.key, case.label, f"affine differs from the image's ({case.image.name}) by up to {diff:.4g} mm: not on the same grid")]
+        if image.array.dtype.kind == "f" and not np.all(np.isfinite(image.array)):
+            return None, [Problem(case.key, case.image, "image holds NaN or infinite values")]
+        try:
+            labels = _label_array(label.array, case.label)
+        except VolumeError as exc:
+            return None, [Problem(case.key, case.label, _strip_path(str(exc), case.label))]
+        present, boxes = _label_stats(labels)
+        if write_cache and cache is not None and present:
+            _write_cache_entry(cache, case, image, labels, present, boxes)
+        shape = image.shape
+        affine = np.asarray(image.affine).tolist()
+        cached = write_cache and cache is not None and bool(present)
+    if not present:
+        return None, [Problem(case.key, case.label, "label map is empty (no voxel > 0)")]
+    sel, sel_boxes = _select(present, boxes, label_ids)
+    if not sel:
+        ids = ", ".join(str(i) for i in sorted(present)[:12])
+        return None, [Problem(case.key, case.label, f"none of the selected labels is present (present: {ids}); case skipped", "warning")]
+    return CaseInfo(case, shape, affine, sel, sel_boxes, cached), []  # type: ignore[arg-type]
+
+
+def _strip_path(message: str, path: Path) -> str:
+    prefix = f"{path}: "
+    return message[len(prefix):] if message.startswith(prefix) else message
+
+
+@dataclass
+class ScanResult:
+    """Cases that passed the integrity scan, and every problem found."""
+
+    infos: list[CaseInfo]
+    problems: list[Problem]
+    label_names: dict[int, str]
+    label_ids: list[int] | None
+    roots: list[str]
+
+    @property
+    def errors(self) -> list[Problem]:
+        return [p for p in self.problems if p.severity == "error"]
+
+    @property
+    def warnings(self) -> list[Problem]:
+        return [p for p in self.problems if p.severity != "error"]
+
+    def summary(self) -> dict[str, Any]:
+        """Plain-types description for checkpoints, reports and ``--json``."""
+        per_label: dict[int, list[int]] = {}
+        for info in self.infos:
+            for lab, n in info.labels.items():
+                per_label.setdefault(lab, []).append(n)
+        return {
+            "roots": list(self.roots),
+            "cases": len(self.infos),
+            "errors": len(self.errors),
+            "warnings": len(self.warnings),
+            "label_ids": sorted(per_label),
+            "labels": {
+                str(lab): {"name": self.label_names.get(lab, f"label_{lab}"), "cases": len(ns), "voxels": int(sum(ns))}
+                for lab, ns in sorted(per_label.items())
+            },
+        }
+
+
+def scan_dataset(
+    roots: Sequence[str | os.PathLike],
+    labels: str | Sequence[str] | None = None,
+    labelmap: str | os.PathLike | None = None,
+    splits: Sequence[str] = ("Tr",),
+    cache: str | os.PathLike | None = None,
+    write_cache: bool = False,
+    max_cases: int | None = None,
+    on_case: Callable[[Case, CaseInfo | None, list[Problem]], None] | None = None,
+) -> ScanResult:
+    """Find, read and check every case of the roots (``bosam prepare --check``, and the first
+    thing training and evaluation do). ``max_cases`` stops after that many good cases."""
+    cases, problems = find_cases(roots, splits)
+    names: dict[int, str] = {}
+    lm = read_labelmap(labelmap) if labelmap else None
+    if lm:
+        names.update(labelmap_names(lm))
+    for r in roots:
+        names.update(read_label_names(r))
+    label_ids = resolve_labels(labels, names, lm)
+    infos: list[CaseInfo] = []
+    for case in cases:
+        info, probs = scan_case(case, label_ids, cache, write_cache)
+        problems += probs
+        if info is not None:
+            infos.append(info)
+        if on_case is not None:
+            on_case(case, info, probs)
+        if max_cases is not None and len(infos) >= max_cases:
+            break
+    return ScanResult(infos, problems, names, label_ids, [str(r) for r in roots])
+
+
+def refuse_errors(scan: ScanResult, skip_bad: bool, what: str = "training") -> None:
+    """Raise one BosamError naming the first bad file when the scan found errors (unless
+    ``skip_bad``), or when no usable case is left."""
+    errs = scan.errors
+    if errs and not skip_bad:
+        more = f" (and {len(errs) - 1} more problem{'s' if len(errs) > 2 else ''}; run 'bosam prepare --check')" if len(errs) > 1 else ""
+        raise BosamError(f"{errs[0]}{more}; fix the dataset or pass --skip-bad to leave bad cases out of {what}")
+    if not scan.infos:
+        first = f": {scan.problems[0]}" if scan.problems else ""
+        raise BosamError(f"{', '.join(scan.roots)}: no usable case for {what}{first}")
+
+
+# ---------------------------------------------------------------------------------------------
+# loading
+
+
+class CaseStore:
+    """Decoded image/label volumes of scanned cases: memory-mapped from the cache when there is
+    one, else decoded from NIfTI and kept in a small LRU. Thread-safe (the trainer prefetches)."""
+
+    def __init__(self, infos: Sequence[CaseInfo], cache: str | os.PathLike | None = None, keep: int = 4) -> None:
+        self.infos = list(infos)
+        self.cache = cache
+        self.keep = max(1, int(keep))
+        self._lru: "OrderedDict[int, tuple[Volume, Volume]]" = OrderedDict()
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return len(self.infos)
+
+    def load(self, index: int) -> tuple[Volume, Volume]:
+        """(CT, labels) of case ``index``; the label array is unsigned integer."""
+        with self._lock:
+            if index in self._lru:
+                self._lru.move_to_end(index)
+                return self._lru[index]
+        info = self.infos[index]
+        entry = _read_cache_entry(self.cache, info.case) if self.cache is not None else None
+        if entry is not None:
+            _, img_p, lab_p = _cache_paths(self.cache, info.case)  # type: ignore[arg-type]
+            affine = np.asarray(entry["affine"], dtype=np.float64)
+            image = Volume(np.load(img_p, mmap_mode="r"), affine, None, info.case.image)
+            label = Volume(np.load(lab_p, mmap_mode="r"), affine, None, info.case.label)
+        else:
+            from .volume import read_volume
+
+            image = read_volume(info.case.image)
+            raw = read_volume(info.case.label)
+            label = Volume(_label_array(raw.array, info.case.label), raw.affine, raw.header, info.case.label)
+        with self._lock:
+            self._lru[index] = (image, label)
+            while len(self._lru) > self.keep:
+                self._lru.popitem(last=False)
+        return image, label
+
+
+# ---------------------------------------------------------------------------------------------
+# patch sampling
+
+
+@dataclass(frozen=True)
+class PatchConfig:
+    """How training windows are cut and augmented.
+
+    Attributes:
+        spacing_mm: model window spacing (1.5 mm: SAM-Med3D's training data).
+        size: window side in voxels (the model's input, 128).
+        clamp_hu: HU clamp before z-scoring (None: none).
+        pad_value: HU of window voxels outside the CT (0, as the reference pads).
+        max_shift_vox: the window centre is the chosen object voxel moved by up to this many
+            window voxels per axis (always leaving that voxel inside the window).
+        min_fg_mm3: patches whose object part is smaller than this (mm^3) are redrawn; the
+            published rule (<= 1000 voxels at 1.5 mm) is 3375 mm^3. Objects smaller than this
+            in total are never drawn.
+        flip: random flips of the three window axes (p = 0.5 each), the published augmentation.
+        intensity_scale: z-scored intensities are multiplied by 1 + U(-s, s).
+        intensity_shift: ... and shifted by U(-t, t) (z units).
+        spacing_jitter: window spacing multiplied by 1 + U(-j, j).
+        max_tries: draws before the best patch so far is taken anyway.
+    """
+
+    spacing_mm: float = DEFAULT_SPACING_MM
+    size: int = DEFAULT_SIZE
+    clamp_hu: tuple[float, float] | None = DEFAULT_CLAMP_HU
+    pad_value: float = 0.0
+    max_shift_vox: int = 32
+    min_fg_mm3: float = PUBLISHED_MIN_FG_MM3
+    flip: bool = True
+    intensity_scale: float = 0.1
+    intensity_shift: float = 0.1
+    spacing_jitter: float = 0.1
+    max_tries: int = 10
+
+    def as_dict(self) -> dict[str, Any]:
+        d = dict(self.__dict__)
+        d["clamp_hu"] = list(self.clamp_hu) if self.clamp_hu is not None else None
+        return d
+
+
+@dataclass
+class Patch:
+    """One training window.
+
+    Attributes:
+        image: (S, S, S) float32, clamped, z-scored, augmented.
+        target: (S, S, S) bool, the object.
+        case: case key; label: object label id.
+        geom: the window before flipping (spacing after jitter).
+        flips: which window axes were flipped (array axes of image/target).
+        seed_ijk: the object voxel (CT grid) the window was placed on.
+        foreground: voxels of the object in the window.
+    """
+
+    image: np.ndarray
+    target: np.ndarray
+    case: str
+    label: int
+    geom: WindowGeometry
+    flips: tuple[bool, bool, bool]
+    seed_ijk: tuple[int, int, int]
+    foreground: int
+
+
+class PatchSampler:
+    """Draws training windows from scanned cases (uniform case, then uniform label of it)."""
+
+    def __init__(self, store: CaseStore, config: PatchConfig = PatchConfig()) -> None:
+        self.store = store
+        self.config = config
+        self.pairs: list[list[int]] = []
+        self.too_small: list[tuple[str, int]] = []
+        for info in store.infos:
+            ok = []
+            for lab, n in sorted(info.labels.items()):
+                if n * info.voxel_volume_mm3 < config.min_fg_mm3:
+                    self.too_small.append((info.case.key, lab))
+                else:
+                    ok.append(lab)
+            self.pairs.append(ok)
+        self.usable = [i for i, labs in enumerate(self.pairs) if labs]
+        if not self.usable:
+            raise BosamError(
+                f"every selected object is smaller than the patch rule's {config.min_fg_mm3:.0f} mm^3 "
+                "(lower --min-fg-mm3)"
+            )
+
+    def min_fg_voxels(self, spacing_mm: float) -> int:
+        """The patch rule in window voxels at ``spacing_mm`` (1000 at 1.5 mm by default)."""
+        return max(1, int(math.floor(self.config.min_fg_mm3 / spacing_mm**3 + 1e-9)))
+
+    def sample(self, rng: np.random.Generator) -> Patch:
+        """One patch; every random choice comes from ``rng``."""
+        cfg = self.config
+        best: Patch | None = None
+        for _ in range(max(1, cfg.max_tries)):
+            case_index = self.usable[int(rng.integers(len(self.usable)))]
+            labs = self.pairs[case_index]
+            lab = labs[int(rng.integers(len(labs)))]
+            patch = self._draw(case_index, lab, rng)
+            if patch.foreground > self.min_fg_voxels(patch.geom.spacing_mm):
+                return patch
+            if best is None or patch.foreground > best.foreground:
+                best = patch
+        assert best is not None
+        return best
+
+    def _draw(self, case_index: int, lab: int, rng: np.random.Generator) -> Patch:
+        cfg = self.config
+        info = self.store.infos[case_index]
+        image, labels = self.store.load(case_index)
+        box = tuple(slice(lo, hi) for lo, hi in info.bboxes[lab])
+        hits = np.flatnonzero(np.asarray(labels.array[box]) == lab)
+        sub_shape = tuple(s.stop - s.start for s in box)
+        flat = int(hits[int(rng.integers(hits.size))])
+        seed = tuple(int(v) + s.start for v, s in zip(np.unravel_index(flat, sub_shape), box))
+        spacing = cfg.spacing_mm * (1.0 + float(rng.uniform(-cfg.spacing_jitter, cfg.spacing_jitter))) if cfg.spacing_jitter else cfg.spacing_mm
+        limit = max(0, min(cfg.max_shift_vox, cfg.size // 2 - 2))
+        shift_vox = rng.uniform(-limit, limit, size=3) if limit else np.zeros(3)
+        seed_ras = image.voxel_to_world(np.asarray(seed, dtype=np.float64))[0]
+        geom = window_at(seed_ras + shift_vox * spacing, spacing, cfg.size, snap_vox=0)
+        raw = sample_window(image, geom, cfg.pad_value)
+        target = sample_labels(labels, geom) == lab
+        img = normalise(raw, cfg.clamp_hu)
+        flips = tuple(bool(rng.random() < 0.5) for _ in range(3)) if cfg.flip else (False, False, False)
+        if cfg.intensity_scale or cfg.intensity_shift:
+            scale = 1.0 + float(rng.uniform(-cfg.intensity_scale, cfg.intensity_scale))
+            shift = float(rng.uniform(-cfg.intensity_shift, cfg.intensity_shift))
+            img *= np.float32(scale)
+            img += np.float32(shift)
+        axes = tuple(a for a in range(3) if flips[a])
+        if axes:
+            img = np.ascontiguousarray(np.flip(img, axes))
+            target = np.ascontiguousarray(np.flip(target, axes))
+        return Patch(img, target, info.case.key, lab, geom, flips, seed, int(target.sum()))  # type: ignore[arg-type]
+
+    def batch(self, rng: np.random.Generator, size: int) -> list[Patch]:
+        return [self.sample(rng) for _ in range(size)]
+
+
+def patch_rng(seed: int, *stream: int) -> np.random.Generator:
+    """The generator of one batch: a pure function of the seed and the stream ids (rank, epoch,
+    micro-step ...), so a resumed run draws exactly the patches an uninterrupted one would."""
+    return np.random.default_rng([int(seed) & 0xFFFFFFFF, *[int(s) for s in stream]])
+
+
+def describe_problems(problems: Iterable[Problem]) -> list[str]:
+    return [f"{p.severity}: {p}" for p in problems]

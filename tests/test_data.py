@@ -1,0 +1,268 @@
+"""Datasets: discovery, label names and filters, the integrity check, the cache, patch sampling."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from bone_datasets import FEMUR, L3, make_dataset, paint_case, save_nifti
+from bosam_cli.data import (
+    CaseStore,
+    PatchConfig,
+    PatchSampler,
+    find_cases,
+    patch_rng,
+    read_label_names,
+    refuse_errors,
+    resolve_labels,
+    scan_dataset,
+)
+from bosam_cli.errors import BosamError
+from bosam_cli.volume import read_volume
+from bosam_cli.windows import normalise, sample_labels, sample_window
+from conftest import DATA, REPO
+
+TS_LABELMAP = DATA / "totalsegmentator_total_v2_labelmap.json"
+
+
+def _bosam(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "bosam_cli", *args], capture_output=True, text=True, cwd=cwd,
+                          env={**os.environ, "COLUMNS": "200"}, timeout=300)
+
+
+# ---------------------------------------------------------------------------------------------
+# discovery
+
+
+def test_cases_pair_channel_suffix_plain_names_and_nii(tmp_path):
+    root = tmp_path / "ds"
+    ct, lab, aff = paint_case(1)
+    save_nifti(ct, aff, root / "imagesTr" / "a_0000.nii.gz")
+    save_nifti(lab, aff, root / "labelsTr" / "a.nii.gz")
+    save_nifti(ct, aff, root / "imagesTr" / "b.nii")  # no channel suffix, uncompressed
+    save_nifti(lab, aff, root / "labelsTr" / "b.nii")
+    save_nifti(ct, aff, root / "imagesTr" / "c_0001.nii.gz")  # a second channel: ignored, told
+    (root / "imagesTr" / ".DS_Store").write_text("x")  # hidden files: silently ignored
+    cases, problems = find_cases([root])
+    assert [(c.name, c.image.name, c.label.name) for c in cases] == [
+        ("a", "a_0000.nii.gz", "a.nii.gz"), ("b", "b.nii", "b.nii")]
+    assert len(problems) == 1 and problems[0].severity == "warning" and "channel 0001" in problems[0].message
+
+
+def test_several_roots_and_splits(tmp_path):
+    make_dataset(tmp_path / "one", 1)
+    make_dataset(tmp_path / "two", 1, split="Ts")
+    cases, _ = find_cases([tmp_path / "one", tmp_path / "two"], splits=("Tr", "Ts"))
+    assert sorted(c.key for c in cases) == ["one/Tr/case_000", "two/Ts/case_000"]
+    with pytest.raises(BosamError, match="not an nnU-Net-style dataset"):
+        find_cases([tmp_path / "two"], splits=("Tr",))
+
+
+def test_missing_root_and_half_dataset_are_one_line_errors(tmp_path):
+    with pytest.raises(BosamError, match="no such dataset folder"):
+        find_cases([tmp_path / "nope"])
+    (tmp_path / "half" / "imagesTr").mkdir(parents=True)
+    with pytest.raises(BosamError, match=r"labelsTr: missing"):
+        find_cases([tmp_path / "half"])
+
+
+def test_label_names_from_dataset_json_v1_and_v2(tmp_path):
+    (tmp_path / "v2").mkdir()
+    (tmp_path / "v2" / "dataset.json").write_text(json.dumps({"labels": {"background": 0, "femur": 3, "region": [1, 2]}}))
+    (tmp_path / "v1").mkdir()
+    (tmp_path / "v1" / "dataset.json").write_text(json.dumps({"labels": {"0": "background", "5": "sacrum"}}))
+    assert read_label_names(tmp_path / "v2") == {3: "femur"}
+    assert read_label_names(tmp_path / "v1") == {5: "sacrum"}
+    assert read_label_names(tmp_path) == {}
+
+
+def test_label_filter_ids_ranges_names_bone_and_groups(tmp_path):
+    names = {L3: "vertebrae_L3", FEMUR: "femur_left"}
+    assert resolve_labels(None, names) is None
+    assert resolve_labels("29, femur_left", names) == [L3, FEMUR]
+    assert resolve_labels("25-27", names) == [25, 26, 27]
+    lm = {"labels": {"0": {"name": "background"}, "1": {"name": "spleen", "bone": False},
+                     "29": {"name": "vertebrae_L3", "bone": True}, "75": {"name": "femur_left", "bone": True}},
+          "bone_groups": {"spine": [29]}}
+    assert resolve_labels("bone", None, lm) == [L3, FEMUR]
+    assert resolve_labels("spine", None, lm) == [L3]
+    with pytest.raises(BosamError, match="'bone' needs a label map"):
+        resolve_labels("bone", names)
+    with pytest.raises(BosamError, match="unknown label 'tibia'"):
+        resolve_labels("tibia", names)
+
+
+def test_bone_filter_with_the_totalsegmentator_label_map(tmp_path):
+    from bosam_cli.data import read_labelmap
+
+    lm = read_labelmap(TS_LABELMAP) if TS_LABELMAP.exists() else pytest.skip(f"absent: {TS_LABELMAP}")
+    bones = resolve_labels("bone", None, lm)
+    assert 29 in bones and 75 in bones and 1 not in bones and 117 not in bones
+    assert resolve_labels("femur_left,pelvis", None, lm) == [75, 77, 78]
+
+
+# ---------------------------------------------------------------------------------------------
+# integrity check
+
+
+def _bad_dataset(root: Path) -> Path:
+    """One good case and one case for every integrity error."""
+    make_dataset(root, 1)  # case_000: good
+    ct, lab, aff = paint_case(7)
+    img, labs = root / "imagesTr", root / "labelsTr"
+    save_nifti(ct, aff, img / "unpaired_image_0000.nii.gz")
+    save_nifti(lab, aff, labs / "unpaired_label.nii.gz")
+    save_nifti(ct, aff, img / "shape_0000.nii.gz")
+    save_nifti(lab[:-2], aff, labs / "shape.nii.gz")
+    save_nifti(ct, aff, img / "affine_0000.nii.gz")
+    shifted = aff.copy()
+    shifted[0, 3] += 1.5
+    save_nifti(lab, shifted, labs / "affine.nii.gz")
+    save_nifti(ct, aff, img / "empty_0000.nii.gz")
+    save_nifti(np.zeros_like(lab), aff, labs / "empty.nii.gz")
+    (img / "broken_0000.nii.gz").write_bytes(gzip.compress(b"not a nifti at all" * 10))
+    save_nifti(lab, aff, labs / "broken.nii.gz")
+    save_nifti(ct, aff, img / "fractional_0000.nii.gz")
+    save_nifti(lab.astype(np.float32) * 0.5, aff, labs / "fractional.nii.gz")
+    save_nifti(ct, aff, img / "twice_0000.nii.gz")
+    save_nifti(ct, aff, img / "twice.nii")
+    save_nifti(lab, aff, labs / "twice.nii.gz")
+    return root
+
+
+def test_every_integrity_error_is_reported_per_case_with_the_file(tmp_path):
+    root = _bad_dataset(tmp_path / "bad")
+    scan = scan_dataset([root])
+    by_file = {p.path.name: p.message for p in scan.errors}
+    assert "no label file labelsTr/unpaired_image.nii.gz" in by_file["unpaired_image_0000.nii.gz"]
+    assert "no image imagesTr/unpaired_label_0000.nii.gz" in by_file["unpaired_label.nii.gz"]
+    assert "differs from the image's" in by_file["shape.nii.gz"] and "shape" in by_file["shape.nii.gz"]
+    assert "affine differs" in by_file["affine.nii.gz"] and "1.5 mm" in by_file["affine.nii.gz"]
+    assert "empty" in by_file["empty.nii.gz"]
+    assert "cannot read" in by_file["broken_0000.nii.gz"] or "corrupt" in by_file["broken_0000.nii.gz"]
+    assert "non-integer" in by_file["fractional.nii.gz"]
+    assert "2 image files for case 'twice'" in by_file["twice.nii"] and "ambiguous" in by_file["twice.nii"]
+    assert [i.case.name for i in scan.infos] == ["case_000"]
+    with pytest.raises(BosamError) as err:
+        refuse_errors(scan, skip_bad=False)
+    assert "\n" not in str(err.value) and "--skip-bad" in str(err.value) and "more problems" in str(err.value)
+    refuse_errors(scan, skip_bad=True)  # the good cases remain
+
+
+def test_label_filter_that_matches_nothing_in_a_case_is_a_warning(tmp_path):
+    root = make_dataset(tmp_path / "ds", 1)
+    scan = scan_dataset([root], labels="vertebrae_L3")
+    assert list(scan.infos[0].labels) == [L3] and not scan.problems
+    scan = scan_dataset([root], labels="99")
+    assert not scan.infos and scan.problems[0].severity == "warning" and "present: 29, 75" in scan.problems[0].message
+    with pytest.raises(BosamError, match="no usable case"):
+        refuse_errors(scan, skip_bad=False)
+
+
+def test_prepare_check_cli_lists_problems_and_fails(tmp_path):
+    root = _bad_dataset(tmp_path / "bad")
+    res = _bosam("prepare", "--data", str(root), "--check", "--json")
+    assert res.returncode == 1, res.stderr
+    report = json.loads(res.stdout)
+    assert report["summary"]["cases"] == 1 and report["summary"]["errors"] == 8
+    assert any(p["path"].endswith("shape.nii.gz") for p in report["problems"])
+    res = _bosam("prepare", "--data", str(tmp_path / "missing"), "--check")
+    assert res.returncode == 2 and "missing: no such dataset folder" in res.stderr
+    assert len(res.stderr.strip().splitlines()) == 1
+
+
+# ---------------------------------------------------------------------------------------------
+# cache
+
+
+def test_cache_is_used_memory_mapped_and_invalidated_by_a_changed_file(tmp_path):
+    root = make_dataset(tmp_path / "ds", 2)
+    cache = tmp_path / "cache"
+    res = _bosam("prepare", "--data", str(root), "--cache", str(cache), "--json")
+    assert res.returncode == 0, res.stderr
+    assert json.loads(res.stdout)["cached_cases"] == 2
+    scan = scan_dataset([root], cache=cache)
+    assert all(i.cached for i in scan.infos)
+    image, labels = CaseStore(scan.infos, cache).load(0)
+    assert isinstance(image.array, np.memmap) and isinstance(labels.array, np.memmap)
+    ref_img, ref_lab = read_volume(scan.infos[0].case.image), read_volume(scan.infos[0].case.label)
+    np.testing.assert_array_equal(image.array, ref_img.array)
+    np.testing.assert_array_equal(labels.array, ref_lab.array)
+    np.testing.assert_allclose(image.affine, ref_img.affine)
+    # a re-written source file makes its entry stale: decoded from NIfTI again
+    p = scan.infos[1].case.label
+    st = p.stat()
+    os.utime(p, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    again = scan_dataset([root], cache=cache)
+    assert [i.cached for i in again.infos] == [True, False]
+
+
+# ---------------------------------------------------------------------------------------------
+# patches
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    root = make_dataset(tmp_path_factory.mktemp("patches") / "ds", 2)
+    scan = scan_dataset([root])
+    return CaseStore(scan.infos)
+
+
+def test_patch_is_the_segment_window_of_a_voxel_of_the_object(store):
+    cfg = PatchConfig(flip=False, intensity_scale=0.0, intensity_shift=0.0, spacing_jitter=0.0, min_fg_mm3=1000.0)
+    sampler = PatchSampler(store, cfg)
+    for k in range(4):
+        patch = sampler.sample(patch_rng(7, 0, k))
+        case = next(i for i, info in enumerate(store.infos) if info.case.key == patch.case)
+        image, labels = store.load(case)
+        # same geometry and intensity code as bosam segment (windows.py)
+        np.testing.assert_array_equal(patch.image, normalise(sample_window(image, patch.geom), cfg.clamp_hu))
+        np.testing.assert_array_equal(patch.target, sample_labels(labels, patch.geom) == patch.label)
+        assert labels.array[patch.seed_ijk] == patch.label
+        seed_ras = image.voxel_to_world(np.asarray(patch.seed_ijk, float))
+        assert patch.geom.contains(seed_ras)[0]
+        assert np.abs(patch.geom.world_to_window(seed_ras)[0] - 64).max() <= cfg.max_shift_vox + 1
+        assert patch.foreground == int(patch.target.sum()) > sampler.min_fg_voxels(1.5)
+        assert patch.geom.spacing_mm == 1.5
+
+
+def test_patches_are_a_pure_function_of_the_seed(store):
+    sampler = PatchSampler(store, PatchConfig(min_fg_mm3=1000.0))
+    a, b, c = (sampler.sample(patch_rng(3, *s)) for s in ((0, 1, 2), (0, 1, 2), (0, 1, 3)))
+    assert np.array_equal(a.image, b.image) and np.array_equal(a.target, b.target)
+    assert (a.case, a.label, a.seed_ijk) != (c.case, c.label, c.seed_ijk) or not np.array_equal(a.image, c.image)
+
+
+def test_augmentation_flips_the_window_and_jitters_spacing_and_intensity(store):
+    cfg = PatchConfig(min_fg_mm3=1000.0)
+    sampler = PatchSampler(store, cfg)
+    seen_flips = set()
+    for k in range(6):
+        p = sampler.sample(patch_rng(11, k))
+        seen_flips.add(p.flips)
+        assert 1.35 <= p.geom.spacing_mm <= 1.65
+        case = next(i for i, info in enumerate(store.infos) if info.case.key == p.case)
+        image, labels = store.load(case)
+        axes = tuple(a for a in range(3) if p.flips[a])
+        target = sample_labels(labels, p.geom) == p.label
+        np.testing.assert_array_equal(p.target, np.flip(target, axes) if axes else target)
+        plain = normalise(sample_window(image, p.geom), cfg.clamp_hu)
+        plain = np.flip(plain, axes) if axes else plain
+        # intensity: an affine map of the plain window, close to the identity
+        slope, icpt = np.polyfit(plain.ravel()[::97], p.image.ravel()[::97], 1)
+        assert 0.9 - 1e-3 <= slope <= 1.1 + 1e-3 and abs(icpt) <= 0.1 + 1e-3
+    assert len(seen_flips) > 1
+
+
+def test_small_objects_are_excluded_by_the_published_patch_rule(store):
+    sampler = PatchSampler(store, PatchConfig())
+    assert sampler.min_fg_voxels(1.5) == 1000 and sampler.min_fg_voxels(0.75) == 8000
+    with pytest.raises(BosamError, match="smaller than the patch rule"):
+        PatchSampler(store, PatchConfig(min_fg_mm3=1e9))
