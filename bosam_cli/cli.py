@@ -404,6 +404,86 @@ def prepare(
         raise typer.Exit(1)
 
 
+@app.command()
+@handle_errors
+def evaluate(
+    data: list[Path] = typer.Option(..., "--data", "-d", help="Dataset with CTs and bone labels (nnU-Net style); repeat for several."),
+    checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", "-c", help="Model weights \\[default: the bundled model]."),
+    engine: str = typer.Option("auto", "--engine", help="torch, onnxruntime, tensorrt, or auto (the fastest that works here)."),
+    engine_dir: Optional[Path] = typer.Option(None, "--engine-dir", help="Folder written by 'bosam export'."),
+    device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda, cuda:1 ... \\[default: best available]."),
+    precision: str = typer.Option("fp32", "--precision", help="fp32, bf16 or fp16."),
+    threads: Optional[int] = typer.Option(None, "--threads", help="CPU threads for the engine."),
+    clicks: str = typer.Option("1,5,10", "--clicks", help="Click counts to report, e.g. 1,5,10."),
+    protocol: str = typer.Option("clicks", "--protocol", help="clicks (per bone on the full CT, Dice + NSD) or bosam (BoSAM's published crop protocol, best of N)."),
+    labels: Optional[str] = typer.Option(None, "--labels", help="Bones to evaluate: ids, ranges, names, 'bone' or a bone group of --labelmap."),
+    labelmap: Optional[Path] = typer.Option(None, "--labelmap", help="Label-map JSON with names and bone ids."),
+    cases: Optional[int] = typer.Option(None, "--cases", help="Evaluate only this many cases."),
+    split: str = typer.Option("all", "--split", help="Which folders: tr, val, ts or all (imagesTr/Val/Ts)."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Folder for evaluation.csv, .json and .md."),
+    baseline: Optional[str] = typer.Option(None, "--baseline", help="Evaluate a classical baseline instead of a model: threshold."),
+    threshold_hu: float = typer.Option(200.0, "--threshold-hu", help="Baseline: bone threshold in HU."),
+    radius_mm: float = typer.Option(50.0, "--radius-mm", help="Baseline: growth limit around each positive click (mm)."),
+    seed: int = typer.Option(2023, "--seed", help="Seed of the bosam protocol (published: 2023)."),
+    bosam_grid: str = typer.Option("native", "--bosam-grid", help="bosam protocol crops: native (stored voxels, as published) or model (1.5 mm RAS windows)."),
+    nsd_mm: float = typer.Option(2.0, "--nsd-mm", help="Surface Dice tolerance in mm."),
+    spacing: Optional[float] = typer.Option(None, "--spacing", help="Model window spacing in mm \\[default: the checkpoint's]."),
+    no_clamp: bool = typer.Option(False, "--no-clamp", help="Do not clamp HU before normalising."),
+    max_windows: int = typer.Option(8, "--max-windows", help="Most windows one bone may grow into."),
+    cache: Optional[Path] = typer.Option(None, "--cache", help="Cache folder written by 'bosam prepare --cache'."),
+    skip_bad: bool = typer.Option(False, "--skip-bad", help="Leave cases with integrity errors out instead of refusing."),
+    as_json: bool = typer.Option(False, "--json", help="Print settings and summary as JSON."),
+) -> None:
+    """Dice and surface Dice after 1, 5, 10 simulated clicks per bone (or BoSAM's published protocol)."""
+    from .evaluate import EvaluateOptions, markdown_table, parse_clicks
+    from .evaluate import evaluate as run_evaluation
+
+    opts = EvaluateOptions(
+        clicks=parse_clicks(clicks), protocol=protocol, labels=labels, labelmap=str(labelmap) if labelmap else None,
+        cases=cases, splits=_splits(split), nsd_tolerance_mm=nsd_mm, seed=seed, bosam_grid=bosam_grid,
+        spacing_mm=spacing, clamp_hu=() if no_clamp else None, max_windows=max_windows, skip_bad=skip_bad,
+        cache=str(cache) if cache else None,
+    )
+    for d in data:
+        if not d.exists():
+            fail(f"{d}: no such dataset folder")
+    base = None
+    eng = None
+    if baseline is not None:
+        if baseline != "threshold":
+            fail(f"--baseline must be 'threshold', not {baseline!r}")
+        from .baseline import ThresholdSegmenter
+
+        base = ThresholdSegmenter(threshold_hu=threshold_hu, radius_mm=radius_mm)
+    else:
+        eng = open_engine_for(engine, checkpoint, engine_dir, device, precision, threads)
+    con = _console(stderr=True)
+    status = con.status("evaluating ...") if not as_json else None
+    if status is not None:
+        status.start()
+    try:
+        def on_record(r):
+            if status is not None:
+                status.update(f"{r.case} label {r.label}: click {r.click}, Dice {r.dice:.3f}")
+
+        result = run_evaluation([str(d) for d in data], opts, engine=eng, baseline=base,
+                                out_dir=str(out) if out else None, on_record=on_record)
+    finally:
+        if status is not None:
+            status.stop()
+    if as_json:
+        print_json({"settings": result["settings"], "summary": result["summary"],
+                    "paths": {k: str(v) for k, v in result["paths"].items()}})
+        return
+    from rich.markdown import Markdown
+
+    c = _console()
+    c.print(Markdown(markdown_table(result["summary"], result["title"])))
+    c.print(f"[dim]{result['settings']['protocol_definition']}[/]")
+    for k, v in result["paths"].items():
+        c.print(f"  {k}: {v}")
+
+
 def main() -> None:
     app()
 

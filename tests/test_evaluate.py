@@ -1,0 +1,285 @@
+"""bosam evaluate: metrics, both protocols, the threshold baseline, outputs and the CLI."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from bone_datasets import FEMUR, L3, make_dataset, paint_case, save_nifti
+from bosam_cli.baseline import ThresholdSegmenter
+from bosam_cli.clicks import first_click
+from bosam_cli.data import scan_dataset
+from bosam_cli.evaluate import (
+    CropSegmenter,
+    EvaluateOptions,
+    croporpad_start,
+    dice_score,
+    evaluate,
+    run_bosam_protocol,
+    run_clicks_protocol,
+    summarise,
+    surface_dice,
+    upsample_lowres,
+)
+from bosam_cli.volume import Volume
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory) -> Path:
+    return make_dataset(tmp_path_factory.mktemp("eval") / "ds", 2)
+
+
+@pytest.fixture(scope="module")
+def phantoms(tmp_path_factory) -> Path:
+    from bosam_cli.phantom import write_phantom_dataset
+
+    return write_phantom_dataset(tmp_path_factory.mktemp("evalph") / "ph", [3], shape=(48, 48, 40), spacing_mm=(3.0, 3.0, 3.0))
+
+
+def _bosam(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "bosam_cli", *args], capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "COLUMNS": "200", "OMP_NUM_THREADS": "1"})
+
+
+class OracleSegmenter:
+    """A perfect segmenter with the Session surface: the mask is the truth of the label, read
+    from the case's label file (found by the image path); records the clicks it gets."""
+
+    def __init__(self, scan, good_from: int = 1) -> None:
+        self.truth = {str(i.case.image): i.case.label for i in scan.infos}
+        self.clicks: list[tuple[int, tuple[int, ...], bool]] = []
+        self.good_from = good_from
+
+    def set_volume(self, volume: Volume) -> None:
+        from bosam_cli.volume import read_volume
+
+        self.labels = read_volume(self.truth[str(volume.path)]).array
+        self.n = 0
+
+    def reset(self, label=None) -> None:
+        self.n = 0
+
+    def add_click(self, label, voxel=None, xyz=None, positive=True):
+        self.clicks.append((label, tuple(int(v) for v in voxel), positive))
+        self.n += 1
+        return None
+
+    def mask(self, label):
+        if self.n < self.good_from:  # empty until click ``good_from``
+            return np.zeros(self.labels.shape, bool)
+        return self.labels == label
+
+
+# ---------------------------------------------------------------------------------------------
+# metrics
+
+
+def test_dice_and_surface_dice_are_spacing_aware():
+    gt = np.zeros((40, 40, 40), bool)
+    gt[10:30, 10:30, 10:30] = True
+    moved = np.roll(gt, 3, axis=0)
+    assert dice_score(gt, gt) == 1.0 and dice_score(gt, np.zeros_like(gt)) == 0.0
+    assert dice_score(moved, gt) == pytest.approx(2 * 17 / 40)
+    assert surface_dice(gt, gt, (1, 1, 1)) == 1.0
+    assert surface_dice(np.zeros_like(gt), gt, (1, 1, 1)) == 0.0
+    # 3 voxels apart: beyond 2 mm at 1 mm spacing, within it at 0.5 mm along that axis
+    at_1mm = surface_dice(moved, gt, (1.0, 1.0, 1.0))
+    assert 0.3 < at_1mm < 0.95
+    assert surface_dice(moved, gt, (0.5, 1.0, 1.0)) == 1.0
+    assert surface_dice(np.roll(gt, 1, axis=2), gt, (1, 1, 1)) == 1.0
+
+
+def test_upsampling_in_numpy_matches_torch():
+    low = np.random.default_rng(0).normal(size=(32, 32, 32)).astype(np.float32)
+    ref = torch.nn.functional.interpolate(torch.from_numpy(low)[None, None], size=(128,) * 3, mode="trilinear",
+                                          align_corners=False)[0, 0].numpy()
+    np.testing.assert_allclose(upsample_lowres(low, 128), ref, atol=1e-5)
+
+
+def test_croporpad_centring_rule():
+    m = np.zeros((128, 128, 128), bool)
+    m[10, 100, 3] = True  # a single voxel lands at index 64
+    assert croporpad_start(m, 128) == [10 - 64, 100 - 64, 3 - 64]
+    m[11, 100, 3] = True  # bbox [10, 12): centre 11, integer -> start 11 - 64
+    assert croporpad_start(m, 128)[0] == 11 - 64
+    m[12, 100, 3] = True  # bbox [10, 13): centre 11.5 -> 11 -> start 11 - 64
+    assert croporpad_start(m, 128)[0] == 11 - 64
+
+
+# ---------------------------------------------------------------------------------------------
+# protocol "clicks"
+
+
+def test_perfect_segmenter_scores_one_and_needs_one_click(dataset):
+    scan = scan_dataset([dataset])
+    seg = OracleSegmenter(scan)
+    records = run_clicks_protocol(seg, scan, 3)
+    assert len(records) == 2 * 2 * 3  # cases x labels x clicks
+    assert all(r.dice == 1.0 and r.nsd == 1.0 for r in records)
+    assert [r.note for r in records[:3]] == ["", "no error left", "no error left"]
+    # the first click is the deepest voxel of the object (mm distance), positive
+    info = scan.infos[0]
+    from bosam_cli.volume import read_volume
+
+    lab = read_volume(info.case.label)
+    want = first_click(lab.array == L3, lab.spacing_mm).ijk
+    assert seg.clicks[0] == (L3, want, True)
+
+
+def test_next_clicks_go_to_the_largest_error_and_are_signed(dataset):
+    scan = scan_dataset([dataset], labels=str(FEMUR))
+    seg = OracleSegmenter(scan, good_from=3)  # nothing after clicks 1 and 2, right after click 3
+    records = run_clicks_protocol(seg, scan, 4, max_cases=1)
+    assert [r.dice for r in records] == [0.0, 0.0, 1.0, 1.0]
+    assert [r.note for r in records] == ["", "", "", "no error left"]
+    # an empty prediction misses the whole object: the next click is positive, at its centre again
+    assert [c[2] for c in seg.clicks] == [True, True, True] and seg.clicks[1] == seg.clicks[0]
+    summary = summarise(records, [1, 3], "clicks")
+    assert summary["overall"]["1"]["dice"] == 0.0 and summary["overall"]["3"]["dice"] == 1.0
+    assert list(summary["per_label"]) == [f"{FEMUR} femur_left"]
+
+
+def test_tiny_random_model_through_the_segment_session_writes_outputs(phantoms, tmp_path):
+    from engines.torch_engine import TorchEngine
+
+    from bosam_cli.model import build_preset
+
+    torch.manual_seed(0)
+    engine = TorchEngine(build_preset("tiny"))
+    result = evaluate([str(phantoms)], EvaluateOptions(clicks=[1, 2], labels="vertebrae_L1,rib_left_11", max_windows=2),
+                      engine=engine, out_dir=tmp_path / "out")
+    records = result["records"]
+    assert [r.label for r in records] == [31, 31, 102, 102]
+    assert all(0.0 <= r.dice <= 1.0 and 0.0 <= r.nsd <= 1.0 and r.seconds > 0 for r in records)
+    assert records[0].encoder_s > 0  # the first click paid for the window's embedding
+    rows = list(csv.DictReader(open(tmp_path / "out" / "evaluation.csv")))
+    assert len(rows) == len(records) and rows[0]["protocol"] == "clicks"
+    doc = json.loads((tmp_path / "out" / "evaluation.json").read_text())
+    assert doc["settings"]["segmenter"]["engine"] == "torch" and "clicks' protocol" in doc["settings"]["protocol_definition"]
+    assert set(doc["summary"]["overall"]) == {"1", "2"}
+    md = (tmp_path / "out" / "evaluation.md").read_text()
+    assert "| label | objects | Dice@1 | NSD@1 | Dice@2 | NSD@2 |" in md and "**mean**" in md
+
+
+def test_threshold_baseline_segments_phantom_bones(phantoms):
+    scan = scan_dataset([phantoms], labels="vertebrae_L1,vertebrae_L2,vertebrae_T12")
+    records = run_clicks_protocol(ThresholdSegmenter(threshold_hu=200), scan, 3)
+    final = {r.label_name: r.dice for r in records if r.click == 3}
+    assert len(final) == 3 and all(d > 0.4 for d in final.values()), final
+    # at 3 mm the threshold region of one vertebra runs into its neighbours; the protocol's
+    # next clicks are negative ones on that leak, and they cut it off
+    l1 = [r for r in records if r.label == 31]
+    assert l1[0].pred_voxels > 2 * l1[0].gt_voxels and l1[1].positive is False
+    assert l1[2].dice > l1[0].dice + 0.2
+
+
+def test_baseline_negative_click_cuts_the_leak():
+    hu = np.full((40, 20, 20), -100, np.int16)
+    hu[5:35, 8:12, 8:12] = 700  # two bones touching end to end: 5..19 and 20..34
+    vol = Volume(hu, np.eye(4))
+    seg = ThresholdSegmenter(threshold_hu=200, radius_mm=100)
+    seg.set_volume(vol)
+    seg.add_click(1, voxel=np.array([8, 10, 10]))
+    assert seg.mask(1).sum() == 30 * 16  # leaks into the neighbour
+    seg.add_click(1, voxel=np.array([31, 10, 10]), positive=False)
+    m = seg.mask(1)
+    assert m[5:19, 8:12, 8:12].all() and not m[22:35].any()
+
+
+# ---------------------------------------------------------------------------------------------
+# protocol "bosam"
+
+
+def test_bosam_protocol_best_of_n_and_crop(dataset):
+    scan = scan_dataset([dataset])
+    made = []
+
+    def make(clamp):
+        made.append(clamp)
+        return ThresholdSegmenter(threshold_hu=200, radius_mm=40)
+
+    records = run_bosam_protocol(make, scan, 4, grid="native", seed=2023)
+    assert made == [None, None]  # published clamp rule: only for paths containing '/ct_'
+    assert len(records) == 2 * 4 and {r.label for r in records} == {0}
+    assert all(r.dice == round(r.dice, 4) for r in records)
+    s = summarise(records, [1, 2, 4], "bosam")
+    best = [s["best_of_n"][k]["dice"] for k in ("1", "2", "4")]
+    assert best == sorted(best) and s["cases"] == 2
+    per_case_first = np.mean([r.dice for r in records if r.click == 1])
+    assert best[0] == pytest.approx(per_case_first)
+    again = run_bosam_protocol(make, scan, 4, grid="native", seed=2023)
+    assert [r.dice for r in again] == [r.dice for r in records]  # seeded: reproducible
+
+
+def test_bosam_protocol_with_a_model_on_its_crop(dataset):
+    from engines.torch_engine import TorchEngine
+
+    from bosam_cli.model import build_preset
+
+    torch.manual_seed(0)
+    engine = TorchEngine(build_preset("tiny"))
+    result = evaluate([str(dataset)], EvaluateOptions(clicks=[1, 2], protocol="bosam", bosam_grid="model", cases=1),
+                      engine=engine)
+    recs = result["records"]
+    assert len(recs) == 2 and recs[0].gt_voxels > 0 and recs[0].encoder_s > 0
+    assert result["settings"]["bosam_grid"] == "model" and "per-case BEST" in result["settings"]["protocol_definition"]
+    seg = CropSegmenter(engine, (-1000.0, 1000.0))
+    with pytest.raises(ValueError, match="128"):
+        seg.set_volume(Volume(np.zeros((64, 64, 64), np.int16), np.eye(4)))
+
+
+# ---------------------------------------------------------------------------------------------
+# CLI
+
+
+def test_cli_evaluate_checkpoint_and_baseline(dataset, tmp_path):
+    from bosam_cli.model import build_preset
+
+    from bosam_cli.checkpoints import save_checkpoint
+
+    torch.manual_seed(0)
+    ck = save_checkpoint(build_preset("tiny"), tmp_path / "tiny.pth")
+    res = _bosam("evaluate", "--data", str(dataset), "--checkpoint", str(ck), "--engine", "torch", "--clicks", "1,2",
+                 "--cases", "1", "--labels", "29", "--threads", "1", "--max-windows", "2", "--out", str(tmp_path / "o"),
+                 "--json")
+    assert res.returncode == 0, res.stderr
+    doc = json.loads(res.stdout)
+    assert doc["summary"]["protocol"] == "clicks" and doc["summary"]["objects"] == 1
+    assert Path(doc["paths"]["csv"]).exists() and Path(doc["paths"]["markdown"]).exists()
+    res = _bosam("evaluate", "--data", str(dataset), "--baseline", "threshold", "--clicks", "1,3", "--protocol", "bosam")
+    assert res.returncode == 0, res.stderr
+    assert "BoSAM published protocol" in res.stdout and "per-case BEST" in res.stdout
+
+
+def test_cli_evaluate_bad_input_is_one_line(dataset, tmp_path):
+    res = _bosam("evaluate", "--data", str(tmp_path / "missing"), "--baseline", "threshold")
+    assert res.returncode == 2 and "missing: no such dataset folder" in res.stderr
+    assert len(res.stderr.strip().splitlines()) == 1
+    res = _bosam("evaluate", "--data", str(dataset), "--baseline", "threshold", "--clicks", "0,x")
+    assert res.returncode == 2 and "--clicks" in res.stderr
+    root = make_dataset(tmp_path / "bad", 1)
+    ct, lab, aff = paint_case(2)
+    moved = aff.copy()
+    moved[2, 3] += 9.0
+    save_nifti(ct, aff, root / "imagesTr" / "moved_0000.nii.gz")
+    save_nifti(lab, moved, root / "labelsTr" / "moved.nii.gz")
+    res = _bosam("evaluate", "--data", str(root), "--baseline", "threshold")
+    lines = res.stderr.strip().splitlines()
+    assert res.returncode == 2 and len(lines) == 1
+    assert "moved.nii.gz" in lines[0] and "affine differs" in lines[0]
