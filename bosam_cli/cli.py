@@ -406,6 +406,88 @@ def prepare(
 
 @app.command()
 @handle_errors
+def train(
+    data: list[Path] = typer.Option(..., "--data", "-d", help="Training dataset (nnU-Net style); repeat for several."),
+    out: Path = typer.Option(Path("bosam-train"), "--out", "-o", help="Run folder: last.pth, best.pth, final.pth, log.csv."),
+    val_data: Optional[list[Path]] = typer.Option(None, "--val-data", help="Dataset validated after every epoch (clicks protocol, Dice)."),
+    init_from: Optional[Path] = typer.Option(None, "--from", help="Checkpoint to fine-tune: SAM-Med3D, turbo, BoSAM, BoSAM-LoRA or bosam."),
+    preset: Optional[str] = typer.Option(None, "--preset", help="Architecture to train from scratch: sam-med3d or tiny."),
+    labels: Optional[str] = typer.Option(None, "--labels", help="Bones to train on: ids, ranges, names, 'bone' or a bone group of --labelmap."),
+    labelmap: Optional[Path] = typer.Option(None, "--labelmap", help="Label-map JSON with names and bone ids (e.g. TotalSegmentator's)."),
+    lora_rank: int = typer.Option(0, "--lora-rank", help="Train LoRA adapters of this rank on q and v of every encoder block (0: full fine-tuning)."),
+    merge_lora: bool = typer.Option(False, "--merge-lora", help="final.pth: adapters merged into plain weights and dropped."),
+    loss: str = typer.Option("dicece", "--loss", help="dicece (SAM-Med3D) or gdfocal (BoSAM: generalized Dice + focal)."),
+    lr: Optional[float] = typer.Option(None, "--lr", help="Encoder learning rate; prompt encoder and decoder get 0.1x \\[default: 1e-4, LoRA 5e-4]."),
+    weight_decay: float = typer.Option(0.1, "--weight-decay", help="AdamW weight decay."),
+    epochs: int = typer.Option(10, "--epochs", help="Epochs (the cosine schedule restarts after 5, 15, 35 ...)."),
+    steps_per_epoch: Optional[int] = typer.Option(None, "--steps-per-epoch", help="Optimiser steps per epoch \\[default: cases / global batch]."),
+    batch_size: int = typer.Option(1, "--batch-size", help="128^3 windows per micro-batch and GPU."),
+    accumulation: int = typer.Option(1, "--accumulation", help="Micro-batches per optimiser step."),
+    clicks: int = typer.Option(10, "--clicks", help="Decoder calls (simulated clicks) per window."),
+    detach_mask: bool = typer.Option(False, "--detach-mask", help="Do not backpropagate through the previous mask prompt."),
+    precision: str = typer.Option("auto", "--precision", help="auto (fp16 + GradScaler on CUDA, fp32 on CPU), fp32, fp16, bf16."),
+    device: Optional[str] = typer.Option(None, "--device", help="cpu or cuda \\[default: cuda when available; torchrun picks cuda:LOCAL_RANK]."),
+    seed: int = typer.Option(2023, "--seed", help="Seed of every random choice (per rank: seed + rank)."),
+    spacing: Optional[float] = typer.Option(None, "--spacing", help="Window spacing in mm \\[default: the checkpoint's, else 1.5]."),
+    clamp_hu: Optional[str] = typer.Option(None, "--clamp-hu", help="HU clamp before z-scoring, e.g. -1000,1000 \\[default: the checkpoint's]."),
+    no_clamp: bool = typer.Option(False, "--no-clamp", help="Do not clamp HU."),
+    max_shift: int = typer.Option(32, "--max-shift", help="Window centre offset from the chosen bone voxel, up to this many voxels per axis."),
+    min_fg_mm3: float = typer.Option(3375.0, "--min-fg-mm3", help="Redraw windows holding less bone than this (published: 1000 voxels at 1.5 mm)."),
+    spacing_jitter: float = typer.Option(0.1, "--spacing-jitter", help="Window spacing varies by up to this fraction."),
+    intensity_jitter: float = typer.Option(0.1, "--intensity-jitter", help="Intensity scale and shift (z units) vary by up to this much."),
+    no_flip: bool = typer.Option(False, "--no-flip", help="No random flips of the window axes."),
+    val_cases: int = typer.Option(4, "--val-cases", help="Validation cases per epoch."),
+    val_clicks: int = typer.Option(3, "--val-clicks", help="Clicks per validation object."),
+    resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from last.pth (same weights as an uninterrupted run)."),
+    checkpoint_every: int = typer.Option(0, "--checkpoint-every", help="Also write last.pth every N optimiser steps."),
+    stop_after_steps: Optional[int] = typer.Option(None, "--stop-after-steps", help="Stop (checkpointed) after N optimiser steps in total; --resume continues."),
+    cache: Optional[Path] = typer.Option(None, "--cache", help="Cache folder written by 'bosam prepare --cache'."),
+    skip_bad: bool = typer.Option(False, "--skip-bad", help="Leave cases with integrity errors out instead of refusing the dataset."),
+    workers: int = typer.Option(1, "--workers", help="Background threads preparing the next windows."),
+    threads: Optional[int] = typer.Option(None, "--threads", help="CPU threads for torch."),
+    safetensors: bool = typer.Option(False, "--safetensors", help="Also write final.safetensors."),
+    no_tensorboard: bool = typer.Option(False, "--no-tensorboard", help="No TensorBoard scalars even if tensorboard is installed."),
+    as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
+) -> None:
+    """Fine-tune a model on bone CT with simulated clicks (run under torchrun for several GPUs)."""
+    from .train import TrainConfig, train as run_training
+
+    cfg = TrainConfig(
+        data=[str(d) for d in data], out_dir=str(out), val_data=[str(d) for d in (val_data or [])],
+        init_from=str(init_from) if init_from else None, preset=preset, labels=labels,
+        labelmap=str(labelmap) if labelmap else None, lora_rank=lora_rank, merge_lora=merge_lora, loss=loss, lr=lr,
+        weight_decay=weight_decay, epochs=epochs, steps_per_epoch=steps_per_epoch, batch_size=batch_size,
+        accumulation=accumulation, clicks=clicks, detach_mask=detach_mask, precision=precision, device=device,
+        seed=seed, spacing_mm=spacing, clamp_hu=_clamp_option(clamp_hu), no_clamp=no_clamp, max_shift_vox=max_shift,
+        min_fg_mm3=min_fg_mm3, spacing_jitter=spacing_jitter, intensity_jitter=intensity_jitter, flip=not no_flip,
+        val_cases=val_cases, val_clicks=val_clicks, resume=resume, checkpoint_every=checkpoint_every,
+        stop_after_steps=stop_after_steps, cache=str(cache) if cache else None, skip_bad=skip_bad, workers=workers,
+        threads=threads, safetensors=safetensors, tensorboard=not no_tensorboard,
+    )
+    result = run_training(cfg, console=_console(stderr=True))
+    import os
+
+    if int(os.environ.get("RANK", "0")) != 0:
+        return
+    summary = {
+        "out_dir": str(result.out_dir), "last": str(result.last) if result.last else None,
+        "best": str(result.best) if result.best else None, "final": str(result.final) if result.final else None,
+        "epochs_done": result.epochs_done, "global_step": result.global_step, "best_val_dice": result.best_dice,
+        "stopped_early": result.stopped_early, "history": result.history,
+    }
+    if as_json:
+        print_json(summary)
+        return
+    con = _console()
+    done = "stopped (resume with --resume)" if result.stopped_early else "done"
+    con.print(f"training {done}: {result.epochs_done} epochs, {result.global_step} steps; checkpoints in {result.out_dir}")
+    for key in ("final", "best", "last"):
+        if summary[key]:
+            con.print(f"  {key}: {summary[key]}")
+
+
+@app.command()
+@handle_errors
 def evaluate(
     data: list[Path] = typer.Option(..., "--data", "-d", help="Dataset with CTs and bone labels (nnU-Net style); repeat for several."),
     checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", "-c", help="Model weights \\[default: the bundled model]."),

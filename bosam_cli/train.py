@@ -1,0 +1,915 @@
+"""``bosam train``: fine-tune (or train from scratch) a SAM-Med3D-architecture model on bone CT.
+
+The recipe follows the published one (``reference/FACTS.md`` section 5):
+
+* one image embedding per batch, then ``clicks`` decoder calls; each call gets one new point,
+  simulated uniformly in the current error region (so the first click is a random object
+  voxel), plus the previous low-res logits as mask prompt; two calls get the mask prompt only
+  (``clicks.training_schedule``); gradients flow back through the iterations (BPTT) unless
+  ``detach_mask``;
+* loss = MONAI DiceCE (sigmoid, squared_pred) or Generalized Dice + Focal on the logits
+  upsampled to 128^3 against the binary object, summed over the iterations;
+* AdamW, weight decay 0.1, encoder at ``lr`` and prompt encoder / mask decoder at ``lr * 0.1``;
+  with LoRA only the adapters train (one group at ``lr``); CosineAnnealingWarmRestarts(T_0=5,
+  T_mult=2) stepped per epoch; gradient accumulation; fp16 autocast + GradScaler on CUDA;
+* DDP through ``torchrun`` (NCCL on GPUs, gloo on CPU); per-rank seeds; only rank 0 writes.
+
+Differences from the published code, on purpose: windows come from ``windows.py`` (the same
+world-space 1.5 mm RAS windows ``bosam segment`` uses) and are z-scored per window as in
+inference; parameters the published recipe never trains (IoU head, hypernetworks 1-3,
+``no_mask_embed``) are frozen instead of decayed; an optimiser step happens every
+``accumulation`` micro-batches (the original's first step came after accum + 1).
+
+Checkpoints (``last.pth`` every epoch and every ``checkpoint_every`` steps, ``best.pth`` by
+validation Dice, ``final.pth`` at the end) keep the SAM-Med3D layout via ``save_checkpoint``;
+``last.pth`` also holds optimiser, scheduler, scaler, RNG states, step counters and the LoRA
+tensors, so ``--resume`` continues bit-exactly: every batch and click is drawn from a generator
+seeded by (seed, rank, epoch, step, micro-batch), never from a stream that a restart would
+reset.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import dataclasses
+import math
+import os
+import random
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .clicks import training_schedule, uniform_error_click
+from .data import (
+    PUBLISHED_MIN_FG_MM3,
+    CaseStore,
+    Patch,
+    PatchConfig,
+    PatchSampler,
+    patch_rng,
+    refuse_errors,
+    scan_dataset,
+)
+from .errors import BosamError
+from .windows import DEFAULT_CLAMP_HU, DEFAULT_SPACING_MM
+
+LOSSES = ("dicece", "gdfocal")
+PRECISIONS = ("auto", "fp32", "fp16", "bf16")
+LAST, BEST, FINAL = "last.pth", "best.pth", "final.pth"
+LOG_FIELDS = ["phase", "epoch", "step", "loss", "dice", "lr", "samples_per_s", "elapsed_s"]
+#: modules the published recipe never trains (multimask off, mask prompt always given)
+NEVER_TRAINED = ("mask_decoder.iou_prediction_head.", "prompt_encoder.no_mask_embed.",
+                 "mask_decoder.output_hypernetworks_mlps.1.", "mask_decoder.output_hypernetworks_mlps.2.",
+                 "mask_decoder.output_hypernetworks_mlps.3.")
+
+
+@dataclass
+class TrainConfig:
+    """Options of ``bosam train`` (the CLI flags, one to one).
+
+    Attributes:
+        data: dataset roots (nnU-Net style) to train on.
+        out_dir: where checkpoints and logs go.
+        val_data: dataset roots validated at the end of every epoch (clicks protocol).
+        init_from: checkpoint to fine-tune (any layout ``load_model`` reads).
+        preset: architecture when training from scratch (or to force one for ``init_from``).
+        labels / labelmap: label filter (ids, names, ``bone`` with a label map).
+        lora_rank: LoRA rank on q and v of every encoder block (0: full fine-tuning).
+        merge_lora: ``final.pth`` without the adapter tensors (plain weights only).
+        loss: "dicece" or "gdfocal".
+        lr: encoder learning rate (None: 1e-4, or 5e-4 with LoRA, as published).
+        epochs / steps_per_epoch: optimiser steps per epoch (None: cases / global batch).
+        batch_size: windows per micro-batch and process; accumulation: micro-batches per step.
+        clicks: decoder calls per window; detach_mask: cut BPTT through the mask prompt.
+        precision: auto (fp16 autocast on CUDA, fp32 on CPU), fp32, fp16, bf16.
+        spacing_mm / clamp_hu / no_clamp: window preprocessing (None: the checkpoint's, else
+            1.5 mm and [-1000, 1000]).
+        resume: continue from ``out_dir/last.pth``.
+        checkpoint_every: also write ``last.pth`` every N optimiser steps (0: epochs only).
+        stop_after_steps: stop once this many optimiser steps are done (a planned interruption,
+            for tests and time-boxed jobs; resume continues).
+    """
+
+    data: list[str]
+    out_dir: str
+    val_data: list[str] = field(default_factory=list)
+    init_from: str | None = None
+    preset: str | None = None
+    labels: str | None = None
+    labelmap: str | None = None
+    lora_rank: int = 0
+    merge_lora: bool = False
+    loss: str = "dicece"
+    lr: float | None = None
+    weight_decay: float = 0.1
+    epochs: int = 10
+    steps_per_epoch: int | None = None
+    batch_size: int = 1
+    accumulation: int = 1
+    clicks: int = 10
+    detach_mask: bool = False
+    precision: str = "auto"
+    device: str | None = None
+    seed: int = 2023
+    spacing_mm: float | None = None
+    clamp_hu: tuple[float, float] | None = None
+    no_clamp: bool = False
+    max_shift_vox: int = 32
+    min_fg_mm3: float = PUBLISHED_MIN_FG_MM3
+    spacing_jitter: float = 0.1
+    intensity_jitter: float = 0.1
+    flip: bool = True
+    val_cases: int = 4
+    val_clicks: int = 3
+    val_labels_per_case: int = 3
+    resume: bool = False
+    checkpoint_every: int = 0
+    stop_after_steps: int | None = None
+    cache: str | None = None
+    skip_bad: bool = False
+    workers: int = 1
+    threads: int | None = None
+    safetensors: bool = False
+    tensorboard: bool = True
+    upsample: str = "matmul"
+
+    def plain(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["clamp_hu"] = list(self.clamp_hu) if self.clamp_hu is not None else None
+        return d
+
+
+# ---------------------------------------------------------------------------------------------
+# the click loop (the part of a training step that the model sees)
+
+
+def upsample_matrix(m: int, n: int) -> torch.Tensor:
+    """(n, m) matrix of 1-D linear upsampling m -> n with align_corners=False (torch's
+    ``interpolate`` rule: source = (x + 0.5) * m / n - 0.5, clamped at 0, right neighbour
+    clamped at m - 1)."""
+    x = (torch.arange(n, dtype=torch.float64) + 0.5) * (m / n) - 0.5
+    x = x.clamp(min=0)
+    i0 = x.floor().long().clamp(max=m - 1)
+    i1 = (i0 + 1).clamp(max=m - 1)
+    w = x - i0
+    a = torch.zeros(n, m, dtype=torch.float64)
+    a[torch.arange(n), i0] += 1 - w
+    a[torch.arange(n), i1] += w
+    return a.float()
+
+
+class Upsampler(nn.Module):
+    """Low-res logits (B, 1, m^3) -> (B, 1, n^3), trilinear, align_corners=False.
+
+    ``mode="matmul"`` applies the separable interpolation as three small matrix products, which
+    is the same function as ``F.interpolate`` (to float rounding) but whose backward pass is a
+    matrix product too (F.interpolate's 3-D backward is the slowest op of a CPU training step).
+    ``mode="interpolate"`` calls F.interpolate (the reference code's structure).
+    """
+
+    def __init__(self, m: int, n: int, mode: str = "matmul") -> None:
+        super().__init__()
+        if mode not in ("matmul", "interpolate"):
+            raise ValueError(f"upsample mode must be 'matmul' or 'interpolate', not {mode!r}")
+        self.m, self.n, self.mode = m, n, mode
+        self.register_buffer("a", upsample_matrix(m, n), persistent=False)
+
+    def forward(self, low: torch.Tensor) -> torch.Tensor:
+        if self.mode == "interpolate":
+            return F.interpolate(low, size=(self.n,) * 3, mode="trilinear", align_corners=False)
+        b = low.shape[0]
+        a = self.a.to(low.dtype)
+        x = low.reshape(b, self.m, self.m, self.m)
+        x = torch.matmul(x, a.t())  # (b, i, j, z): along the last axis
+        x = torch.einsum("bijz,yj->biyz", x, a)  # middle axis
+        x = torch.einsum("biyz,xi->bxyz", x, a)  # first axis
+        return x.reshape(b, 1, self.n, self.n, self.n)
+
+
+def build_loss(name: str) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """MONAI DiceCE (sigmoid, squared_pred; the SAM-Med3D loss) or GeneralizedDiceFocal (sigmoid;
+    BoSAM's). Both take logits and a binary target of the same shape."""
+    if name == "dicece":
+        from monai.losses import DiceCELoss
+
+        return DiceCELoss(sigmoid=True, squared_pred=True, reduction="mean")
+    if name == "gdfocal":
+        from monai.losses import GeneralizedDiceFocalLoss
+
+        return GeneralizedDiceFocalLoss(sigmoid=True, reduction="mean")
+    raise BosamError(f"--loss must be one of {', '.join(LOSSES)}, not {name!r}")
+
+
+class ClickLoop(nn.Module):
+    """One training forward pass: encoder once, ``n`` decoder calls with simulated clicks, loss
+    summed over the calls. A module so that DDP sees the whole step as one forward.
+
+    Args:
+        sam: the model (``Sam3D``).
+        loss_fn: loss on (logits, target), both (B, 1, S, S, S).
+        detach_mask: feed the previous logits detached (no BPTT through the mask prompt).
+        upsample: "matmul" (fast, same function) or "interpolate".
+        autocast_dtype: fp16/bf16 autocast for the model calls, None for fp32.
+    """
+
+    def __init__(self, sam: nn.Module, loss_fn: Callable, detach_mask: bool = False, upsample: str = "matmul",
+                 autocast_dtype: torch.dtype | None = None) -> None:
+        super().__init__()
+        self.sam = sam
+        self.loss_fn = loss_fn
+        self.detach_mask = detach_mask
+        self.upsampler = Upsampler(sam.mask_size, sam.img_size, upsample)
+        self.autocast_dtype = autocast_dtype
+
+    def _autocast(self, device: torch.device):
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=device.type, dtype=self.autocast_dtype)
+
+    def forward(self, images: torch.Tensor, targets: torch.Tensor, gt: np.ndarray, schedule: Sequence[bool],
+                rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """Returns (loss summed over the decoder calls, per-window Dice of the last call).
+
+        Args:
+            images: (B, 1, S, S, S) z-scored windows; targets: (B, 1, S, S, S) float 0/1.
+            gt: (B, S, S, S) bool, the targets on the host (for click simulation).
+            schedule: per decoder call, whether it gets a new point.
+            rng: click generator.
+        """
+        device = images.device
+        b, s, m = images.shape[0], self.sam.img_size, self.sam.mask_size
+        with self._autocast(device):
+            emb = self.sam.image_encoder(images)
+        prev = torch.zeros(b, 1, m, m, m, device=device, dtype=emb.dtype)
+        pred = np.zeros((b, s, s, s), dtype=bool)
+        loss = images.new_zeros(())
+        logits = None
+        for has_point in schedule:
+            if has_point:
+                pts = np.zeros((b, 1, 3), np.float32)
+                labs = np.zeros((b, 1), np.int64)
+                for i in range(b):
+                    click = uniform_error_click(pred[i], gt[i], rng)
+                    if click is None:  # nothing left to correct: a padding point
+                        labs[i, 0] = -1
+                    else:
+                        pts[i, 0] = click.ijk
+                        labs[i, 0] = click.label
+                points = torch.from_numpy(pts).to(device)
+                labels = torch.from_numpy(labs).to(device)
+            else:
+                points = labels = None
+            with self._autocast(device):
+                low, _ = self.sam.decode(emb, points, labels, prev.detach() if self.detach_mask else prev)
+            logits = self.upsampler(low.float())
+            loss = loss + self.loss_fn(logits, targets)
+            prev = low
+            pred = (logits.detach() > 0).squeeze(1).cpu().numpy()
+        assert logits is not None
+        with torch.no_grad():
+            p = (logits.detach() > 0).float()
+            inter = (p * targets).flatten(1).sum(1)
+            denom = p.flatten(1).sum(1) + targets.flatten(1).sum(1)
+            dice = torch.where(denom > 0, 2 * inter / denom.clamp(min=1), torch.ones_like(denom))
+        return loss, dice
+
+
+def freeze_never_trained(sam: nn.Module) -> list[str]:
+    """Freeze the parameters the published recipe never trains; returns their names."""
+    frozen = []
+    for name, p in sam.named_parameters():
+        if name.startswith(NEVER_TRAINED):
+            p.requires_grad_(False)
+            frozen.append(name)
+    return frozen
+
+
+def param_groups(sam: nn.Module, lr: float, weight_decay: float) -> list[dict[str, Any]]:
+    """The published groups: image encoder at ``lr``, prompt encoder and mask decoder at
+    ``lr * 0.1``; only parameters that require grad (LoRA: the adapters, all in the encoder)."""
+    groups = []
+    for prefix, scale in (("image_encoder.", 1.0), ("prompt_encoder.", 0.1), ("mask_decoder.", 0.1)):
+        params = [p for n, p in sam.named_parameters() if n.startswith(prefix) and p.requires_grad]
+        if params:
+            groups.append({"params": params, "lr": lr * scale, "weight_decay": weight_decay, "name": prefix[:-1]})
+    if not groups:
+        raise BosamError("no trainable parameters")
+    return groups
+
+
+def batch_tensors(patches: Sequence[Patch], device: torch.device) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
+    images = torch.from_numpy(np.stack([p.image for p in patches])[:, None]).to(device, non_blocking=True)
+    gt = np.stack([p.target for p in patches])
+    targets = torch.from_numpy(gt[:, None].astype(np.float32)).to(device, non_blocking=True)
+    return images, targets, gt
+
+
+# ---------------------------------------------------------------------------------------------
+# distributed set-up, RNG states
+
+
+@dataclass
+class Dist:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def setup_distributed(device: str | None) -> Dist:
+    """Read torchrun's environment; init the process group (NCCL on CUDA, gloo on CPU)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    want_cuda = (device is None and torch.cuda.is_available()) or (device is not None and device.startswith("cuda"))
+    if want_cuda and not torch.cuda.is_available():
+        raise BosamError(f"--device {device}: torch sees no CUDA GPU here")
+    if want_cuda:
+        if device and ":" in device and world == 1:
+            dev = torch.device(device)
+        else:
+            dev = torch.device("cuda", local)
+        torch.cuda.set_device(dev)
+    else:
+        dev = torch.device("cpu")
+    if world > 1:
+        import torch.distributed as dist
+
+        if not dist.is_initialized():
+            dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo")
+    return Dist(rank, world, local, dev)
+
+
+def rng_state() -> dict[str, Any]:
+    """Python, NumPy and torch RNG states as plain types/tensors (``weights_only``-loadable)."""
+    np_state = np.random.get_state(legacy=False)
+    version, internal, gauss = random.getstate()
+    state: dict[str, Any] = {
+        "python": [version, list(internal), gauss],
+        "numpy": {
+            "bit_generator": np_state["bit_generator"],
+            "key": torch.from_numpy(np.asarray(np_state["state"]["key"], dtype=np.int64)),
+            "pos": int(np_state["state"]["pos"]),
+            "has_gauss": int(np_state["has_gauss"]),
+            "gauss": float(np_state["gauss"]),
+        },
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    version, internal, gauss = state["python"]
+    random.setstate((int(version), tuple(int(v) for v in internal), gauss))
+    n = state["numpy"]
+    np.random.set_state({
+        "bit_generator": n["bit_generator"],
+        "state": {"key": n["key"].numpy().astype(np.uint32), "pos": int(n["pos"])},
+        "has_gauss": int(n["has_gauss"]),
+        "gauss": float(n["gauss"]),
+    })
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed & 0xFFFFFFFF)
+    torch.manual_seed(seed)
+
+
+# ---------------------------------------------------------------------------------------------
+# logging
+
+
+class RunLog:
+    """CSV log (+ TensorBoard scalars when tensorboard is installed); rank 0 only."""
+
+    def __init__(self, out_dir: Path, resume_step: int | None, tensorboard: bool) -> None:
+        self.path = out_dir / "log.csv"
+        rows: list[dict[str, str]] = []
+        if resume_step is not None and self.path.exists():
+            with open(self.path, newline="") as f:
+                rows = [r for r in csv.DictReader(f) if int(r.get("step") or 0) <= resume_step]
+        self.file = open(self.path, "w", newline="")
+        self.writer = csv.DictWriter(self.file, fieldnames=LOG_FIELDS)
+        self.writer.writeheader()
+        for r in rows:
+            self.writer.writerow({k: r.get(k, "") for k in LOG_FIELDS})
+        self.file.flush()
+        self.tb = None
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.tb = SummaryWriter(str(out_dir / "tensorboard"))
+            except Exception:  # noqa: BLE001 - tensorboard is optional
+                self.tb = None
+
+    def write(self, **row: Any) -> None:
+        self.writer.writerow({k: _fmt(row.get(k)) for k in LOG_FIELDS})
+        self.file.flush()
+        if self.tb is not None:
+            step = int(row["step"])
+            for key in ("loss", "dice", "lr", "samples_per_s"):
+                if row.get(key) is not None:
+                    self.tb.add_scalar(f"{row['phase']}/{key}", float(row[key]), step)
+
+    def close(self) -> None:
+        self.file.close()
+        if self.tb is not None:
+            self.tb.close()
+
+
+def _fmt(v: Any) -> str:
+    if v is None:
+        return ""
+    if isinstance(v, float):
+        return f"{v:.6g}"
+    return str(v)
+
+
+# ---------------------------------------------------------------------------------------------
+# the trainer
+
+
+@dataclass
+class TrainResult:
+    out_dir: Path
+    last: Path | None
+    best: Path | None
+    final: Path | None
+    epochs_done: int
+    global_step: int
+    best_dice: float | None
+    history: list[dict[str, Any]]
+    stopped_early: bool = False
+
+
+def _resolve_preprocessing(cfg: TrainConfig, meta: dict[str, Any]) -> tuple[float, tuple[float, float] | None]:
+    spacing = cfg.spacing_mm or meta.get("spacing_mm") or DEFAULT_SPACING_MM
+    if cfg.no_clamp:
+        clamp = None
+    elif cfg.clamp_hu is not None:
+        clamp = tuple(float(v) for v in cfg.clamp_hu)
+    else:
+        m = (meta.get("intensity") or {}).get("clamp_hu", list(DEFAULT_CLAMP_HU)) if meta else list(DEFAULT_CLAMP_HU)
+        clamp = tuple(float(v) for v in m) if m else None
+    if spacing <= 0:
+        raise BosamError(f"--spacing must be > 0 mm, got {spacing}")
+    return float(spacing), clamp  # type: ignore[return-value]
+
+
+def _build_model(cfg: TrainConfig, resume_ck: Any | None, device: torch.device) -> tuple[nn.Module, dict[str, Any]]:
+    """The model to train and the metadata of where it came from."""
+    from .checkpoints import load_model, read_checkpoint
+    from .model import build_preset
+    from .model.lora import apply_lora
+
+    origin: dict[str, Any] = {}
+    if resume_ck is not None:
+        model = load_model(checkpoint=resume_ck)
+        origin = dict((resume_ck.metadata or {}).get("init") or {})
+    elif cfg.init_from:
+        ck = read_checkpoint(cfg.init_from)
+        model = load_model(checkpoint=ck, preset=cfg.preset)
+        origin = {"from": str(cfg.init_from), "sha256": ck.sha256, "layout": ck.layout}
+    elif cfg.preset:
+        try:
+            model = build_preset(cfg.preset)
+        except ValueError as exc:
+            raise BosamError(f"--preset: {exc}") from None
+        model.checkpoint_metadata = {}
+        origin = {"from": None, "preset": cfg.preset, "note": "random initialisation"}
+    else:
+        raise BosamError("give --from CKPT to fine-tune a checkpoint, or --preset NAME to train from scratch")
+    model = model.to(device)
+    if cfg.lora_rank:
+        apply_lora(model, cfg.lora_rank)
+        if resume_ck is not None:
+            lora = (resume_ck.container or {}).get("lora")
+            if not isinstance(lora, dict):
+                raise BosamError(f"{resume_ck.path}: has no LoRA tensors to resume a --lora-rank run from")
+            own = model.state_dict()
+            missing = [k for k in lora if k not in own or own[k].shape != lora[k].shape]
+            if missing:
+                raise BosamError(f"{resume_ck.path}: LoRA tensors do not fit rank {cfg.lora_rank} ({missing[0]} ...)")
+            with torch.no_grad():
+                for k, v in lora.items():
+                    own[k].copy_(v)
+    else:
+        freeze_never_trained(model)
+    model.train()
+    return model, origin
+
+
+def _steps_per_epoch(cfg: TrainConfig, n_cases: int, world: int) -> int:
+    if cfg.steps_per_epoch:
+        return int(cfg.steps_per_epoch)
+    return max(1, math.ceil(n_cases / (cfg.batch_size * world * cfg.accumulation)))
+
+
+def _check_config(cfg: TrainConfig) -> None:
+    if cfg.loss not in LOSSES:
+        raise BosamError(f"--loss must be one of {', '.join(LOSSES)}, not {cfg.loss!r}")
+    if cfg.precision not in PRECISIONS:
+        raise BosamError(f"--precision must be one of {', '.join(PRECISIONS)}, not {cfg.precision!r}")
+    for name in ("epochs", "batch_size", "accumulation", "clicks"):
+        if int(getattr(cfg, name)) < 1:
+            raise BosamError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(cfg, name)}")
+    if cfg.lora_rank < 0:
+        raise BosamError(f"--lora-rank must be >= 0, got {cfg.lora_rank}")
+    if cfg.merge_lora and not cfg.lora_rank:
+        raise BosamError("--merge-lora needs --lora-rank R")
+    for d in list(cfg.data) + list(cfg.val_data):
+        if not Path(d).is_dir():
+            raise BosamError(f"{d}: no such dataset folder")
+
+
+def train(cfg: TrainConfig, console: Any = None, on_step: Callable[[dict[str, Any]], None] | None = None) -> TrainResult:
+    """Run training as configured; returns where the checkpoints are and the history."""
+    from .checkpoints import read_checkpoint, save_checkpoint
+    from .model.lora import lora_tensors
+
+    _check_config(cfg)
+    dist_info = setup_distributed(cfg.device)
+    if cfg.threads:
+        torch.set_num_threads(int(cfg.threads))
+    elif dist_info.device.type == "cpu" and dist_info.world > 1:
+        # several processes on one CPU: share the cores instead of oversubscribing them
+        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", dist_info.world))
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
+    out_dir = Path(cfg.out_dir)
+    last_path = out_dir / LAST
+    if dist_info.main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    if cfg.resume and not last_path.exists():
+        raise BosamError(f"{last_path}: nothing to resume (no last.pth in --out)")
+    if not cfg.resume and last_path.exists():
+        raise BosamError(f"{last_path}: exists; pass --resume to continue that run, or choose another --out")
+
+    resume_ck = read_checkpoint(last_path, keep_container=True) if cfg.resume else None
+    state = dict((resume_ck.container or {}).get("train_state") or {}) if resume_ck else {}
+    if resume_ck is not None and not state:
+        raise BosamError(f"{last_path}: not a bosam training checkpoint (no train_state)")
+    warnings: list[str] = []
+    if state:
+        old = state.get("config", {})
+        if int(old.get("lora_rank", 0)) != int(cfg.lora_rank):
+            raise BosamError(f"{last_path}: was trained with --lora-rank {old.get('lora_rank', 0)}, not {cfg.lora_rank}")
+        for k in ("seed", "batch_size", "accumulation", "clicks", "steps_per_epoch", "loss", "labels"):
+            if k in old and old[k] != cfg.plain().get(k):
+                warnings.append(f"--{k.replace('_', '-')} changed from {old[k]!r} to {cfg.plain().get(k)!r}: the resumed run will not match an uninterrupted one")
+        if int(state.get("world_size", 1)) != dist_info.world:
+            warnings.append(f"world size changed from {state.get('world_size')} to {dist_info.world}")
+
+    seed_everything(cfg.seed + dist_info.rank)
+    if dist_info.device.type == "cuda" and dist_info.world > 1:
+        torch.backends.cudnn.deterministic = True
+
+    # -- data -------------------------------------------------------------------------------
+    scan = scan_dataset(cfg.data, cfg.labels, cfg.labelmap, ("Tr",), cfg.cache)
+    refuse_errors(scan, cfg.skip_bad, "training")
+    val_scan = None
+    if cfg.val_data:
+        val_scan = scan_dataset(cfg.val_data, cfg.labels, cfg.labelmap, ("Tr", "Val", "Ts"), cfg.cache,
+                                max_cases=cfg.val_cases)
+        refuse_errors(val_scan, cfg.skip_bad, "validation")
+
+    # -- model, optimiser ---------------------------------------------------------------------
+    model, origin = _build_model(cfg, resume_ck, dist_info.device)
+    base_meta = dict(getattr(model, "checkpoint_metadata", {}) or {})
+    if resume_ck is not None:
+        spacing = float(base_meta.get("spacing_mm", DEFAULT_SPACING_MM))
+        c = (base_meta.get("intensity") or {}).get("clamp_hu")
+        clamp = tuple(c) if c else None
+    else:
+        spacing, clamp = _resolve_preprocessing(cfg, base_meta)
+    lr = cfg.lr if cfg.lr is not None else (5e-4 if cfg.lora_rank else 1e-4)
+    optimizer = torch.optim.AdamW(param_groups(model, lr, cfg.weight_decay), betas=(0.9, 0.999))
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingWarmRestarts(optimizer, T_0=5, T_mult=2)
+    if cfg.precision == "auto":
+        precision = "fp16" if dist_info.device.type == "cuda" else "fp32"
+    else:
+        precision = cfg.precision
+    if precision == "fp16" and dist_info.device.type != "cuda":
+        raise BosamError("--precision fp16 needs a CUDA device (use fp32 or bf16 on CPU)")
+    autocast_dtype = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
+    scaler = torch.amp.GradScaler("cuda", enabled=precision == "fp16")
+
+    loop = ClickLoop(model, build_loss(cfg.loss), cfg.detach_mask, cfg.upsample, autocast_dtype).to(dist_info.device)
+    runner: nn.Module = loop
+    if dist_info.world > 1:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        runner = DDP(loop, device_ids=[dist_info.device.index] if dist_info.device.type == "cuda" else None)
+
+    start_epoch, start_step, global_step = 0, 0, 0
+    best_dice: float | None = None
+    sums = {"loss": 0.0, "dice": 0.0, "n": 0}
+    if state:
+        c = resume_ck.container  # type: ignore[union-attr]
+        optimizer.load_state_dict(c["optimizer"])
+        scheduler.load_state_dict(c["scheduler"])
+        if c.get("scaler"):
+            scaler.load_state_dict(c["scaler"])
+        states = c.get("rng") or []
+        if dist_info.rank < len(states):
+            set_rng_state(states[dist_info.rank])
+        start_epoch = int(state["epoch"])
+        start_step = int(state["step_in_epoch"])
+        global_step = int(state["global_step"])
+        best_dice = state.get("best_dice")
+        sums = dict(state.get("epoch_sums") or sums)
+
+    label_ids = sorted({lab for info in scan.infos for lab in info.labels})
+    patch_cfg = PatchConfig(
+        spacing_mm=spacing, size=model.img_size, clamp_hu=clamp, max_shift_vox=cfg.max_shift_vox,
+        min_fg_mm3=cfg.min_fg_mm3, flip=cfg.flip, intensity_scale=cfg.intensity_jitter,
+        intensity_shift=cfg.intensity_jitter, spacing_jitter=cfg.spacing_jitter,
+    )
+    sampler = PatchSampler(CaseStore(scan.infos, cfg.cache), patch_cfg)
+    steps = _steps_per_epoch(cfg, len(scan.infos), dist_info.world)
+    data_summary = scan.summary()
+    if sampler.too_small:
+        data_summary["too_small_for_patch_rule"] = [f"{k}:{lab}" for k, lab in sampler.too_small]
+
+    def metadata(epoch_done: int, extra_training: dict[str, Any]) -> dict[str, Any]:
+        meta = {
+            "spacing_mm": spacing,
+            "intensity": {"clamp_hu": list(clamp) if clamp else None, "pad_value": 0.0},
+            "label_ids": label_ids,
+            "label_names": {str(i): scan.label_names.get(i, f"label_{i}") for i in label_ids},
+            "data": data_summary,
+            "init": origin,
+            "training": {
+                "config": cfg.plain(),
+                "epochs_done": epoch_done,
+                "global_step": global_step,
+                "steps_per_epoch": steps,
+                "world_size": dist_info.world,
+                "device": dist_info.device.type,
+                "precision": precision,
+                "lr": lr,
+                "patch": patch_cfg.as_dict(),
+                **extra_training,
+            },
+        }
+        if cfg.lora_rank:
+            meta["lora"] = {"rank": cfg.lora_rank, "targets": "q,v of every image-encoder block", "merged_in_weights": True}
+        return meta
+
+    def gather_rng() -> list[dict[str, Any]]:
+        mine = rng_state()
+        if dist_info.world == 1:
+            return [mine]
+        import torch.distributed as dist
+
+        allr: list[Any] = [None] * dist_info.world
+        dist.all_gather_object(allr, mine)
+        return allr
+
+    def save_last(epoch: int, step_in_epoch: int, extra_training: dict[str, Any]) -> None:
+        rngs = gather_rng()
+        if not dist_info.main:
+            return
+        extra = {
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "scaler": scaler.state_dict() if scaler.is_enabled() else {},
+            "rng": rngs,
+            "train_state": {
+                "epoch": epoch,
+                "step_in_epoch": step_in_epoch,
+                "global_step": global_step,
+                "best_dice": best_dice,
+                "epoch_sums": dict(sums),
+                "world_size": dist_info.world,
+                "config": cfg.plain(),
+            },
+        }
+        if cfg.lora_rank:
+            extra["lora"] = lora_tensors(model)
+        save_checkpoint(model, last_path, metadata=metadata(epoch, extra_training), extra=extra)
+
+    # -- batches: a pure function of (seed, rank, epoch, step, micro) --------------------------
+    def make_batch(epoch: int, step: int, micro: int) -> list[Patch]:
+        return sampler.batch(patch_rng(cfg.seed, dist_info.rank, epoch, step, micro, 0), cfg.batch_size)
+
+    order = [(e, s, m) for e in range(start_epoch, cfg.epochs) for s in range(start_step if e == start_epoch else 0, steps)
+             for m in range(cfg.accumulation)]
+    pool = ThreadPoolExecutor(max_workers=cfg.workers) if cfg.workers > 0 else None
+    pending: dict[tuple[int, int, int], Any] = {}
+
+    def get_batch(i: int) -> list[Patch]:
+        key = order[i]
+        if pool is None:
+            return make_batch(*key)
+        for j in range(i, min(i + 1 + cfg.workers, len(order))):
+            if order[j] not in pending:
+                pending[order[j]] = pool.submit(make_batch, *order[j])
+        return pending.pop(key).result()
+
+    log = RunLog(out_dir, global_step if state else None, cfg.tensorboard) if dist_info.main else None
+    progress = _Progress(console, dist_info.main, cfg.epochs, steps)
+    history: list[dict[str, Any]] = []
+    result = TrainResult(out_dir, None, None, None, start_epoch, global_step, best_dice, history)
+    if dist_info.main and console is not None:
+        for w in warnings:
+            console.print(f"[yellow]warning:[/] {w}")
+        for p in scan.warnings:
+            console.print(f"[yellow]warning:[/] {p}")
+    t_start = time.perf_counter()
+    idx = 0
+    stopped = False
+    try:
+        for epoch in range(start_epoch, cfg.epochs):
+            progress.start_epoch(epoch, start_step if epoch == start_epoch else 0)
+            for step in range(start_step if epoch == start_epoch else 0, steps):
+                t0 = time.perf_counter()
+                step_loss, step_dice = 0.0, 0.0
+                for micro in range(cfg.accumulation):
+                    patches = get_batch(idx)
+                    idx += 1
+                    images, targets, gt = batch_tensors(patches, dist_info.device)
+                    click_rng = patch_rng(cfg.seed, dist_info.rank, epoch, step, micro, 1)
+                    schedule = training_schedule(cfg.clicks, click_rng)
+                    sync = contextlib.nullcontext()
+                    if dist_info.world > 1 and micro < cfg.accumulation - 1:
+                        sync = runner.no_sync()  # type: ignore[operator]
+                    with sync:
+                        loss, dice = runner(images, targets, gt, schedule, click_rng)
+                        scaler.scale(loss / cfg.accumulation).backward()
+                    step_loss += float(loss.detach()) / cfg.accumulation
+                    step_dice += float(dice.mean()) / cfg.accumulation
+                scaler.step(optimizer)
+                scaler.update()
+                optimizer.zero_grad(set_to_none=True)
+                global_step += 1
+                step_loss, step_dice = _mean_across(dist_info, step_loss, step_dice)
+                sums["loss"] += step_loss
+                sums["dice"] += step_dice
+                sums["n"] += 1
+                dt = time.perf_counter() - t0
+                rate = cfg.batch_size * cfg.accumulation * dist_info.world / max(dt, 1e-9)
+                row = dict(phase="train", epoch=epoch, step=global_step, loss=step_loss, dice=step_dice,
+                           lr=optimizer.param_groups[0]["lr"], samples_per_s=rate,
+                           elapsed_s=time.perf_counter() - t_start)
+                if log is not None:
+                    log.write(**row)
+                if on_step is not None and dist_info.main:
+                    on_step(row)
+                progress.advance(step_loss, step_dice, 1.0 / max(dt, 1e-9))
+                last_in_epoch = step == steps - 1
+                if not last_in_epoch and cfg.checkpoint_every and global_step % cfg.checkpoint_every == 0:
+                    save_last(epoch, step + 1, {"loss": step_loss})
+                    result.last = last_path
+                if not last_in_epoch and cfg.stop_after_steps and global_step >= cfg.stop_after_steps:
+                    if not (cfg.checkpoint_every and global_step % cfg.checkpoint_every == 0):
+                        save_last(epoch, step + 1, {"loss": step_loss})
+                    stopped = True
+                    break
+            if stopped:
+                break
+            # -- end of epoch: validate, step the schedule, write checkpoints ------------------
+            n = max(1, int(sums["n"]))
+            epoch_row = {"epoch": epoch, "loss": sums["loss"] / n, "dice": sums["dice"] / n, "val_dice": None,
+                         "lr": optimizer.param_groups[0]["lr"]}
+            if val_scan is not None:
+                val_dice = None
+                if dist_info.main:
+                    val_dice = validate(model, dist_info.device, val_scan, cfg, spacing, clamp, cfg.val_cases)
+                    model.train()
+                epoch_row["val_dice"] = val_dice
+                if dist_info.main and log is not None and val_dice is not None:
+                    log.write(phase="val", epoch=epoch, step=global_step, dice=val_dice,
+                              elapsed_s=time.perf_counter() - t_start)
+            scheduler.step()
+            sums = {"loss": 0.0, "dice": 0.0, "n": 0}
+            improved = epoch_row["val_dice"] is not None and (best_dice is None or epoch_row["val_dice"] > best_dice)
+            if improved:
+                best_dice = float(epoch_row["val_dice"])
+            info = {"loss": epoch_row["loss"], "train_dice": epoch_row["dice"], "val_dice": epoch_row["val_dice"]}
+            save_last(epoch + 1, 0, info)
+            result.last = last_path
+            if improved and dist_info.main:
+                save_checkpoint(model, out_dir / BEST, metadata=metadata(epoch + 1, {**info, "best": True}))
+                result.best = out_dir / BEST
+            history.append(epoch_row)
+            progress.end_epoch(epoch_row)
+            result.epochs_done = epoch + 1
+            if cfg.stop_after_steps and global_step >= cfg.stop_after_steps and epoch + 1 < cfg.epochs:
+                stopped = True
+                break
+        if not stopped and dist_info.main:
+            extra: dict[str, Any] = {}
+            if cfg.lora_rank and not cfg.merge_lora:
+                extra["lora"] = lora_tensors(model)
+            final_meta = metadata(cfg.epochs, {"final": True, "best_val_dice": best_dice})
+            if cfg.merge_lora:
+                final_meta["lora"]["adapters"] = "merged and dropped"
+            result.final = save_checkpoint(model, out_dir / FINAL, metadata=final_meta, extra=extra)
+            if cfg.safetensors:
+                save_checkpoint(model, out_dir / "final.safetensors", metadata=final_meta)
+    finally:
+        progress.stop()
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)
+        if log is not None:
+            log.close()
+        if dist_info.world > 1:
+            import torch.distributed as dist
+
+            if dist.is_initialized():
+                dist.barrier()
+                dist.destroy_process_group()
+    result.global_step = global_step
+    result.best_dice = best_dice
+    result.stopped_early = stopped
+    if (out_dir / BEST).exists():
+        result.best = out_dir / BEST
+    return result
+
+
+def _mean_across(d: Dist, *values: float) -> tuple[float, ...]:
+    if d.world == 1:
+        return tuple(values)
+    import torch.distributed as dist
+
+    t = torch.tensor(values, dtype=torch.float64, device=d.device)
+    dist.all_reduce(t)
+    return tuple(float(v) / d.world for v in t.tolist())
+
+
+def validate(model: nn.Module, device: torch.device, scan: Any, cfg: TrainConfig, spacing: float,
+             clamp: tuple[float, float] | None, max_cases: int) -> float | None:
+    """Mean Dice after ``cfg.val_clicks`` clicks of the evaluate ``clicks`` protocol on the
+    first ``max_cases`` validation cases (at most ``val_labels_per_case`` labels each)."""
+    from engines.torch_engine import TorchEngine
+
+    from .evaluate import run_clicks_protocol
+    from .session import Session
+    from .windows import Intensity
+
+    engine = TorchEngine(model, device=str(device))
+    session = Session(engine, spacing_mm=spacing, intensity=Intensity(clamp_hu=clamp), max_windows=4)
+    records = run_clicks_protocol(session, scan, cfg.val_clicks, max_cases=max_cases,
+                                  labels_per_case=cfg.val_labels_per_case, nsd_tolerance_mm=None)
+    final = [r.dice for r in records if r.click == cfg.val_clicks]
+    return float(np.mean(final)) if final else None
+
+
+class _Progress:
+    """Rich progress bar (rank 0, terminals) with loss, Dice and it/s; a line per epoch otherwise."""
+
+    def __init__(self, console: Any, enabled: bool, epochs: int, steps: int) -> None:
+        self.console = console
+        self.enabled = enabled and console is not None
+        self.epochs, self.steps = epochs, steps
+        self.bar = None
+        self.task = None
+        if self.enabled and getattr(console, "is_terminal", False):
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+            self.bar = Progress(
+                TextColumn("[bold]epoch {task.fields[epoch]}/{task.fields[epochs]}"), BarColumn(), MofNCompleteColumn(),
+                TextColumn("loss {task.fields[loss]:.4f}  Dice {task.fields[dice]:.3f}  {task.fields[rate]:.2f} it/s"),
+                TimeElapsedColumn(), TimeRemainingColumn(), console=console,
+            )
+            self.bar.start()
+
+    def start_epoch(self, epoch: int, done: int) -> None:
+        if self.bar is not None:
+            if self.task is not None:
+                self.bar.remove_task(self.task)
+            self.task = self.bar.add_task("", total=self.steps, completed=done, epoch=epoch + 1, epochs=self.epochs,
+                                          loss=float("nan"), dice=float("nan"), rate=0.0)
+
+    def advance(self, loss: float, dice: float, rate: float) -> None:
+        if self.bar is not None and self.task is not None:
+            self.bar.update(self.task, advance=1, loss=loss, dice=dice, rate=rate)
+
+    def end_epoch(self, row: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        val = f", validation Dice {row['val_dice']:.3f}" if row.get("val_dice") is not None else ""
+        self.console.print(f"epoch {row['epoch'] + 1}/{self.epochs}: loss {row['loss']:.4f}, Dice {row['dice']:.3f}{val}")
+
+    def stop(self) -> None:
+        if self.bar is not None:
+            self.bar.stop()

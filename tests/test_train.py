@@ -1,0 +1,245 @@
+"""bosam train: the click loop, LoRA, checkpoints, exact resume, DDP with two CPU processes, CLI.
+
+Everything runs the ``tiny`` preset on small phantom datasets with one torch thread per process
+(on a shared 2-core machine one thread is several times faster than two oversubscribed ones).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from bone_datasets import make_dataset, paint_case, save_nifti
+from bosam_cli.checkpoints import load_model, read_checkpoint, save_checkpoint
+from bosam_cli.errors import BosamError
+from bosam_cli.train import ClickLoop, TrainConfig, Upsampler, build_loss, freeze_never_trained, param_groups, train
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def phantoms(tmp_path_factory) -> Path:
+    from bosam_cli.phantom import write_phantom_dataset
+
+    return write_phantom_dataset(tmp_path_factory.mktemp("train") / "ds", [1, 2], shape=(40, 40, 32), spacing_mm=(3.0, 3.0, 3.0))
+
+
+def _cfg(data: Path, out: Path, **kw) -> TrainConfig:
+    base = dict(data=[str(data)], out_dir=str(out), preset="tiny", epochs=1, steps_per_epoch=2, clicks=2,
+                min_fg_mm3=500.0, workers=0, threads=1, tensorboard=False)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def _bosam(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "bosam_cli", *args], capture_output=True, text=True,
+                          env={**os.environ, "COLUMNS": "200", "OMP_NUM_THREADS": "1", **(env or {})}, timeout=600)
+
+
+# ---------------------------------------------------------------------------------------------
+# the pieces of a step
+
+
+def test_matmul_upsampling_is_torch_trilinear():
+    low = torch.randn(2, 1, 32, 32, 32)
+    ref = torch.nn.functional.interpolate(low, size=(128,) * 3, mode="trilinear", align_corners=False)
+    assert (Upsampler(32, 128)(low) - ref).abs().max() < 1e-5
+
+
+def test_click_loop_learns_a_fixed_window():
+    """Loss summed over click iterations, BPTT through the mask prompt: a few AdamW steps on one
+    window lower it (the loop, loss and optimiser groups are wired to the right parameters)."""
+    torch.manual_seed(0)
+    from bosam_cli.model import build_preset
+
+    sam = build_preset("tiny").train()
+    frozen = freeze_never_trained(sam)
+    assert any("iou_prediction_head" in n for n in frozen)
+    groups = param_groups(sam, 1e-3, 0.1)
+    assert [(g["name"], g["lr"]) for g in groups] == [("image_encoder", 1e-3), ("prompt_encoder", 1e-4), ("mask_decoder", 1e-4)]
+    opt = torch.optim.AdamW(groups)
+    loop = ClickLoop(sam, build_loss("dicece"))
+    gt = np.zeros((1, 128, 128, 128), bool)
+    gt[0, 44:84, 50:78, 40:90] = True
+    images = torch.from_numpy(np.where(gt, 2.0, -0.5).astype(np.float32))[:, None]
+    targets = torch.from_numpy(gt[:, None].astype(np.float32))
+    losses = []
+    for step in range(4):
+        loss, dice = loop(images, targets, gt, [True, True], np.random.default_rng(step))
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(float(loss.detach()))
+    assert losses[-1] < losses[0], losses
+    assert 0.0 <= float(dice.mean()) <= 1.0
+
+
+# ---------------------------------------------------------------------------------------------
+# runs
+
+
+def test_training_writes_loadable_checkpoints_with_metadata(phantoms, tmp_path):
+    out = tmp_path / "run"
+    result = train(_cfg(phantoms, out, epochs=2, val_data=[str(phantoms)], val_cases=1, val_clicks=1))
+    assert result.epochs_done == 2 and result.global_step == 4 and not result.stopped_early
+    for name in ("last.pth", "best.pth", "final.pth"):
+        assert (out / name).exists(), name
+    rows = (out / "log.csv").read_text().splitlines()
+    assert rows[0].startswith("phase,epoch,step,loss,dice") and sum(r.startswith("train,") for r in rows) == 4
+    assert sum(r.startswith("val,") for r in rows) == 2
+    model = load_model(out / "final.pth")
+    meta = model.checkpoint_metadata
+    assert model.preset == "tiny" and meta["spacing_mm"] == 1.5 and meta["intensity"]["clamp_hu"] == [-1000.0, 1000.0]
+    assert meta["label_ids"] and meta["training"]["global_step"] == 4 and meta["data"]["cases"] == 2
+    # what a SAM-Med3D tool does with the file: plain torch.load and a 'model_state_dict'
+    raw = torch.load(out / "last.pth", map_location="cpu", weights_only=True)
+    assert set(raw["model_state_dict"]) == set(model.state_dict())
+    assert {"optimizer", "scheduler", "rng", "train_state"} <= set(raw)
+    assert raw["train_state"]["epoch"] == 2 and raw["train_state"]["global_step"] == 4
+    # the scheduler is stepped per epoch: T_cur = 2 of T_0 = 5
+    assert raw["scheduler"]["T_cur"] == 2 and raw["scheduler"]["T_0"] == 5
+
+
+def test_resume_after_an_interruption_ends_with_the_same_weights(phantoms, tmp_path):
+    kw = dict(epochs=2, steps_per_epoch=2, checkpoint_every=1)
+    train(_cfg(phantoms, tmp_path / "whole", **kw))
+    first = train(_cfg(phantoms, tmp_path / "cut", stop_after_steps=3, **kw))  # stops inside epoch 2
+    assert first.stopped_early and first.global_step == 3 and not (tmp_path / "cut" / "final.pth").exists()
+    second = train(_cfg(phantoms, tmp_path / "cut", resume=True, **kw))
+    assert second.global_step == 4 and not second.stopped_early
+    a = read_checkpoint(tmp_path / "whole" / "last.pth", keep_container=True)
+    b = read_checkpoint(tmp_path / "cut" / "last.pth", keep_container=True)
+    for key, value in a.state_dict.items():
+        assert torch.equal(value, b.state_dict[key]), key
+    sa, sb = a.container["optimizer"]["state"], b.container["optimizer"]["state"]
+    assert all(torch.equal(sa[i]["exp_avg"], sb[i]["exp_avg"]) for i in sa)
+    # the log of the resumed run reads like the uninterrupted one
+    col = lambda p: [r.split(",")[:5] for r in (p / "log.csv").read_text().splitlines()]  # noqa: E731
+    assert col(tmp_path / "whole") == col(tmp_path / "cut")
+
+
+def test_resume_refusals(phantoms, tmp_path):
+    with pytest.raises(BosamError, match="nothing to resume"):
+        train(_cfg(phantoms, tmp_path / "none", resume=True))
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "last.pth").write_bytes(b"x")
+    with pytest.raises(BosamError, match="pass --resume"):
+        train(_cfg(phantoms, tmp_path / "run"))
+    with pytest.raises(BosamError, match="--from CKPT .* or --preset"):
+        train(_cfg(phantoms, tmp_path / "p", preset=None))
+    with pytest.raises(BosamError, match="fp16 needs a CUDA"):
+        train(_cfg(phantoms, tmp_path / "q", precision="fp16", device="cpu"))
+
+
+# ---------------------------------------------------------------------------------------------
+# LoRA
+
+
+def test_lora_starts_at_the_base_model_and_merges_into_a_plain_checkpoint(phantoms, tmp_path):
+    from bosam_cli.model import build_preset
+    from bosam_cli.model.lora import apply_lora
+
+    torch.manual_seed(1)
+    base = build_preset("tiny").eval()
+    base_ck = save_checkpoint(base, tmp_path / "base.pth")
+    # step 0 = base: same output for the same input
+    wrapped = load_model(base_ck)
+    apply_lora(wrapped, 4)
+    x = torch.randn(1, 1, 128, 128, 128)
+    pts, labs, mask = torch.tensor([[[60.0, 64.0, 70.0]]]), torch.tensor([[1]]), torch.zeros(1, 1, 32, 32, 32)
+    with torch.no_grad():
+        ref = base.decode(base.image_encoder(x), pts, labs, mask)[0]
+        got = wrapped.decode(wrapped.image_encoder(x), pts, labs, mask)[0]
+    assert torch.equal(ref, got)
+
+    out = tmp_path / "lora"
+    train(_cfg(phantoms, out, init_from=str(base_ck), preset=None, lora_rank=4, merge_lora=True, lr=1e-3,
+               steps_per_epoch=1, checkpoint_every=0))
+    final = torch.load(out / "final.pth", map_location="cpu", weights_only=True)
+    assert "lora" not in final and final["bosam"]["lora"]["rank"] == 4
+    merged = load_model(out / "final.pth")
+    assert merged.checkpoint_metadata["lora"]["adapters"] == "merged and dropped"
+    before, after = base.state_dict(), merged.state_dict()
+    assert set(before) == set(after)
+    changed = sorted(k for k in before if not torch.equal(before[k], after[k]))
+    assert changed and all(k.endswith("attn.qkv.weight") for k in changed)  # only q/v deltas moved
+    # last.pth keeps the adapters and the base qkv for an exact resume
+    last = torch.load(out / "last.pth", map_location="cpu", weights_only=True)
+    assert any(k.endswith("linear_b_q.weight") for k in last["lora"])
+    assert any(k.endswith("attn.qkv.qkv.weight") for k in last["lora"])
+
+
+def test_lora_resume_is_exact(phantoms, tmp_path):
+    kw = dict(epochs=1, steps_per_epoch=2, checkpoint_every=1, lora_rank=2, lr=1e-3)
+    train(_cfg(phantoms, tmp_path / "whole", **kw))
+    train(_cfg(phantoms, tmp_path / "cut", stop_after_steps=1, **kw))
+    train(_cfg(phantoms, tmp_path / "cut", resume=True, **kw))
+    a = torch.load(tmp_path / "whole" / "final.pth", weights_only=True)
+    b = torch.load(tmp_path / "cut" / "final.pth", weights_only=True)
+    for part in ("model_state_dict", "lora"):
+        assert all(torch.equal(v, b[part][k]) for k, v in a[part].items()), part
+
+
+# ---------------------------------------------------------------------------------------------
+# DDP and the CLI
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_ddp_with_two_cpu_processes_writes_one_checkpoint(phantoms, tmp_path):
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+           "--master_port", str(_free_port()), "-m", "bosam_cli", "train", "--data", str(phantoms), "--out", str(out),
+           "--preset", "tiny", "--epochs", "1", "--steps-per-epoch", "2", "--clicks", "2", "--min-fg-mm3", "500",
+           "--workers", "0", "--no-tensorboard", "--json"]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=600,
+                         env={**os.environ, "OMP_NUM_THREADS": "1", "COLUMNS": "200"})
+    assert res.returncode == 0, res.stderr[-3000:]
+    summary = json.loads(res.stdout[res.stdout.index("{"):])  # only rank 0 prints
+    assert summary["global_step"] == 2
+    assert sorted(p.name for p in out.iterdir()) == ["final.pth", "last.pth", "log.csv"]
+    raw = torch.load(out / "last.pth", map_location="cpu", weights_only=True)
+    assert raw["train_state"]["world_size"] == 2 and len(raw["rng"]) == 2
+    assert raw["bosam"]["training"]["world_size"] == 2
+    load_model(out / "final.pth")
+
+
+def test_cli_train_refuses_a_dataset_with_mismatched_grids(tmp_path):
+    root = make_dataset(tmp_path / "ds", 1)
+    ct, lab, aff = paint_case(5)
+    save_nifti(ct, aff, root / "imagesTr" / "odd_0000.nii.gz")
+    save_nifti(lab[:, :-3], aff, root / "labelsTr" / "odd.nii.gz")
+    res = _bosam("train", "--data", str(root), "--out", str(tmp_path / "run"), "--preset", "tiny", "--threads", "1")
+    assert res.returncode == 2
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and "odd.nii.gz" in lines[0] and "shape" in lines[0] and "--skip-bad" in lines[0]
+    assert not (tmp_path / "run" / "last.pth").exists()
+    res = _bosam("train", "--data", str(tmp_path / "nope"), "--out", str(tmp_path / "run"), "--preset", "tiny")
+    assert res.returncode == 2 and "nope: no such dataset folder" in res.stderr
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_amp_step_with_grad_scaler(phantoms, tmp_path):
+    result = train(_cfg(phantoms, tmp_path / "gpu", device="cuda", precision="fp16", steps_per_epoch=2))
+    raw = torch.load(tmp_path / "gpu" / "last.pth", map_location="cpu", weights_only=True)
+    assert result.global_step == 2 and raw["scaler"]["scale"] > 0
+    assert raw["bosam"]["training"]["precision"] == "fp16"
