@@ -157,6 +157,150 @@ def points_check(
         con.print(f"[yellow]warning:[/] {outside} of {len(records)} clicks fall outside the volume; segmentation would refuse this file")
 
 
+def open_engine_for(
+    engine: str,
+    checkpoint: Optional[Path],
+    engine_dir: Optional[Path],
+    device: Optional[str],
+    precision: str,
+    threads: Optional[int],
+):
+    """The engine a command asked for (checkpoint defaults to the bundled model)."""
+    from engines.registry import open_engine
+
+    from .segment import resolve_checkpoint
+
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+    ck = resolve_checkpoint(checkpoint) if (checkpoint or engine_dir is None) else None
+    return open_engine(
+        engine, checkpoint=ck, engine_dir=str(engine_dir) if engine_dir else None,
+        device=device, precision=precision, threads=threads,
+    )
+
+
+ENGINE_HELP = "torch, onnxruntime, tensorrt, or auto (TensorRT, then ONNX Runtime CUDA, then ONNX Runtime CPU, then torch)."
+
+
+@app.command()
+@handle_errors
+def segment(
+    ct: Path = typer.Argument(..., help="CT (.nii, .nii.gz, .nrrd, DICOM series folder); for a batch a folder of CTs or a CSV/JSON manifest (columns ct, points, out)."),
+    points: Optional[Path] = typer.Option(None, "--points", "-p", help="Prompt file with the clicks (bosam JSON, Slicer .mrk.json, MONAI Label); for a batch a folder of them matched by CT name."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Label map path (.nii.gz) or output folder [default: ./<ct>_bosam.nii.gz]."),
+    checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", "-c", help="Model weights (SAM-Med3D, turbo, BoSAM, BoSAM-LoRA or bosam) [default: the bundled model]."),
+    engine: str = typer.Option("auto", "--engine", help=ENGINE_HELP),
+    engine_dir: Optional[Path] = typer.Option(None, "--engine-dir", help="Folder written by 'bosam export' (ONNX / TensorRT engines)."),
+    device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda, cuda:1 ... [default: best available]."),
+    precision: str = typer.Option("fp32", "--precision", help="fp32, bf16 or fp16 (torch autocast; fp16 needs CUDA)."),
+    spacing: Optional[float] = typer.Option(None, "--spacing", help="Model window spacing in mm [default: the checkpoint's, else 1.5]."),
+    no_clamp: bool = typer.Option(False, "--no-clamp", help="Do not clamp HU to [-1000, 1000] before normalising."),
+    max_windows: int = typer.Option(8, "--max-windows", help="Most 128^3 windows one bone may grow into."),
+    per_object: bool = typer.Option(False, "--per-object", help="Also write one mask file per bone."),
+    overlay: bool = typer.Option(False, "--overlay", help="Also write a PNG with three slices through each bone and its clicks."),
+    mesh: bool = typer.Option(False, "--mesh", help="Also write one STL surface per bone, in patient millimetres."),
+    interactive_mode: bool = typer.Option(False, "--interactive", "-i", help="Read clicks line by line ('+ x y z', '- x y z', 'object N', 'undo', 'save', 'quit')."),
+    coords: str = typer.Option("RAS", "--coords", help="Coordinate system of interactive clicks: RAS, LPS (mm) or voxel."),
+    threads: Optional[int] = typer.Option(None, "--threads", help="CPU threads for the engine."),
+    as_json: bool = typer.Option(False, "--json", help="Print the manifest(s) as JSON."),
+) -> None:
+    """Segment bones from clicks: a label map on the exact grid of the CT, plus a JSON manifest."""
+    from .segment import SegmentOptions, engine_metadata, find_cases, interactive, is_batch, segment_batch, segment_file
+
+    options = SegmentOptions(
+        spacing_mm=spacing,
+        clamp_hu=() if no_clamp else None,
+        max_windows=max_windows,
+        per_object=per_object,
+        overlay=overlay,
+        mesh=mesh,
+    )
+    if not ct.exists():
+        fail(f"{ct}: no such file or folder")
+    if interactive_mode:
+        eng = open_engine_for(engine, checkpoint, engine_dir, device, precision, threads)
+        failures = interactive(ct, out, eng, options, coordinate_system=coords, points=points)
+        if failures:
+            raise typer.Exit(1)
+        return
+    if is_batch(ct):
+        cases = find_cases(ct, points)
+        eng = open_engine_for(engine, checkpoint, engine_dir, device, precision, threads)
+        _segment_batch_cli(cases, out, eng, options, as_json)
+        return
+    if points is None:
+        fail("--points: a prompt file is required (or use --interactive)")
+    eng = open_engine_for(engine, checkpoint, engine_dir, device, precision, threads)
+    manifest = segment_file(ct, points, out, eng, options)
+    if as_json:
+        print_json(manifest)
+        return
+    _print_segment_summary([manifest])
+
+
+def _print_segment_summary(manifests: list) -> None:
+    from rich.table import Table
+
+    con = _console()
+    for m in manifests:
+        t = Table(title=f"{m['input']['ct']} -> {m['output']['label_map']}")
+        for col in ("label", "name", "clicks", "voxels", "volume mm³", "windows", "note"):
+            t.add_column(col, justify="right" if col in ("label", "clicks", "voxels", "volume mm³", "windows") else "left")
+        for o in m["objects"]:
+            t.add_row(
+                str(o["label"]), o["name"], str(len(o["clicks"])), f"{o['voxels']:,}", f"{o['volume_mm3']:,.0f}",
+                str(o["windows"]), "truncated at window limit" if o["truncated"] else "",
+            )
+        con.print(t)
+        ts = m["timings_s"]
+        con.print(
+            "engine {e} on {d}; time {total:.2f} s (read {read:.2f}, windows {sample_windows:.2f}, encoder {encoder:.2f}, "
+            "decoder {decoder:.2f}, map back {map_back:.2f}, write {write:.2f})".format(
+                e=m["engine"]["engine"], d=m["engine"]["device"], **ts
+            )
+        )
+
+
+def _segment_batch_cli(cases: list, out: Optional[Path], eng, options, as_json: bool) -> None:
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    from rich.table import Table
+
+    from .segment import segment_batch
+
+    con = _console(stderr=True)
+    with Progress(
+        TextColumn("[bold]segment"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TextColumn("{task.description}"),
+        console=con, transient=True,
+    ) as progress:
+        task = progress.add_task("", total=len(cases))
+
+        def on_case(case, manifest, error):
+            progress.update(task, advance=1, description=case.ct.name)
+
+        results = segment_batch(cases, out, eng, options, on_case=on_case)
+    failed = [r for r in results if not r["ok"]]
+    if as_json:
+        print_json(results)
+    else:
+        t = Table(title=f"bosam segment: {len(results) - len(failed)} of {len(results)} cases done")
+        for col in ("case", "status", "objects", "voxels", "seconds"):
+            t.add_column(col)
+        for r in results:
+            m = r["manifest"]
+            if r["ok"]:
+                t.add_row(Path(r["ct"]).name, "[green]ok[/]", str(len(m["objects"])),
+                          f"{sum(o['voxels'] for o in m['objects']):,}", f"{m['timings_s']['total']:.1f}")
+            else:
+                t.add_row(Path(r["ct"]).name, "[red]failed[/]", "", "", r["error"])
+        _console().print(t)
+    for r in failed:
+        _console(stderr=True).print(f"[bold red]error:[/] {r['error']}", soft_wrap=True)
+    if failed:
+        raise typer.Exit(1)
+
+
 @app.command("export")
 @handle_errors
 def export_command(
@@ -316,6 +460,54 @@ def bench(
     con.print(t)
     for s in skipped:
         con.print(f"[dim]skipped {s['engine']}: {s['reason']}[/]")
+
+
+@app.command()
+@handle_errors
+def demo(
+    out: Path = typer.Option(Path("bosam_demo"), "--out", "-o", help="Folder for the demo outputs."),
+    ct: Optional[Path] = typer.Option(None, "--ct", help="Use this CT instead of a generated phantom (needs --points)."),
+    points: Optional[Path] = typer.Option(None, "--points", "-p", help="Prompt file for --ct."),
+    seed: int = typer.Option(0, "--seed", help="Phantom seed (anatomy, grid and noise)."),
+    checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", "-c", help="Model weights [default: the bundled model]."),
+    engine: str = typer.Option("auto", "--engine", help=ENGINE_HELP),
+    engine_dir: Optional[Path] = typer.Option(None, "--engine-dir", help="Folder written by 'bosam export'."),
+    device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda ..."),
+    threads: Optional[int] = typer.Option(None, "--threads", help="CPU threads for the engine."),
+    as_json: bool = typer.Option(False, "--json", help="Print the manifest as JSON."),
+) -> None:
+    """Segment the bones of a synthetic CT phantom from one click each and score them against its truth."""
+    from .demo import run_demo
+    from .segment import SegmentOptions
+
+    if ct is not None and points is None:
+        fail("--points: a prompt file is required with --ct")
+    eng = open_engine_for(engine, checkpoint, engine_dir, device, "fp32", threads)
+    manifest = run_demo(out, eng, ct=ct, points=points, seed=seed, options=SegmentOptions(overlay=True))
+    if as_json:
+        print_json(manifest)
+        return
+    from rich.table import Table
+
+    con = _console()
+    d = manifest["demo"]
+    title = f"bosam demo: {manifest['input']['ct']}"
+    t = Table(title=title)
+    for col in ("label", "bone", "voxels", "volume mm³", "Dice vs truth"):
+        t.add_column(col, justify="left" if col == "bone" else "right")
+    for o in manifest["objects"]:
+        dice = o.get("dice_vs_truth")
+        t.add_row(str(o["label"]), o["name"], f"{o['voxels']:,}", f"{o['volume_mm3']:,.0f}", "" if dice is None else f"{dice:.3f}")
+    con.print(t)
+    if d.get("mean_dice") is not None:
+        con.print(f"mean Dice {d['mean_dice']:.3f} over {len(manifest['objects'])} bones (one click each)")
+    ts = manifest["timings_s"]
+    con.print(
+        f"engine {manifest['engine']['engine']} on {manifest['engine']['device']}: segment {ts['total']:.1f} s "
+        f"(encoder {ts['encoder']:.2f}, decoder {ts['decoder']:.2f}, windows {ts['sample_windows']:.2f}, "
+        f"read {ts['read']:.2f}, write {ts['write']:.2f}); phantom made in {d['make_input_s']:.1f} s"
+    )
+    con.print(f"outputs in {out}/: segmentation.nii.gz, segmentation_overlay.png, segmentation.json")
 
 
 # --------------------------------------------------------------------------------------------
@@ -557,6 +749,8 @@ def evaluate(
         print_json({"settings": result["settings"], "summary": result["summary"],
                     "paths": {k: str(v) for k, v in result["paths"].items()}})
         return
+    for w in result["settings"]["warnings"]:
+        con.print(f"[yellow]warning:[/] {w}", soft_wrap=True)
     from rich.markdown import Markdown
 
     c = _console()
