@@ -626,6 +626,10 @@ def evaluate(
                                      size, on_record, options.cache)
         text = PROTOCOL_TEXT["bosam"].format(seed=options.seed, grid=options.bosam_grid)
     summary = summarise(records, clicks, options.protocol)
+    notes = [str(p) for p in scan.warnings]
+    if options.protocol == "bosam" and options.labels is None:
+        notes.append("protocol bosam merged every label > 0 into one mask; for bones only pass --labels bone "
+                     "--labelmap FILE (or the bone ids)")
     who = baseline.describe() if baseline is not None else engine.info.as_dict()
     settings = {
         "protocol": options.protocol,
@@ -645,6 +649,7 @@ def evaluate(
         "checkpoint_sha256": who.get("checkpoint_sha256") if isinstance(who, dict) else None,
         "nsd_tolerance_mm": options.nsd_tolerance_mm if options.protocol == "clicks" else None,
         "seconds": time.perf_counter() - t0,
+        "warnings": notes,
     }
     title = f"bosam evaluate — {'BoSAM published protocol' if options.protocol == 'bosam' else 'clicks protocol'}" \
             f" — {'baseline ' + baseline.name if baseline is not None else (who.get('preset') or 'model')}"

@@ -541,13 +541,261 @@ def _check_config(cfg: TrainConfig) -> None:
             raise BosamError(f"{d}: no such dataset folder")
 
 
+class _BatchQueue:
+    """Training batches in run order, prepared ``workers`` ahead in background threads. Each batch
+    is a pure function of (seed, rank, epoch, step, micro-batch), so prefetching changes nothing."""
+
+    def __init__(self, sampler: PatchSampler, seed: int, rank: int, batch_size: int,
+                 order: list[tuple[int, int, int]], workers: int) -> None:
+        self.sampler, self.seed, self.rank, self.batch_size = sampler, seed, rank, batch_size
+        self.order = order
+        self.workers = workers
+        self.pool = ThreadPoolExecutor(max_workers=workers) if workers > 0 else None
+        self.pending: dict[tuple[int, int, int], Any] = {}
+        self.next_index = 0
+
+    def _make(self, epoch: int, step: int, micro: int) -> list[Patch]:
+        return self.sampler.batch(patch_rng(self.seed, self.rank, epoch, step, micro, 0), self.batch_size)
+
+    def next(self, key: tuple[int, int, int]) -> list[Patch]:
+        i = self.next_index
+        if self.order[i] != key:
+            raise RuntimeError(f"batch order mismatch: expected {self.order[i]}, asked for {key}")
+        self.next_index += 1
+        if self.pool is None:
+            return self._make(*key)
+        for j in range(i, min(i + 1 + self.workers, len(self.order))):
+            if self.order[j] not in self.pending:
+                self.pending[self.order[j]] = self.pool.submit(self._make, *self.order[j])
+        return self.pending.pop(key).result()
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _open_resume(cfg: TrainConfig, last_path: Path, world: int) -> tuple[Any, dict[str, Any], list[str]]:
+    """(checkpoint, train_state, warnings) of the run to resume; (None, {}, []) for a new run."""
+    from .checkpoints import read_checkpoint
+
+    if cfg.resume and not last_path.exists():
+        raise BosamError(f"{last_path}: nothing to resume (no last.pth in --out)")
+    if not cfg.resume and last_path.exists():
+        raise BosamError(f"{last_path}: exists; pass --resume to continue that run, or choose another --out")
+    if not cfg.resume:
+        return None, {}, []
+    ck = read_checkpoint(last_path, keep_container=True)
+    state = dict((ck.container or {}).get("train_state") or {})
+    if not state:
+        raise BosamError(f"{last_path}: not a bosam training checkpoint (no train_state)")
+    old = state.get("config", {})
+    if int(old.get("lora_rank", 0)) != int(cfg.lora_rank):
+        raise BosamError(f"{last_path}: was trained with --lora-rank {old.get('lora_rank', 0)}, not {cfg.lora_rank}")
+    warnings = []
+    now = cfg.plain()
+    for k in ("seed", "batch_size", "accumulation", "clicks", "steps_per_epoch", "loss", "labels"):
+        if k in old and old[k] != now.get(k):
+            warnings.append(f"--{k.replace('_', '-')} changed from {old[k]!r} to {now.get(k)!r}: "
+                            "the resumed run will not match an uninterrupted one")
+    if int(state.get("world_size", 1)) != world:
+        warnings.append(f"world size changed from {state.get('world_size')} to {world}")
+    return ck, state, warnings
+
+
+class _Run:
+    """The state of one training run (model, optimiser, schedule, counters) and its checkpoints.
+    Only rank 0 writes; every rank takes part in gathering the RNG states."""
+
+    def __init__(self, cfg: TrainConfig, dist_info: Dist, resume_ck: Any, state: dict[str, Any], scan: Any) -> None:
+        self.cfg, self.dist, self.scan = cfg, dist_info, scan
+        self.out_dir = Path(cfg.out_dir)
+        self.model, self.origin = _build_model(cfg, resume_ck, dist_info.device)
+        meta = dict(getattr(self.model, "checkpoint_metadata", {}) or {})
+        if resume_ck is not None:  # the run's own preprocessing, whatever the flags say now
+            self.spacing = float(meta.get("spacing_mm", DEFAULT_SPACING_MM))
+            c = (meta.get("intensity") or {}).get("clamp_hu")
+            self.clamp: tuple[float, float] | None = tuple(c) if c else None  # type: ignore[assignment]
+        else:
+            self.spacing, self.clamp = _resolve_preprocessing(cfg, meta)
+        self.lr = cfg.lr if cfg.lr is not None else (5e-4 if cfg.lora_rank else 1e-4)
+        self.optimizer = torch.optim.AdamW(param_groups(self.model, self.lr, cfg.weight_decay), betas=(0.9, 0.999))
+        self.scheduler = torch.optim.lr_scheduler.CosineAnnealingWarmRestarts(self.optimizer, T_0=5, T_mult=2)
+        precision = cfg.precision
+        if precision == "auto":
+            precision = "fp16" if dist_info.device.type == "cuda" else "fp32"
+        if precision == "fp16" and dist_info.device.type != "cuda":
+            raise BosamError("--precision fp16 needs a CUDA device (use fp32 or bf16 on CPU)")
+        self.precision = precision
+        self.scaler = torch.amp.GradScaler("cuda", enabled=precision == "fp16")
+        autocast_dtype = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
+        loop = ClickLoop(self.model, build_loss(cfg.loss), cfg.detach_mask, cfg.upsample, autocast_dtype)
+        self.runner: nn.Module = loop.to(dist_info.device)
+        if dist_info.world > 1:
+            from torch.nn.parallel import DistributedDataParallel as DDP
+
+            ids = [dist_info.device.index] if dist_info.device.type == "cuda" else None
+            self.runner = DDP(self.runner, device_ids=ids)
+        self.epoch, self.step_in_epoch, self.global_step = 0, 0, 0
+        self.best_dice: float | None = None
+        self.sums: dict[str, float] = {"loss": 0.0, "dice": 0.0, "n": 0}
+        if state:
+            c = resume_ck.container
+            self.optimizer.load_state_dict(c["optimizer"])
+            self.scheduler.load_state_dict(c["scheduler"])
+            if c.get("scaler"):
+                self.scaler.load_state_dict(c["scaler"])
+            states = c.get("rng") or []
+            if dist_info.rank < len(states):
+                set_rng_state(states[dist_info.rank])
+            self.epoch, self.step_in_epoch = int(state["epoch"]), int(state["step_in_epoch"])
+            self.global_step = int(state["global_step"])
+            self.best_dice = state.get("best_dice")
+            self.sums = dict(state.get("epoch_sums") or self.sums)
+        self.label_ids = sorted({lab for info in scan.infos for lab in info.labels})
+        self.patch = PatchConfig(
+            spacing_mm=self.spacing, size=self.model.img_size, clamp_hu=self.clamp, max_shift_vox=cfg.max_shift_vox,
+            min_fg_mm3=cfg.min_fg_mm3, flip=cfg.flip, intensity_scale=cfg.intensity_jitter,
+            intensity_shift=cfg.intensity_jitter, spacing_jitter=cfg.spacing_jitter,
+        )
+        self.sampler = PatchSampler(CaseStore(scan.infos, cfg.cache), self.patch)
+        self.steps = _steps_per_epoch(cfg, len(scan.infos), dist_info.world)
+        self.data_summary = scan.summary()
+        if self.sampler.too_small:
+            self.data_summary["too_small_for_patch_rule"] = [f"{k}:{lab}" for k, lab in self.sampler.too_small]
+
+    # -- one optimiser step ---------------------------------------------------------------------
+    def train_step(self, batches: _BatchQueue, epoch: int, step: int) -> tuple[float, float]:
+        """Accumulate ``accumulation`` micro-batches, step the optimiser; (loss, Dice) averaged
+        over micro-batches and ranks."""
+        cfg, d = self.cfg, self.dist
+        step_loss, step_dice = 0.0, 0.0
+        for micro in range(cfg.accumulation):
+            images, targets, gt = batch_tensors(batches.next((epoch, step, micro)), d.device)
+            click_rng = patch_rng(cfg.seed, d.rank, epoch, step, micro, 1)
+            schedule = training_schedule(cfg.clicks, click_rng)
+            sync = contextlib.nullcontext()
+            if d.world > 1 and micro < cfg.accumulation - 1:
+                sync = self.runner.no_sync()  # type: ignore[operator]
+            with sync:
+                loss, dice = self.runner(images, targets, gt, schedule, click_rng)
+                self.scaler.scale(loss / cfg.accumulation).backward()
+            step_loss += float(loss.detach()) / cfg.accumulation
+            step_dice += float(dice.mean()) / cfg.accumulation
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.global_step += 1
+        step_loss, step_dice = _mean_across(d, step_loss, step_dice)
+        self.sums["loss"] += step_loss
+        self.sums["dice"] += step_dice
+        self.sums["n"] += 1
+        return step_loss, step_dice
+
+    @property
+    def lr_now(self) -> float:
+        return float(self.optimizer.param_groups[0]["lr"])
+
+    # -- checkpoints ----------------------------------------------------------------------------
+    def metadata(self, epochs_done: int, extra_training: dict[str, Any]) -> dict[str, Any]:
+        """Plain-types metadata: what ``segment`` needs (spacing, clamp, labels) and how it was made."""
+        cfg = self.cfg
+        meta: dict[str, Any] = {
+            "spacing_mm": self.spacing,
+            "intensity": {"clamp_hu": list(self.clamp) if self.clamp else None, "pad_value": 0.0},
+            "label_ids": self.label_ids,
+            "label_names": {str(i): self.scan.label_names.get(i, f"label_{i}") for i in self.label_ids},
+            "data": self.data_summary,
+            "init": self.origin,
+            "training": {
+                "config": cfg.plain(),
+                "epochs_done": epochs_done,
+                "global_step": self.global_step,
+                "steps_per_epoch": self.steps,
+                "world_size": self.dist.world,
+                "device": self.dist.device.type,
+                "precision": self.precision,
+                "lr": self.lr,
+                "patch": self.patch.as_dict(),
+                **extra_training,
+            },
+        }
+        if cfg.lora_rank:
+            meta["lora"] = {"rank": cfg.lora_rank, "targets": "q,v of every image-encoder block", "merged_in_weights": True}
+        return meta
+
+    def _rng_states(self) -> list[dict[str, Any]]:
+        mine = rng_state()
+        if self.dist.world == 1:
+            return [mine]
+        import torch.distributed as dist
+
+        states: list[Any] = [None] * self.dist.world
+        dist.all_gather_object(states, mine)
+        return states
+
+    def save_last(self, epoch: int, step_in_epoch: int, extra_training: dict[str, Any]) -> Path:
+        """``last.pth``: weights + everything an exact resume needs (collective: call on every rank)."""
+        from .checkpoints import save_checkpoint
+        from .model.lora import lora_tensors
+
+        path = self.out_dir / LAST
+        rngs = self._rng_states()
+        if not self.dist.main:
+            return path
+        extra: dict[str, Any] = {
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else {},
+            "rng": rngs,
+            "train_state": {
+                "epoch": epoch, "step_in_epoch": step_in_epoch, "global_step": self.global_step,
+                "best_dice": self.best_dice, "epoch_sums": dict(self.sums), "world_size": self.dist.world,
+                "config": self.cfg.plain(),
+            },
+        }
+        if self.cfg.lora_rank:
+            extra["lora"] = lora_tensors(self.model)
+        return save_checkpoint(self.model, path, metadata=self.metadata(epoch, extra_training), extra=extra)
+
+    def save_best(self, epochs_done: int, info: dict[str, Any]) -> Path:
+        from .checkpoints import save_checkpoint
+
+        return save_checkpoint(self.model, self.out_dir / BEST, metadata=self.metadata(epochs_done, {**info, "best": True}))
+
+    def save_final(self) -> Path:
+        """``final.pth`` (and ``final.safetensors``): weights and metadata; the LoRA adapters too
+        unless ``merge_lora``."""
+        from .checkpoints import save_checkpoint
+        from .model.lora import lora_tensors
+
+        cfg = self.cfg
+        meta = self.metadata(cfg.epochs, {"final": True, "best_val_dice": self.best_dice})
+        extra: dict[str, Any] = {}
+        if cfg.lora_rank and not cfg.merge_lora:
+            extra["lora"] = lora_tensors(self.model)
+        if cfg.merge_lora:
+            meta["lora"]["adapters"] = "merged and dropped"
+        path = save_checkpoint(self.model, self.out_dir / FINAL, metadata=meta, extra=extra)
+        if cfg.safetensors:
+            save_checkpoint(self.model, self.out_dir / "final.safetensors", metadata=meta)
+        return path
+
+
 def train(cfg: TrainConfig, console: Any = None, on_step: Callable[[dict[str, Any]], None] | None = None) -> TrainResult:
     """Run training as configured; returns where the checkpoints are and the history."""
-    from .checkpoints import read_checkpoint, save_checkpoint
-    from .model.lora import lora_tensors
-
     _check_config(cfg)
     dist_info = setup_distributed(cfg.device)
+    try:
+        return _train(cfg, dist_info, console, on_step)
+    finally:
+        if dist_info.world > 1:
+            import torch.distributed as dist
+
+            if dist.is_initialized():
+                dist.destroy_process_group()
+
+
+def _train(cfg: TrainConfig, dist_info: Dist, console: Any, on_step: Callable[[dict[str, Any]], None] | None) -> TrainResult:
     if cfg.threads:
         torch.set_num_threads(int(cfg.threads))
     elif dist_info.device.type == "cpu" and dist_info.world > 1:
@@ -555,34 +803,13 @@ def train(cfg: TrainConfig, console: Any = None, on_step: Callable[[dict[str, An
         local_world = int(os.environ.get("LOCAL_WORLD_SIZE", dist_info.world))
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
     out_dir = Path(cfg.out_dir)
-    last_path = out_dir / LAST
     if dist_info.main:
         out_dir.mkdir(parents=True, exist_ok=True)
-    if cfg.resume and not last_path.exists():
-        raise BosamError(f"{last_path}: nothing to resume (no last.pth in --out)")
-    if not cfg.resume and last_path.exists():
-        raise BosamError(f"{last_path}: exists; pass --resume to continue that run, or choose another --out")
-
-    resume_ck = read_checkpoint(last_path, keep_container=True) if cfg.resume else None
-    state = dict((resume_ck.container or {}).get("train_state") or {}) if resume_ck else {}
-    if resume_ck is not None and not state:
-        raise BosamError(f"{last_path}: not a bosam training checkpoint (no train_state)")
-    warnings: list[str] = []
-    if state:
-        old = state.get("config", {})
-        if int(old.get("lora_rank", 0)) != int(cfg.lora_rank):
-            raise BosamError(f"{last_path}: was trained with --lora-rank {old.get('lora_rank', 0)}, not {cfg.lora_rank}")
-        for k in ("seed", "batch_size", "accumulation", "clicks", "steps_per_epoch", "loss", "labels"):
-            if k in old and old[k] != cfg.plain().get(k):
-                warnings.append(f"--{k.replace('_', '-')} changed from {old[k]!r} to {cfg.plain().get(k)!r}: the resumed run will not match an uninterrupted one")
-        if int(state.get("world_size", 1)) != dist_info.world:
-            warnings.append(f"world size changed from {state.get('world_size')} to {dist_info.world}")
-
+    resume_ck, state, warnings = _open_resume(cfg, out_dir / LAST, dist_info.world)
     seed_everything(cfg.seed + dist_info.rank)
     if dist_info.device.type == "cuda" and dist_info.world > 1:
         torch.backends.cudnn.deterministic = True
 
-    # -- data -------------------------------------------------------------------------------
     scan = scan_dataset(cfg.data, cfg.labels, cfg.labelmap, ("Tr",), cfg.cache)
     refuse_errors(scan, cfg.skip_bad, "training")
     val_scan = None
@@ -591,255 +818,84 @@ def train(cfg: TrainConfig, console: Any = None, on_step: Callable[[dict[str, An
                                 max_cases=cfg.val_cases)
         refuse_errors(val_scan, cfg.skip_bad, "validation")
 
-    # -- model, optimiser ---------------------------------------------------------------------
-    model, origin = _build_model(cfg, resume_ck, dist_info.device)
-    base_meta = dict(getattr(model, "checkpoint_metadata", {}) or {})
-    if resume_ck is not None:
-        spacing = float(base_meta.get("spacing_mm", DEFAULT_SPACING_MM))
-        c = (base_meta.get("intensity") or {}).get("clamp_hu")
-        clamp = tuple(c) if c else None
-    else:
-        spacing, clamp = _resolve_preprocessing(cfg, base_meta)
-    lr = cfg.lr if cfg.lr is not None else (5e-4 if cfg.lora_rank else 1e-4)
-    optimizer = torch.optim.AdamW(param_groups(model, lr, cfg.weight_decay), betas=(0.9, 0.999))
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingWarmRestarts(optimizer, T_0=5, T_mult=2)
-    if cfg.precision == "auto":
-        precision = "fp16" if dist_info.device.type == "cuda" else "fp32"
-    else:
-        precision = cfg.precision
-    if precision == "fp16" and dist_info.device.type != "cuda":
-        raise BosamError("--precision fp16 needs a CUDA device (use fp32 or bf16 on CPU)")
-    autocast_dtype = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
-    scaler = torch.amp.GradScaler("cuda", enabled=precision == "fp16")
-
-    loop = ClickLoop(model, build_loss(cfg.loss), cfg.detach_mask, cfg.upsample, autocast_dtype).to(dist_info.device)
-    runner: nn.Module = loop
-    if dist_info.world > 1:
-        from torch.nn.parallel import DistributedDataParallel as DDP
-
-        runner = DDP(loop, device_ids=[dist_info.device.index] if dist_info.device.type == "cuda" else None)
-
-    start_epoch, start_step, global_step = 0, 0, 0
-    best_dice: float | None = None
-    sums = {"loss": 0.0, "dice": 0.0, "n": 0}
-    if state:
-        c = resume_ck.container  # type: ignore[union-attr]
-        optimizer.load_state_dict(c["optimizer"])
-        scheduler.load_state_dict(c["scheduler"])
-        if c.get("scaler"):
-            scaler.load_state_dict(c["scaler"])
-        states = c.get("rng") or []
-        if dist_info.rank < len(states):
-            set_rng_state(states[dist_info.rank])
-        start_epoch = int(state["epoch"])
-        start_step = int(state["step_in_epoch"])
-        global_step = int(state["global_step"])
-        best_dice = state.get("best_dice")
-        sums = dict(state.get("epoch_sums") or sums)
-
-    label_ids = sorted({lab for info in scan.infos for lab in info.labels})
-    patch_cfg = PatchConfig(
-        spacing_mm=spacing, size=model.img_size, clamp_hu=clamp, max_shift_vox=cfg.max_shift_vox,
-        min_fg_mm3=cfg.min_fg_mm3, flip=cfg.flip, intensity_scale=cfg.intensity_jitter,
-        intensity_shift=cfg.intensity_jitter, spacing_jitter=cfg.spacing_jitter,
-    )
-    sampler = PatchSampler(CaseStore(scan.infos, cfg.cache), patch_cfg)
-    steps = _steps_per_epoch(cfg, len(scan.infos), dist_info.world)
-    data_summary = scan.summary()
-    if sampler.too_small:
-        data_summary["too_small_for_patch_rule"] = [f"{k}:{lab}" for k, lab in sampler.too_small]
-
-    def metadata(epoch_done: int, extra_training: dict[str, Any]) -> dict[str, Any]:
-        meta = {
-            "spacing_mm": spacing,
-            "intensity": {"clamp_hu": list(clamp) if clamp else None, "pad_value": 0.0},
-            "label_ids": label_ids,
-            "label_names": {str(i): scan.label_names.get(i, f"label_{i}") for i in label_ids},
-            "data": data_summary,
-            "init": origin,
-            "training": {
-                "config": cfg.plain(),
-                "epochs_done": epoch_done,
-                "global_step": global_step,
-                "steps_per_epoch": steps,
-                "world_size": dist_info.world,
-                "device": dist_info.device.type,
-                "precision": precision,
-                "lr": lr,
-                "patch": patch_cfg.as_dict(),
-                **extra_training,
-            },
-        }
-        if cfg.lora_rank:
-            meta["lora"] = {"rank": cfg.lora_rank, "targets": "q,v of every image-encoder block", "merged_in_weights": True}
-        return meta
-
-    def gather_rng() -> list[dict[str, Any]]:
-        mine = rng_state()
-        if dist_info.world == 1:
-            return [mine]
-        import torch.distributed as dist
-
-        allr: list[Any] = [None] * dist_info.world
-        dist.all_gather_object(allr, mine)
-        return allr
-
-    def save_last(epoch: int, step_in_epoch: int, extra_training: dict[str, Any]) -> None:
-        rngs = gather_rng()
-        if not dist_info.main:
-            return
-        extra = {
-            "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(),
-            "scaler": scaler.state_dict() if scaler.is_enabled() else {},
-            "rng": rngs,
-            "train_state": {
-                "epoch": epoch,
-                "step_in_epoch": step_in_epoch,
-                "global_step": global_step,
-                "best_dice": best_dice,
-                "epoch_sums": dict(sums),
-                "world_size": dist_info.world,
-                "config": cfg.plain(),
-            },
-        }
-        if cfg.lora_rank:
-            extra["lora"] = lora_tensors(model)
-        save_checkpoint(model, last_path, metadata=metadata(epoch, extra_training), extra=extra)
-
-    # -- batches: a pure function of (seed, rank, epoch, step, micro) --------------------------
-    def make_batch(epoch: int, step: int, micro: int) -> list[Patch]:
-        return sampler.batch(patch_rng(cfg.seed, dist_info.rank, epoch, step, micro, 0), cfg.batch_size)
-
-    order = [(e, s, m) for e in range(start_epoch, cfg.epochs) for s in range(start_step if e == start_epoch else 0, steps)
-             for m in range(cfg.accumulation)]
-    pool = ThreadPoolExecutor(max_workers=cfg.workers) if cfg.workers > 0 else None
-    pending: dict[tuple[int, int, int], Any] = {}
-
-    def get_batch(i: int) -> list[Patch]:
-        key = order[i]
-        if pool is None:
-            return make_batch(*key)
-        for j in range(i, min(i + 1 + cfg.workers, len(order))):
-            if order[j] not in pending:
-                pending[order[j]] = pool.submit(make_batch, *order[j])
-        return pending.pop(key).result()
-
-    log = RunLog(out_dir, global_step if state else None, cfg.tensorboard) if dist_info.main else None
-    progress = _Progress(console, dist_info.main, cfg.epochs, steps)
-    history: list[dict[str, Any]] = []
-    result = TrainResult(out_dir, None, None, None, start_epoch, global_step, best_dice, history)
+    run = _Run(cfg, dist_info, resume_ck, state, scan)
+    start_epoch, start_step = run.epoch, run.step_in_epoch
+    order = [(e, s, m) for e in range(start_epoch, cfg.epochs)
+             for s in range(start_step if e == start_epoch else 0, run.steps) for m in range(cfg.accumulation)]
+    batches = _BatchQueue(run.sampler, cfg.seed, dist_info.rank, cfg.batch_size, order, cfg.workers)
+    log = RunLog(out_dir, run.global_step if state else None, cfg.tensorboard) if dist_info.main else None
+    progress = _Progress(console, dist_info.main, cfg.epochs, run.steps)
+    result = TrainResult(out_dir, None, None, None, start_epoch, run.global_step, run.best_dice, [])
     if dist_info.main and console is not None:
-        for w in warnings:
+        for w in warnings + [str(p) for p in scan.warnings]:
             console.print(f"[yellow]warning:[/] {w}")
-        for p in scan.warnings:
-            console.print(f"[yellow]warning:[/] {p}")
     t_start = time.perf_counter()
-    idx = 0
     stopped = False
     try:
         for epoch in range(start_epoch, cfg.epochs):
-            progress.start_epoch(epoch, start_step if epoch == start_epoch else 0)
-            for step in range(start_step if epoch == start_epoch else 0, steps):
+            first = start_step if epoch == start_epoch else 0
+            progress.start_epoch(epoch, first)
+            for step in range(first, run.steps):
                 t0 = time.perf_counter()
-                step_loss, step_dice = 0.0, 0.0
-                for micro in range(cfg.accumulation):
-                    patches = get_batch(idx)
-                    idx += 1
-                    images, targets, gt = batch_tensors(patches, dist_info.device)
-                    click_rng = patch_rng(cfg.seed, dist_info.rank, epoch, step, micro, 1)
-                    schedule = training_schedule(cfg.clicks, click_rng)
-                    sync = contextlib.nullcontext()
-                    if dist_info.world > 1 and micro < cfg.accumulation - 1:
-                        sync = runner.no_sync()  # type: ignore[operator]
-                    with sync:
-                        loss, dice = runner(images, targets, gt, schedule, click_rng)
-                        scaler.scale(loss / cfg.accumulation).backward()
-                    step_loss += float(loss.detach()) / cfg.accumulation
-                    step_dice += float(dice.mean()) / cfg.accumulation
-                scaler.step(optimizer)
-                scaler.update()
-                optimizer.zero_grad(set_to_none=True)
-                global_step += 1
-                step_loss, step_dice = _mean_across(dist_info, step_loss, step_dice)
-                sums["loss"] += step_loss
-                sums["dice"] += step_dice
-                sums["n"] += 1
+                loss, dice = run.train_step(batches, epoch, step)
                 dt = time.perf_counter() - t0
-                rate = cfg.batch_size * cfg.accumulation * dist_info.world / max(dt, 1e-9)
-                row = dict(phase="train", epoch=epoch, step=global_step, loss=step_loss, dice=step_dice,
-                           lr=optimizer.param_groups[0]["lr"], samples_per_s=rate,
+                row = dict(phase="train", epoch=epoch, step=run.global_step, loss=loss, dice=dice, lr=run.lr_now,
+                           samples_per_s=cfg.batch_size * cfg.accumulation * dist_info.world / max(dt, 1e-9),
                            elapsed_s=time.perf_counter() - t_start)
                 if log is not None:
                     log.write(**row)
                 if on_step is not None and dist_info.main:
                     on_step(row)
-                progress.advance(step_loss, step_dice, 1.0 / max(dt, 1e-9))
-                last_in_epoch = step == steps - 1
-                if not last_in_epoch and cfg.checkpoint_every and global_step % cfg.checkpoint_every == 0:
-                    save_last(epoch, step + 1, {"loss": step_loss})
-                    result.last = last_path
-                if not last_in_epoch and cfg.stop_after_steps and global_step >= cfg.stop_after_steps:
-                    if not (cfg.checkpoint_every and global_step % cfg.checkpoint_every == 0):
-                        save_last(epoch, step + 1, {"loss": step_loss})
+                progress.advance(loss, dice, 1.0 / max(dt, 1e-9))
+                if step == run.steps - 1:
+                    break  # the epoch's end writes last.pth
+                due = bool(cfg.checkpoint_every) and run.global_step % cfg.checkpoint_every == 0
+                stop = bool(cfg.stop_after_steps) and run.global_step >= cfg.stop_after_steps
+                if due or stop:
+                    result.last = run.save_last(epoch, step + 1, {"loss": loss})
+                if stop:
                     stopped = True
                     break
             if stopped:
                 break
             # -- end of epoch: validate, step the schedule, write checkpoints ------------------
-            n = max(1, int(sums["n"]))
-            epoch_row = {"epoch": epoch, "loss": sums["loss"] / n, "dice": sums["dice"] / n, "val_dice": None,
-                         "lr": optimizer.param_groups[0]["lr"]}
-            if val_scan is not None:
-                val_dice = None
-                if dist_info.main:
-                    val_dice = validate(model, dist_info.device, val_scan, cfg, spacing, clamp, cfg.val_cases)
-                    model.train()
-                epoch_row["val_dice"] = val_dice
-                if dist_info.main and log is not None and val_dice is not None:
-                    log.write(phase="val", epoch=epoch, step=global_step, dice=val_dice,
+            n = max(1, int(run.sums["n"]))
+            row = {"epoch": epoch, "loss": run.sums["loss"] / n, "dice": run.sums["dice"] / n, "val_dice": None,
+                   "lr": run.lr_now}
+            if val_scan is not None and dist_info.main:
+                row["val_dice"] = validate(run.model, dist_info.device, val_scan, cfg, run.spacing, run.clamp, cfg.val_cases)
+                run.model.train()
+                if log is not None and row["val_dice"] is not None:
+                    log.write(phase="val", epoch=epoch, step=run.global_step, dice=row["val_dice"],
                               elapsed_s=time.perf_counter() - t_start)
-            scheduler.step()
-            sums = {"loss": 0.0, "dice": 0.0, "n": 0}
-            improved = epoch_row["val_dice"] is not None and (best_dice is None or epoch_row["val_dice"] > best_dice)
+            run.scheduler.step()
+            run.sums = {"loss": 0.0, "dice": 0.0, "n": 0}
+            improved = row["val_dice"] is not None and (run.best_dice is None or row["val_dice"] > run.best_dice)
             if improved:
-                best_dice = float(epoch_row["val_dice"])
-            info = {"loss": epoch_row["loss"], "train_dice": epoch_row["dice"], "val_dice": epoch_row["val_dice"]}
-            save_last(epoch + 1, 0, info)
-            result.last = last_path
+                run.best_dice = float(row["val_dice"])
+            info = {"loss": row["loss"], "train_dice": row["dice"], "val_dice": row["val_dice"]}
+            result.last = run.save_last(epoch + 1, 0, info)
             if improved and dist_info.main:
-                save_checkpoint(model, out_dir / BEST, metadata=metadata(epoch + 1, {**info, "best": True}))
-                result.best = out_dir / BEST
-            history.append(epoch_row)
-            progress.end_epoch(epoch_row)
+                result.best = run.save_best(epoch + 1, info)
+            result.history.append(row)
+            progress.end_epoch(row)
             result.epochs_done = epoch + 1
-            if cfg.stop_after_steps and global_step >= cfg.stop_after_steps and epoch + 1 < cfg.epochs:
+            if cfg.stop_after_steps and run.global_step >= cfg.stop_after_steps and epoch + 1 < cfg.epochs:
                 stopped = True
                 break
         if not stopped and dist_info.main:
-            extra: dict[str, Any] = {}
-            if cfg.lora_rank and not cfg.merge_lora:
-                extra["lora"] = lora_tensors(model)
-            final_meta = metadata(cfg.epochs, {"final": True, "best_val_dice": best_dice})
-            if cfg.merge_lora:
-                final_meta["lora"]["adapters"] = "merged and dropped"
-            result.final = save_checkpoint(model, out_dir / FINAL, metadata=final_meta, extra=extra)
-            if cfg.safetensors:
-                save_checkpoint(model, out_dir / "final.safetensors", metadata=final_meta)
-    finally:
-        progress.stop()
-        if pool is not None:
-            pool.shutdown(wait=True, cancel_futures=True)
-        if log is not None:
-            log.close()
+            result.final = run.save_final()
         if dist_info.world > 1:
             import torch.distributed as dist
 
-            if dist.is_initialized():
-                dist.barrier()
-                dist.destroy_process_group()
-    result.global_step = global_step
-    result.best_dice = best_dice
+            dist.barrier()  # nobody leaves while rank 0 still writes
+    finally:
+        progress.stop()
+        batches.close()
+        if log is not None:
+            log.close()
+    result.global_step = run.global_step
+    result.best_dice = run.best_dice
     result.stopped_early = stopped
     if (out_dir / BEST).exists():
         result.best = out_dir / BEST

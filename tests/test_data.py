@@ -27,7 +27,7 @@ from bosam_cli.data import (
 from bosam_cli.errors import BosamError
 from bosam_cli.volume import read_volume
 from bosam_cli.windows import normalise, sample_labels, sample_window
-from conftest import DATA, REPO
+from conftest import DATA
 
 TS_LABELMAP = DATA / "totalsegmentator_total_v2_labelmap.json"
 

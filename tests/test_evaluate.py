@@ -265,6 +265,7 @@ def test_cli_evaluate_checkpoint_and_baseline(dataset, tmp_path):
     res = _bosam("evaluate", "--data", str(dataset), "--baseline", "threshold", "--clicks", "1,3", "--protocol", "bosam")
     assert res.returncode == 0, res.stderr
     assert "BoSAM published protocol" in res.stdout and "per-case BEST" in res.stdout
+    assert "merged every label > 0" in res.stderr  # no --labels: told what was merged
 
 
 def test_cli_evaluate_bad_input_is_one_line(dataset, tmp_path):

@@ -94,10 +94,16 @@ def test_click_loop_learns_a_fixed_window():
 
 def test_training_writes_loadable_checkpoints_with_metadata(phantoms, tmp_path):
     out = tmp_path / "run"
-    result = train(_cfg(phantoms, out, epochs=2, val_data=[str(phantoms)], val_cases=1, val_clicks=1))
+    result = train(_cfg(phantoms, out, epochs=2, val_data=[str(phantoms)], val_cases=1, val_clicks=1, tensorboard=True))
     assert result.epochs_done == 2 and result.global_step == 4 and not result.stopped_early
     for name in ("last.pth", "best.pth", "final.pth"):
         assert (out / name).exists(), name
+    try:
+        import tensorboard  # noqa: F401
+
+        assert list((out / "tensorboard").glob("events.out.tfevents.*"))
+    except ImportError:
+        assert not (out / "tensorboard").exists()
     rows = (out / "log.csv").read_text().splitlines()
     assert rows[0].startswith("phase,epoch,step,loss,dice") and sum(r.startswith("train,") for r in rows) == 4
     assert sum(r.startswith("val,") for r in rows) == 2
