@@ -55,14 +55,15 @@ class ThresholdSegmenter:
         threshold_hu: bone threshold (cortical bone is several hundred HU; ~200 also takes in
             much cancellous bone).
         radius_mm: growth limit around every positive click.
-        snap_mm: how far a positive click below the threshold looks for bone.
+        snap_mm: how far a positive click below the threshold looks for bone (the deepest voxel
+            of a vertebral body is cancellous bone, often under 200 HU, ~15 mm from its cortex).
         connectivity: 1 (faces, 6-neighbourhood: leaks least through thin joints), 2 or 3.
         fill_holes: fill enclosed cavities of the result.
     """
 
     name = "threshold"
 
-    def __init__(self, threshold_hu: float = 200.0, radius_mm: float = 50.0, snap_mm: float = 5.0,
+    def __init__(self, threshold_hu: float = 200.0, radius_mm: float = 50.0, snap_mm: float = 15.0,
                  connectivity: int = 1, fill_holes: bool = True) -> None:
         self.threshold_hu = float(threshold_hu)
         self.radius_mm = float(radius_mm)

@@ -266,3 +266,25 @@ def test_small_objects_are_excluded_by_the_published_patch_rule(store):
     assert sampler.min_fg_voxels(1.5) == 1000 and sampler.min_fg_voxels(0.75) == 8000
     with pytest.raises(BosamError, match="smaller than the patch rule"):
         PatchSampler(store, PatchConfig(min_fg_mm3=1e9))
+
+
+def test_real_totalsegmentator_ct_with_the_bone_filter(tmp_path):
+    """The shared real CT (int32 HU, sform code 2, NaN scaling fields) and its TotalSegmentator
+    labels: its bone classes pass the check, organs are filtered out, a window can be cut."""
+    src = DATA / "totalsegmentator"
+    if not (src / "example_ct.nii.gz").exists() or not TS_LABELMAP.exists():
+        pytest.skip(f"shared data not available: {src}")
+    root = tmp_path / "real"
+    (root / "imagesTr").mkdir(parents=True)
+    (root / "labelsTr").mkdir()
+    (root / "imagesTr" / "abd_0000.nii.gz").symlink_to(src / "example_ct.nii.gz")
+    (root / "labelsTr" / "abd.nii.gz").symlink_to(src / "example_seg_fast_force_split.nii.gz")
+    scan = scan_dataset([root], labels="bone", labelmap=TS_LABELMAP)
+    assert not scan.problems and len(scan.infos) == 1
+    labels = scan.infos[0].labels
+    bones = set(range(25, 34)) | set(range(75, 79)) | set(range(98, 104)) | set(range(110, 116))
+    assert set(labels) == bones  # spine S1..T11, femurs, hips, ribs 7-12 (organs and cartilage 117 left out)
+    assert scan.label_names[29] == "vertebrae_L3"
+    store = CaseStore(scan.infos)
+    patch = PatchSampler(store, PatchConfig()).sample(patch_rng(0))
+    assert patch.label in labels and patch.foreground > 1000 and np.isfinite(patch.image).all()
