@@ -86,6 +86,8 @@ class TrainConfig:
         merge_lora: ``final.pth`` without the adapter tensors (plain weights only).
         loss: "dicece" or "gdfocal".
         lr: encoder learning rate (None: 1e-4, or 5e-4 with LoRA, as published).
+        prompt_lr_scale: learning rate of the prompt encoder and mask decoder over ``lr``
+            (0.1 as published for fine-tuning; 1.0 suits training from scratch).
         epochs / steps_per_epoch: optimiser steps per epoch (None: cases / global batch).
         batch_size: windows per micro-batch and process; accumulation: micro-batches per step.
         clicks: decoder calls per window; detach_mask: cut BPTT through the mask prompt.
@@ -109,6 +111,7 @@ class TrainConfig:
     merge_lora: bool = False
     loss: str = "dicece"
     lr: float | None = None
+    prompt_lr_scale: float = 0.1
     weight_decay: float = 0.1
     epochs: int = 10
     steps_per_epoch: int | None = None
@@ -292,11 +295,11 @@ def freeze_never_trained(sam: nn.Module) -> list[str]:
     return frozen
 
 
-def param_groups(sam: nn.Module, lr: float, weight_decay: float) -> list[dict[str, Any]]:
+def param_groups(sam: nn.Module, lr: float, weight_decay: float, prompt_lr_scale: float = 0.1) -> list[dict[str, Any]]:
     """The published groups: image encoder at ``lr``, prompt encoder and mask decoder at
-    ``lr * 0.1``; only parameters that require grad (LoRA: the adapters, all in the encoder)."""
+    ``lr * prompt_lr_scale`` (0.1); only parameters that require grad (LoRA: the adapters)."""
     groups = []
-    for prefix, scale in (("image_encoder.", 1.0), ("prompt_encoder.", 0.1), ("mask_decoder.", 0.1)):
+    for prefix, scale in (("image_encoder.", 1.0), ("prompt_encoder.", prompt_lr_scale), ("mask_decoder.", prompt_lr_scale)):
         params = [p for n, p in sam.named_parameters() if n.startswith(prefix) and p.requires_grad]
         if params:
             groups.append({"params": params, "lr": lr * scale, "weight_decay": weight_decay, "name": prefix[:-1]})
@@ -618,7 +621,7 @@ class _Run:
         else:
             self.spacing, self.clamp = _resolve_preprocessing(cfg, meta)
         self.lr = cfg.lr if cfg.lr is not None else (5e-4 if cfg.lora_rank else 1e-4)
-        self.optimizer = torch.optim.AdamW(param_groups(self.model, self.lr, cfg.weight_decay), betas=(0.9, 0.999))
+        self.optimizer = torch.optim.AdamW(param_groups(self.model, self.lr, cfg.weight_decay, cfg.prompt_lr_scale), betas=(0.9, 0.999))
         self.scheduler = torch.optim.lr_scheduler.CosineAnnealingWarmRestarts(self.optimizer, T_0=5, T_mult=2)
         precision = cfg.precision
         if precision == "auto":

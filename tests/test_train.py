@@ -249,3 +249,13 @@ def test_cuda_amp_step_with_grad_scaler(phantoms, tmp_path):
     raw = torch.load(tmp_path / "gpu" / "last.pth", map_location="cpu", weights_only=True)
     assert result.global_step == 2 and raw["scaler"]["scale"] > 0
     assert raw["bosam"]["training"]["precision"] == "fp16"
+
+
+def test_prompt_lr_scale_sets_the_prompt_encoder_and_decoder_groups():
+    from bosam_cli.model import build_preset
+    from bosam_cli.train import param_groups
+
+    groups = {g["name"]: g["lr"] for g in param_groups(build_preset("tiny"), 1e-3, 0.1)}
+    assert groups == {"image_encoder": 1e-3, "prompt_encoder": 1e-4, "mask_decoder": 1e-4}
+    groups = {g["name"]: g["lr"] for g in param_groups(build_preset("tiny"), 1e-3, 0.1, prompt_lr_scale=1.0)}
+    assert set(groups.values()) == {1e-3}
