@@ -1,4 +1,5 @@
-"""Atomic file outputs: write beside the target, fsync, then rename over it.
+"""File outputs and hashes. Outputs are atomic: written beside the target, fsynced, then
+renamed over it.
 
 A crash or an error leaves either the old file or the new one, never a partial file, and no
 temporary file behind. New files get the usual permissions (0666 minus the umask) rather than
@@ -8,10 +9,12 @@ temporary file behind. New files get the usual permissions (0666 minus the umask
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 
 def _umask() -> int:
@@ -43,3 +46,30 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
     with atomic_path(path) as tmp:
         tmp.write_bytes(data)
     return Path(path)
+
+
+def json_default(o: Any) -> Any:
+    """JSON for NumPy scalars and arrays and paths (``json.dumps(default=...)``)."""
+    import numpy as np
+
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    if isinstance(o, (np.integer, np.floating, np.bool_)):
+        return o.item()
+    if isinstance(o, Path):
+        return str(o)
+    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+
+
+def write_json(obj: Any, path: str | os.PathLike) -> Path:
+    """Pretty JSON, written atomically."""
+    return atomic_write_bytes(path, json.dumps(obj, indent=2, default=json_default).encode() + b"\n")
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    """Hex sha256 of a file, read in 1 MiB chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()

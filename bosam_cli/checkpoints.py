@@ -8,7 +8,6 @@ Every accepted layout becomes one plain 324-key SAM-Med3D state dict before it m
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import os
@@ -20,7 +19,7 @@ from typing import Any, Iterable, Mapping
 import torch
 
 from . import __version__
-from .atomic import atomic_write_bytes
+from .atomic import atomic_write_bytes, sha256_file
 from .errors import CheckpointError
 
 SAFETENSORS_SUFFIXES = (".safetensors", ".st")
@@ -48,14 +47,6 @@ class Checkpoint:
 
 # --------------------------------------------------------------------------------------------
 # hashing
-
-
-def sha256_file(path: str | os.PathLike) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 # --------------------------------------------------------------------------------------------

@@ -207,7 +207,7 @@ def segment(
     as_json: bool = typer.Option(False, "--json", help="Print the manifest(s) as JSON."),
 ) -> None:
     """Segment bones from clicks: a label map on the exact grid of the CT, plus a JSON manifest."""
-    from .segment import SegmentOptions, engine_metadata, find_cases, interactive, is_batch, segment_batch, segment_file
+    from .segment import SegmentOptions, find_cases, interactive, is_batch, segment_file
 
     options = SegmentOptions(
         spacing_mm=spacing,

@@ -55,7 +55,7 @@ def run_demo(
     options: SegmentOptions | None = None,
 ) -> dict[str, Any]:
     """Run the demo; returns the segment manifest plus ``demo`` facts (Dice per bone)."""
-    from .report import write_json
+    from .atomic import write_json
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

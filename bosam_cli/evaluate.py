@@ -30,7 +30,6 @@ summary, rows) and ``evaluation.md`` (a Markdown table).
 from __future__ import annotations
 
 import csv
-import json
 import math
 import time
 import warnings
@@ -502,7 +501,7 @@ def _f(v: float | None, digits: int = 3) -> str:
 def write_outputs(out_dir: str | Path, records: Sequence[ClickRecord], summary: dict[str, Any],
                   settings: dict[str, Any], title: str) -> dict[str, Path]:
     """``evaluation.csv``, ``evaluation.json``, ``evaluation.md`` in ``out_dir`` (atomic each)."""
-    from .checkpoints import atomic_write_bytes
+    from .atomic import atomic_write_bytes, write_json
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -523,19 +522,9 @@ def write_outputs(out_dir: str | Path, records: Sequence[ClickRecord], summary: 
         w.writerow(row)
     atomic_write_bytes(paths["csv"], buf.getvalue().encode())
     doc = {"settings": settings, "summary": summary, "records": [asdict(r) for r in records]}
-    atomic_write_bytes(paths["json"], (json.dumps(doc, indent=2, default=_json_default) + "\n").encode())
+    write_json(doc, paths["json"])
     atomic_write_bytes(paths["markdown"], markdown_table(summary, title).encode())
     return paths
-
-
-def _json_default(o: Any) -> Any:
-    if isinstance(o, (np.integer,)):
-        return int(o)
-    if isinstance(o, (np.floating,)):
-        return float(o)
-    if isinstance(o, Path):
-        return str(o)
-    return str(o)
 
 
 # ---------------------------------------------------------------------------------------------

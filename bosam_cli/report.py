@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import io
-import json
 import os
 import struct
 from pathlib import Path
@@ -27,27 +26,6 @@ def colour(i: int) -> tuple[int, int, int]:
 
 # ---------------------------------------------------------------------------------------------
 # manifests
-
-
-def write_json(obj: Any, path: str | os.PathLike) -> Path:
-    """Pretty JSON, written atomically."""
-    data = json.dumps(obj, indent=2, default=_json_default).encode() + b"\n"
-    atomic_write_bytes(path, data)
-    return Path(path)
-
-
-def _json_default(o: Any) -> Any:
-    if isinstance(o, np.ndarray):
-        return o.tolist()
-    if isinstance(o, (np.integer,)):
-        return int(o)
-    if isinstance(o, (np.floating,)):
-        return float(o)
-    if isinstance(o, (np.bool_,)):
-        return bool(o)
-    if isinstance(o, Path):
-        return str(o)
-    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -14,13 +14,13 @@ import os
 import re
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, TextIO
 
 import numpy as np
 
-from .errors import BosamError, PromptError, VolumeError
+from .errors import BosamError, PromptError
 from .session import Session
 from .volume import Volume, read_volume, write_label_map
 from .windows import DEFAULT_CLAMP_HU, DEFAULT_SPACING_MM, Intensity
@@ -157,7 +157,8 @@ def segment_file(
     """Segment one CT from one prompt file; writes the label map and its manifest (plus the
     extras asked for) and returns the manifest. Nothing is written when an input is bad."""
     from .prompts import load_prompts
-    from .report import object_stats, write_json
+    from .atomic import write_json
+    from .report import object_stats
 
     t0 = time.perf_counter()
     ct_path = Path(ct)

@@ -8,7 +8,6 @@ whose manifest does not match what the caller asked for. Reading needs no torch.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -16,6 +15,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from bosam_cli import __version__
+from bosam_cli.atomic import sha256_file
 from bosam_cli.errors import EngineError
 
 MANIFEST_NAME = "manifest.json"
@@ -34,14 +34,6 @@ DECODER_OUTPUTS = ("low_res_logits", "iou")
 POINTS_DIM = "num_points"
 
 PRECISIONS = ("fp32", "fp16")
-
-
-def sha256_file(path: str | os.PathLike) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _slug(name: str) -> str:

@@ -22,7 +22,6 @@ import warnings
 from pathlib import Path
 from typing import Any, Callable
 
-import numpy as np
 
 from bosam_cli import __version__
 from bosam_cli.errors import EngineError
@@ -605,17 +604,7 @@ def _export_into(
 
 
 def write_manifest(folder: str | os.PathLike, manifest: dict[str, Any]) -> None:
-    import json
+    from bosam_cli.atomic import write_json
 
-    from bosam_cli.checkpoints import atomic_write_bytes
+    write_json(manifest, Path(folder) / MANIFEST_NAME)
 
-    data = json.dumps(manifest, indent=2, default=_json_default).encode() + b"\n"
-    atomic_write_bytes(Path(folder) / MANIFEST_NAME, data)
-
-
-def _json_default(obj: Any) -> Any:
-    if isinstance(obj, (np.floating, np.integer)):
-        return obj.item()
-    if isinstance(obj, Path):
-        return str(obj)
-    raise TypeError(f"not JSON serialisable: {type(obj).__name__}")

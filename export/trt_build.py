@@ -163,7 +163,7 @@ def build_plan(
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:
         raise EngineError(f"TensorRT failed to build an engine from {onnx_path.name} (see the TensorRT log above)")
-    from bosam_cli.checkpoints import atomic_write_bytes
+    from bosam_cli.atomic import atomic_write_bytes
 
     atomic_write_bytes(plan_path, bytes(serialized))
     if timing_cache is not None:
