@@ -1,0 +1,166 @@
+"""Reproduce the bundled model (bosam_cli/weights/bosam-tiny.safetensors) end to end.
+
+    python scripts/train_bundled_model.py --work /tmp/bosam-bundled [--steps-per-epoch 200 --epochs 15]
+
+Steps (each skipped when its output exists, so a stopped run can be restarted; training itself
+resumes from its last checkpoint):
+
+1. data: 160 synthetic phantoms (seeds 1000-1159, ``bosam_cli.phantom``), 6 validation phantoms
+   (seeds 5000-5005), and the real TotalSegmentator example CT of ../shared/data with its bone
+   labels, where the held-out classes (L3, T12, femur_right, hip_right) are set to background
+   and the case is linked 16 times so that it is drawn about as often as 16 phantoms;
+2. ``bosam prepare --cache`` (decoded volumes, so gzip does not dominate training);
+3. ``bosam train`` twice: the tiny preset from scratch (15 epochs x 200 steps), then a second
+   warm-restart schedule from those weights (15 epochs x 250 steps, another seed); DiceCE summed
+   over 8 simulated clicks per window, AdamW 4e-4 with the prompt encoder and decoder at the same
+   rate, cosine warm restarts (5 + 10 epochs), batch 1, 2 CPU threads (about 1 s per step);
+4. the chosen checkpoint (best validation Dice on the phantoms) written as fp16 safetensors
+   with its metadata into the package;
+5. ``bosam evaluate`` (clicks protocol, 1/5/10 clicks) of the model and of the HU-threshold
+   baseline on 5 fresh phantoms (seeds 9000-9004) and on the held-out real bone classes; the
+   summary goes to benchmarks/bundled_model_eval.md (the README's model card quotes it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared" / "data"
+HELD_OUT = {29: "vertebrae_L3", 32: "vertebrae_T12", 76: "femur_right", 78: "hip_right"}
+WEIGHTS = REPO / "bosam_cli" / "weights" / "bosam-tiny.safetensors"
+
+
+def run(*args: str, cwd: Path) -> None:
+    print("+", " ".join(args), flush=True)
+    subprocess.run(args, cwd=cwd, check=True)
+
+
+def make_data(work: Path) -> None:
+    import nibabel as nib
+    import numpy as np
+
+    from bosam_cli.phantom import write_phantom_dataset
+
+    if not (work / "phantoms" / "dataset.json").exists():
+        write_phantom_dataset(work / "phantoms", list(range(1000, 1160)))
+    if not (work / "val_phantoms" / "dataset.json").exists():
+        write_phantom_dataset(work / "val_phantoms", list(range(5000, 5006)))
+    if not (work / "eval_phantoms" / "dataset.json").exists():
+        write_phantom_dataset(work / "eval_phantoms", list(range(9000, 9005)))
+    src = SHARED / "totalsegmentator"
+    if not src.exists():
+        sys.exit(f"{src}: the shared real CT is needed for the real-CT part of the recipe")
+    lm = json.loads((SHARED / "totalsegmentator_total_v2_labelmap.json").read_text())
+    seg = nib.load(src / "example_seg_fast_force_split.nii.gz")
+    lab = np.asanyarray(seg.dataobj).astype(np.uint8)
+    bone = np.isin(lab, lm["bone_ids"])
+    held = np.isin(lab, list(HELD_OUT))
+    for name, arr in (("real", np.where(bone & ~held, lab, 0)), ("real_heldout", np.where(held, lab, 0))):
+        root = work / name
+        (root / "imagesTr").mkdir(parents=True, exist_ok=True)
+        (root / "labelsTr").mkdir(parents=True, exist_ok=True)
+        img = nib.Nifti1Image(arr.astype(np.uint8), seg.affine, header=seg.header.copy())
+        img.set_data_dtype(np.uint8)
+        copies = 16 if name == "real" else 1
+        for i in range(copies):
+            case = "ts_example" if i == 0 else f"ts_example{i:02d}"
+            if not (root / "labelsTr" / f"{case}.nii.gz").exists():
+                nib.save(img, str(root / "labelsTr" / f"{case}.nii.gz"))
+            link = root / "imagesTr" / f"{case}_0000.nii.gz"
+            if not link.exists():
+                os.symlink((src / "example_ct.nii.gz").resolve(), link)
+        present = sorted(int(v) for v in np.unique(arr) if v)
+        names = {lm["labels"][str(v)]["name"]: v for v in present}
+        dataset = {"channel_names": {"0": "CT"}, "labels": {"background": 0, **names}, "file_ending": ".nii.gz"}
+        (root / "dataset.json").write_text(json.dumps(dataset, indent=2))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--work", type=Path, required=True)
+    ap.add_argument("--epochs", type=int, default=15)
+    ap.add_argument("--steps-per-epoch", type=int, default=200)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--skip-eval", action="store_true")
+    args = ap.parse_args()
+    work = args.work.resolve()
+    work.mkdir(parents=True, exist_ok=True)
+    bosam = [sys.executable, "-m", "bosam_cli"]
+    labelmap = str(SHARED / "totalsegmentator_total_v2_labelmap.json")
+
+    make_data(work)
+    if not (work / "cache").exists():
+        run(*bosam, "prepare", "--data", "phantoms", "--data", "real", "--check", "--cache", "cache", cwd=work)
+    common = ["--data", "phantoms", "--data", "real", "--cache", "cache", "--val-data", "val_phantoms",
+              "--labels", "bone", "--labelmap", labelmap, "--epochs", str(args.epochs), "--clicks", "8",
+              "--lr", "4e-4", "--prompt-lr-scale", "1.0", "--val-cases", "6", "--val-clicks", "3",
+              "--threads", str(args.threads), "--checkpoint-every", "100", "--no-tensorboard"]
+    # stage 1 from scratch, stage 2 a second warm-restart schedule from stage 1's final weights
+    stages = [
+        ("run1", ["--preset", "tiny", "--steps-per-epoch", str(args.steps_per_epoch), "--seed", "2023"]),
+        ("run2", ["--from", str(work / "run1" / "final.pth"), "--steps-per-epoch", str(args.steps_per_epoch * 5 // 4),
+                  "--seed", "2024"]),
+    ]
+    for name, extra in stages:
+        run_dir = work / name
+        if (run_dir / "final.pth").exists():
+            continue
+        resume = ["--resume"] if (run_dir / "last.pth").exists() else []
+        run(*bosam, "train", *common, *extra, "--out", str(run_dir), *resume, cwd=work)
+    run_dir = work / "run2"
+    chosen = run_dir / ("best.pth" if (run_dir / "best.pth").exists() else "final.pth")
+    write_bundled(chosen, work)
+    if not args.skip_eval:
+        evaluate(work, bosam)
+
+
+def write_bundled(checkpoint: Path, work: Path) -> None:
+    """fp16 safetensors with the checkpoint's metadata plus how it was made."""
+    from bosam_cli.checkpoints import load_model, save_checkpoint
+
+    model = load_model(checkpoint)
+    meta = dict(model.checkpoint_metadata)
+    meta["bundled"] = {
+        "recipe": "scripts/train_bundled_model.py",
+        "source_checkpoint": checkpoint.name,
+        "held_out_real_classes": {str(k): v for k, v in HELD_OUT.items()},
+        "stored_dtype": "float16",
+    }
+    model.checkpoint_metadata = meta
+    model.half()
+    WEIGHTS.parent.mkdir(parents=True, exist_ok=True)
+    save_checkpoint(model, WEIGHTS)
+    print(f"wrote {WEIGHTS} ({WEIGHTS.stat().st_size / 2**20:.1f} MiB)")
+
+
+def evaluate(work: Path, bosam: list[str]) -> None:
+    held = ",".join(str(k) for k in HELD_OUT)
+    jobs = {
+        "phantoms_model": ["--data", "eval_phantoms"],
+        "phantoms_threshold": ["--data", "eval_phantoms", "--baseline", "threshold"],
+        "heldout_model": ["--data", "real_heldout", "--labels", held],
+        "heldout_threshold": ["--data", "real_heldout", "--labels", held, "--baseline", "threshold"],
+    }
+    for name, extra in jobs.items():
+        out = work / "eval" / name
+        if not (out / "evaluation.json").exists():
+            run(*bosam, "evaluate", *extra, "--clicks", "1,5,10", "--checkpoint", str(WEIGHTS),
+                "--engine", "torch", "--out", str(out), cwd=work)
+    lines = ["# Bundled model evaluation (clicks protocol: Dice / NSD@2mm after 1, 5, 10 clicks)", ""]
+    for name in jobs:
+        lines.append(f"## {name}")
+        lines.append("")
+        lines.append((work / "eval" / name / "evaluation.md").read_text())
+        lines.append("")
+    (REPO / "benchmarks" / "bundled_model_eval.md").write_text("\n".join(lines))
+    print("wrote benchmarks/bundled_model_eval.md")
+
+
+if __name__ == "__main__":
+    main()
