@@ -2,7 +2,7 @@
 
 One command:
 
-    python benchmarks/engines.py [--checkpoint P] [--engine-dir D] [--threads 2] [--repeats 3]
+    python benchmarks/engine_latency.py [--checkpoint P] [--engine-dir D] [--threads 2] [--repeats 3]
 
 Without ``--engine-dir`` it exports the model (random init unless ``--checkpoint``; latency does
 not depend on the weights) to a temporary folder with ``export_onnx`` (verification included,
