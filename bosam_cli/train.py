@@ -47,7 +47,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .clicks import training_schedule, uniform_error_click
+from .clicks import ritm_click, training_schedule, uniform_error_click
 from .data import (
     PUBLISHED_MIN_FG_MM3,
     CaseStore,
@@ -63,6 +63,7 @@ from .windows import DEFAULT_CLAMP_HU, DEFAULT_SPACING_MM
 
 LOSSES = ("dicece", "gdfocal")
 PRECISIONS = ("auto", "fp32", "fp16", "bf16")
+CLICK_SIMS = ("uniform", "mixed")
 LAST, BEST, FINAL = "last.pth", "best.pth", "final.pth"
 LOG_FIELDS = ["phase", "epoch", "step", "loss", "dice", "lr", "samples_per_s", "elapsed_s"]
 #: modules the published recipe never trains (multimask off, mask prompt always given)
@@ -91,6 +92,10 @@ class TrainConfig:
         epochs / steps_per_epoch: optimiser steps per epoch (None: cases / global batch).
         batch_size: windows per micro-batch and process; accumulation: micro-batches per step.
         clicks: decoder calls per window; detach_mask: cut BPTT through the mask prompt.
+        click_sim: ``uniform`` (the published simulator: uniform over the error region) or
+            ``mixed`` (each click drawn with probability 1/2 from ``clicks.ritm_click``, the
+            interior of the larger error region, as users and the evaluate protocol click, else
+            uniform; teaches the decoder to act on corrective clicks).
         precision: auto (fp16 autocast on CUDA, fp32 on CPU), fp32, fp16, bf16.
         spacing_mm / clamp_hu / no_clamp: window preprocessing (None: the checkpoint's, else
             1.5 mm and [-1000, 1000]).
@@ -118,6 +123,7 @@ class TrainConfig:
     batch_size: int = 1
     accumulation: int = 1
     clicks: int = 10
+    click_sim: str = "uniform"
     detach_mask: bool = False
     precision: str = "auto"
     device: str | None = None
@@ -224,8 +230,11 @@ class ClickLoop(nn.Module):
     """
 
     def __init__(self, sam: nn.Module, loss_fn: Callable, detach_mask: bool = False, upsample: str = "matmul",
-                 autocast_dtype: torch.dtype | None = None) -> None:
+                 autocast_dtype: torch.dtype | None = None, click_sim: str = "uniform") -> None:
         super().__init__()
+        if click_sim not in CLICK_SIMS:
+            raise BosamError(f"--click-sim must be one of {', '.join(CLICK_SIMS)}, not {click_sim!r}")
+        self.click_sim = click_sim
         self.sam = sam
         self.loss_fn = loss_fn
         self.detach_mask = detach_mask
@@ -260,7 +269,10 @@ class ClickLoop(nn.Module):
                 pts = np.zeros((b, 1, 3), np.float32)
                 labs = np.zeros((b, 1), np.int64)
                 for i in range(b):
-                    click = uniform_error_click(pred[i], gt[i], rng)
+                    if self.click_sim == "mixed" and rng.random() < 0.5:
+                        click = ritm_click(pred[i], gt[i], rng)
+                    else:
+                        click = uniform_error_click(pred[i], gt[i], rng)
                     if click is None:  # nothing left to correct: a padding point
                         labs[i, 0] = -1
                     else:
@@ -530,6 +542,8 @@ def _steps_per_epoch(cfg: TrainConfig, n_cases: int, world: int) -> int:
 def _check_config(cfg: TrainConfig) -> None:
     if cfg.loss not in LOSSES:
         raise BosamError(f"--loss must be one of {', '.join(LOSSES)}, not {cfg.loss!r}")
+    if cfg.click_sim not in CLICK_SIMS:
+        raise BosamError(f"--click-sim must be one of {', '.join(CLICK_SIMS)}, not {cfg.click_sim!r}")
     if cfg.precision not in PRECISIONS:
         raise BosamError(f"--precision must be one of {', '.join(PRECISIONS)}, not {cfg.precision!r}")
     for name in ("epochs", "batch_size", "accumulation", "clicks"):
@@ -596,7 +610,7 @@ def _open_resume(cfg: TrainConfig, last_path: Path, world: int) -> tuple[Any, di
         raise BosamError(f"{last_path}: was trained with --lora-rank {old.get('lora_rank', 0)}, not {cfg.lora_rank}")
     warnings = []
     now = cfg.plain()
-    for k in ("seed", "batch_size", "accumulation", "clicks", "steps_per_epoch", "loss", "labels"):
+    for k in ("seed", "batch_size", "accumulation", "clicks", "click_sim", "steps_per_epoch", "loss", "labels"):
         if k in old and old[k] != now.get(k):
             warnings.append(f"--{k.replace('_', '-')} changed from {old[k]!r} to {now.get(k)!r}: "
                             "the resumed run will not match an uninterrupted one")
@@ -631,7 +645,7 @@ class _Run:
         self.precision = precision
         self.scaler = torch.amp.GradScaler("cuda", enabled=precision == "fp16")
         autocast_dtype = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
-        loop = ClickLoop(self.model, build_loss(cfg.loss), cfg.detach_mask, cfg.upsample, autocast_dtype)
+        loop = ClickLoop(self.model, build_loss(cfg.loss), cfg.detach_mask, cfg.upsample, autocast_dtype, cfg.click_sim)
         self.runner: nn.Module = loop.to(dist_info.device)
         if dist_info.world > 1:
             from torch.nn.parallel import DistributedDataParallel as DDP

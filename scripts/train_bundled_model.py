@@ -10,10 +10,13 @@ resumes from its last checkpoint):
    labels, where the held-out classes (L3, T12, femur_right, hip_right) are set to background
    and the case is linked 16 times so that it is drawn about as often as 16 phantoms;
 2. ``bosam prepare --cache`` (decoded volumes, so gzip does not dominate training);
-3. ``bosam train`` twice: the tiny preset from scratch (15 epochs x 200 steps), then a second
-   warm-restart schedule from those weights (15 epochs x 250 steps, another seed); DiceCE summed
-   over 8 simulated clicks per window, AdamW 4e-4 with the prompt encoder and decoder at the same
-   rate, cosine warm restarts (5 + 10 epochs), batch 1, 2 CPU threads (about 1 s per step);
+3. ``bosam train`` three times: the tiny preset from scratch (15 epochs x 200 steps), a second
+   warm-restart schedule from those weights (15 epochs x 250 steps, another seed), then one
+   cosine cycle (5 epochs x 400 steps, lr 3e-4) from the second run's best weights with
+   ``--click-sim mixed`` (half of the clicks in the interior of the larger error region, so the
+   decoder learns to act on corrective clicks); DiceCE summed over 8 simulated clicks per
+   window, AdamW with the prompt encoder and decoder at the encoder's rate, batch 1, 2 CPU
+   threads (about 1 s per step);
 4. the chosen checkpoint (best validation Dice on the phantoms) written as fp16 safetensors
    with its metadata into the package;
 5. ``bosam evaluate`` (clicks protocol, 1/5/10 clicks) of the model and of the HU-threshold
@@ -98,14 +101,18 @@ def main() -> None:
     if not (work / "cache").exists():
         run(*bosam, "prepare", "--data", "phantoms", "--data", "real", "--check", "--cache", "cache", cwd=work)
     common = ["--data", "phantoms", "--data", "real", "--cache", "cache", "--val-data", "val_phantoms",
-              "--labels", "bone", "--labelmap", labelmap, "--epochs", str(args.epochs), "--clicks", "8",
-              "--lr", "4e-4", "--prompt-lr-scale", "1.0", "--val-cases", "6", "--val-clicks", "3",
+              "--labels", "bone", "--labelmap", labelmap, "--clicks", "8", "--prompt-lr-scale", "1.0", "--val-cases", "6", "--val-clicks", "3",
               "--threads", str(args.threads), "--checkpoint-every", "100", "--no-tensorboard"]
-    # stage 1 from scratch, stage 2 a second warm-restart schedule from stage 1's final weights
+    # stage 1 from scratch, stage 2 a second warm-restart schedule from stage 1's final weights,
+    # stage 3 one cosine cycle from stage 2's best with half of the clicks in error interiors
+    spe = args.steps_per_epoch
     stages = [
-        ("run1", ["--preset", "tiny", "--steps-per-epoch", str(args.steps_per_epoch), "--seed", "2023"]),
-        ("run2", ["--from", str(work / "run1" / "final.pth"), "--steps-per-epoch", str(args.steps_per_epoch * 5 // 4),
-                  "--seed", "2024"]),
+        ("run1", ["--preset", "tiny", "--epochs", str(args.epochs), "--steps-per-epoch", str(spe), "--lr", "4e-4",
+                  "--seed", "2023"]),
+        ("run2", ["--from", str(work / "run1" / "final.pth"), "--epochs", str(args.epochs),
+                  "--steps-per-epoch", str(spe * 5 // 4), "--lr", "4e-4", "--seed", "2024"]),
+        ("run3", ["--from", str(work / "run2" / "best.pth"), "--epochs", "5", "--steps-per-epoch", str(spe * 2),
+                  "--lr", "3e-4", "--click-sim", "mixed", "--seed", "2025"]),
     ]
     for name, extra in stages:
         run_dir = work / name
@@ -113,7 +120,7 @@ def main() -> None:
             continue
         resume = ["--resume"] if (run_dir / "last.pth").exists() else []
         run(*bosam, "train", *common, *extra, "--out", str(run_dir), *resume, cwd=work)
-    run_dir = work / "run2"
+    run_dir = work / stages[-1][0]
     chosen = run_dir / ("best.pth" if (run_dir / "best.pth").exists() else "final.pth")
     write_bundled(chosen, work)
     if not args.skip_eval:

@@ -88,6 +88,40 @@ def test_click_loop_learns_a_fixed_window():
     assert 0.0 <= float(dice.mean()) <= 1.0
 
 
+def test_mixed_click_simulation_draws_interior_error_clicks(monkeypatch):
+    """--click-sim mixed: about half of the clicks come from the interior-of-error generator, the
+    rest uniform; uniform never calls it; an unknown simulator is refused."""
+    import bosam_cli.train as train_mod
+    from bosam_cli.model import build_preset
+
+    calls = {"ritm": 0, "uniform": 0}
+    real_ritm, real_uniform = train_mod.ritm_click, train_mod.uniform_error_click
+
+    def ritm(*a, **k):
+        calls["ritm"] += 1
+        return real_ritm(*a, **k)
+
+    def uniform(*a, **k):
+        calls["uniform"] += 1
+        return real_uniform(*a, **k)
+
+    monkeypatch.setattr(train_mod, "ritm_click", ritm)
+    monkeypatch.setattr(train_mod, "uniform_error_click", uniform)
+    torch.manual_seed(0)
+    sam = build_preset("tiny").eval()
+    gt = np.zeros((1, 128, 128, 128), bool)
+    gt[0, 44:84, 50:78, 40:90] = True
+    images = torch.from_numpy(np.where(gt, 2.0, -0.5).astype(np.float32))[:, None]
+    targets = torch.from_numpy(gt[:, None].astype(np.float32))
+    with torch.no_grad():
+        ClickLoop(sam, build_loss("dicece"))(images, targets, gt, [True] * 4, np.random.default_rng(0))
+        assert calls == {"ritm": 0, "uniform": 4}
+        ClickLoop(sam, build_loss("dicece"), click_sim="mixed")(images, targets, gt, [True] * 12, np.random.default_rng(0))
+    assert calls["ritm"] >= 2 and calls["uniform"] - 4 >= 2 and calls["ritm"] + calls["uniform"] == 16, calls
+    with pytest.raises(BosamError, match="--click-sim"):
+        ClickLoop(sam, build_loss("dicece"), click_sim="edt")
+
+
 # ---------------------------------------------------------------------------------------------
 # runs
 
