@@ -20,25 +20,8 @@ from typing import Any
 import numpy as np
 from scipy import ndimage
 
+from .session import ClickReport
 from .volume import Volume, label_dtype
-
-
-@dataclass
-class BaselineReport:
-    """What one click cost (the fields evaluate reads from a session's ClickReport)."""
-
-    label: int
-    positive: bool
-    decoder_calls: int = 0
-    encoder_calls: int = 0
-    decoder_s: float = 0.0
-    encoder_s: float = 0.0
-    compute_s: float = 0.0
-    voxels: int = 0
-    note: str = ""
-
-    def as_dict(self) -> dict[str, Any]:
-        return dict(self.__dict__)
 
 
 @dataclass
@@ -93,7 +76,7 @@ class ThresholdSegmenter:
             self.objects.pop(int(label), None)
 
     def add_click(self, label: int, xyz: np.ndarray | None = None, voxel: np.ndarray | None = None,
-                  positive: bool = True, name: str | None = None) -> BaselineReport:
+                  positive: bool = True, name: str | None = None) -> ClickReport:
         vol = self._need_volume()
         if (xyz is None) == (voxel is None):
             raise ValueError("give exactly one of xyz (RAS mm) or voxel (i, j, k)")
@@ -107,7 +90,7 @@ class ThresholdSegmenter:
         dt = time.perf_counter() - t0
         self.timings["compute_s"] += dt
         voxels = int(obj.mask.sum()) if obj.mask is not None else 0
-        return BaselineReport(int(label), bool(positive), compute_s=dt, voxels=voxels)
+        return ClickReport(int(label), bool(positive), voxels=voxels)
 
     def mask(self, label: int) -> np.ndarray:
         vol = self._need_volume()

@@ -41,6 +41,7 @@ import numpy as np
 
 from .clicks import bosam_protocol_click, center_click, first_click
 from .data import CaseStore, ScanResult
+from .session import ClickReport
 from .volume import Volume
 from .windows import WindowGeometry, normalise, resample, sample_labels, sample_window, window_at
 
@@ -258,8 +259,6 @@ class CropSegmenter:
         self._up = None
 
     def add_click(self, label: int, voxel: np.ndarray, positive: bool = True, xyz: Any = None) -> Any:
-        from .baseline import BaselineReport
-
         pts = np.asarray(voxel, np.float32).reshape(1, 1, 3)
         labs = np.array([[1 if positive else 0]], np.int64)
         t0 = time.perf_counter()
@@ -267,7 +266,7 @@ class CropSegmenter:
         dt = time.perf_counter() - t0
         self._low = np.asarray(low, np.float32).reshape(1, 1, self.m, self.m, self.m)
         self._up = None
-        return BaselineReport(label, positive, decoder_calls=1, decoder_s=dt)
+        return ClickReport(label, positive, decoder_calls=1, decoder_s=dt)
 
     def logits(self, label: int = 1) -> np.ndarray:
         if self._up is None:

@@ -4,6 +4,6 @@
 out. Runtime libraries are imported lazily by each engine module.
 """
 
-from .base import Embedding, Engine, EngineInfo, check_decode_inputs, check_image
+from .base import Embedding, Engine, EngineInfo, check_decode_inputs, check_embedding, check_image
 
-__all__ = ["Embedding", "Engine", "EngineInfo", "check_decode_inputs", "check_image"]
+__all__ = ["Embedding", "Engine", "EngineInfo", "check_decode_inputs", "check_embedding", "check_image"]

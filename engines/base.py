@@ -77,6 +77,14 @@ def check_image(image: np.ndarray, img_size: int) -> np.ndarray:
     return np.ascontiguousarray(image, dtype=np.float32)
 
 
+def check_embedding(embedding: Any, engine: str, display: str | None = None) -> None:
+    """Refuse an embedding made by another engine (its payload lives elsewhere: a torch tensor,
+    an ORT OrtValue, TensorRT device memory)."""
+    if not isinstance(embedding, Embedding) or embedding.engine != engine:
+        got = embedding.engine if isinstance(embedding, Embedding) else type(embedding).__name__
+        raise ValueError(f"embedding comes from engine {got!r}, not from this {display or engine} engine")
+
+
 def check_decode_inputs(
     points: np.ndarray, labels: np.ndarray, mask_prompt: np.ndarray, mask_size: int
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -18,7 +18,7 @@ import numpy as np
 
 from bosam_cli.errors import EngineError
 
-from .base import Embedding, EngineInfo, check_decode_inputs, check_image
+from .base import Embedding, EngineInfo, check_decode_inputs, check_embedding, check_image
 from .manifest import (
     DECODER_ONNX,
     ENCODER_ONNX,
@@ -174,9 +174,7 @@ class OrtEngine:
     def decode(
         self, embedding: Embedding, points: np.ndarray, labels: np.ndarray, mask_prompt: np.ndarray
     ) -> tuple[np.ndarray, np.ndarray]:
-        if not isinstance(embedding, Embedding) or embedding.engine != "onnxruntime":
-            got = embedding.engine if isinstance(embedding, Embedding) else type(embedding).__name__
-            raise ValueError(f"embedding comes from engine {got!r}, not from this onnxruntime engine")
+        check_embedding(embedding, "onnxruntime")
         points, labels, mask_prompt = check_decode_inputs(points, labels, mask_prompt, self.mask_size)
         feeds = {"points": points, "labels": labels, "mask_prompt": mask_prompt}
         if self.on_gpu:

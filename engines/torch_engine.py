@@ -7,7 +7,7 @@ from typing import Any
 
 import numpy as np
 
-from .base import Embedding, EngineInfo, check_decode_inputs, check_image
+from .base import Embedding, EngineInfo, check_decode_inputs, check_embedding, check_image
 
 PRECISIONS = ("fp32", "bf16", "fp16")
 
@@ -78,9 +78,7 @@ class TorchEngine:
         self, embedding: Embedding, points: np.ndarray, labels: np.ndarray, mask_prompt: np.ndarray
     ) -> tuple[np.ndarray, np.ndarray]:
         torch = self.torch
-        if not isinstance(embedding, Embedding) or embedding.engine != "torch":
-            got = embedding.engine if isinstance(embedding, Embedding) else type(embedding).__name__
-            raise ValueError(f"embedding comes from engine {got!r}, not from this torch engine")
+        check_embedding(embedding, "torch")
         points, labels, mask_prompt = check_decode_inputs(points, labels, mask_prompt, self.info.mask_size)
         with torch.inference_mode(), self._autocast():
             logits, iou = self.model.decode(

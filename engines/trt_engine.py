@@ -17,7 +17,7 @@ import numpy as np
 
 from bosam_cli.errors import EngineError
 
-from .base import Embedding, EngineInfo, check_decode_inputs, check_image
+from .base import Embedding, EngineInfo, check_decode_inputs, check_embedding, check_image
 from .manifest import DECODER_PLAN, ENCODER_PLAN, check_files, load_manifest
 
 #: TensorRT DataType member name -> torch dtype name
@@ -207,9 +207,7 @@ class TrtEngine:
     def decode(
         self, embedding: Embedding, points: np.ndarray, labels: np.ndarray, mask_prompt: np.ndarray
     ) -> tuple[np.ndarray, np.ndarray]:
-        if not isinstance(embedding, Embedding) or embedding.engine != "tensorrt":
-            got = embedding.engine if isinstance(embedding, Embedding) else type(embedding).__name__
-            raise ValueError(f"embedding comes from engine {got!r}, not from this TensorRT engine")
+        check_embedding(embedding, "tensorrt", "TensorRT")
         points, labels, mask_prompt = check_decode_inputs(points, labels, mask_prompt, self.mask_size)
         n = points.shape[1]
         if n > self.max_points:
