@@ -141,24 +141,6 @@ def _save_program(program: Any, path: Path) -> None:
     program.save(str(path), external_data=False)
 
 
-def _export_one(
-    module: Any,
-    args: tuple,
-    path: Path,
-    input_names: tuple[str, ...],
-    output_names: tuple[str, ...],
-    opset: int,
-    max_points: int | None,
-    log: Log,
-    output_shapes: dict[str, tuple[int, ...]] | None = None,
-) -> dict[str, Any]:
-    """Export one module to ``path``; returns {"exporter": ..., "seconds": ..., "dynamo_error": ...}."""
-    with _quiet_exporter():
-        return _export_one_inner(
-            module, args, path, input_names, output_names, opset, max_points, log, output_shapes or {}
-        )
-
-
 @contextlib.contextmanager
 def _quiet_exporter():
     """Silence the exporters' warnings and log lines (torchvision ops skipped, deprecations)."""
@@ -173,7 +155,8 @@ def _quiet_exporter():
         logger.setLevel(level)
 
 
-def _export_one_inner(
+@_quiet_exporter()
+def _export_one(
     module: Any,
     args: tuple,
     path: Path,
@@ -184,6 +167,8 @@ def _export_one_inner(
     log: Log,
     output_shapes: dict[str, tuple[int, ...]],
 ) -> dict[str, Any]:
+    """Export one module to ``path`` (exporter warnings silenced); returns {"exporter": ...,
+    "seconds": ..., "dynamo_error": ...}."""
     import torch
 
     t0 = time.perf_counter()
