@@ -32,6 +32,18 @@ def _threads():
 
 
 @pytest.fixture
+def one_thread():
+    """One torch thread for the test (on a shared 2-core machine, one thread per process beats
+    two oversubscribed ones); the previous count is restored afterwards."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture
 def tiny_model():
     import torch
 

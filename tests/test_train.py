@@ -23,12 +23,7 @@ from bosam_cli.errors import BosamError
 from bosam_cli.train import ClickLoop, TrainConfig, Upsampler, build_loss, freeze_never_trained, param_groups, train
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
