@@ -80,6 +80,7 @@ RESIZE_MODES = {"nearest", "linear"}
 RESIZE_COORDS = {"half_pixel", "pytorch_half_pixel", "tf_half_pixel_for_nn", "asymmetric", "align_corners"}
 OPSET_RANGE = (9, 20)
 MAX_IR = 10
+MAX_RANK = 8  # nvinfer1::Dims::MAX_DIMS
 NONDETERMINISTIC = {"RandomNormal", "RandomNormalLike", "RandomUniform", "RandomUniformLike"}
 
 
@@ -177,6 +178,8 @@ def check_trt_readiness(onnx_path: str | Path, max_points: int | None = None) ->
         if v.type.HasField("tensor_type"):
             types[v.name] = v.type.tensor_type.elem_type
             dims = _dims(v)
+            if len(dims) > MAX_RANK:
+                rep.errors.append(f"tensor '{v.name}' has {len(dims)} dimensions; TensorRT allows at most {MAX_RANK}")
             static_shape[v.name] = bool(v.type.tensor_type.HasField("shape")) and all(isinstance(d, int) for d in dims)
     const: set[str] = {i.name for i in g.initializer}
     for i in g.initializer:

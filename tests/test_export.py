@@ -185,6 +185,17 @@ def test_readiness_flags_what_tensorrt_rejects(tmp_path):
     for word in ("opset 21", "IR version 11", "custom domain", "Resize", "cubic", "Slice", "build-time constant"):
         assert word in text, word
 
+    # a tensor of more than 8 dimensions (TensorRT's Dims limit)
+    p = _bad_model(
+        tmp_path,
+        [helper.make_node("Reshape", ["v", "shape"], ["r9"])],
+        [helper.make_tensor_value_info("v", f, [1, 512])],
+        [helper.make_tensor_value_info("r9", f, [1, 2, 2, 2, 2, 2, 2, 2, 2, 2])],
+        inits=[numpy_helper.from_array(np.array([1] + [2] * 9, np.int64), "shape")],
+    )
+    rep = check_trt_readiness(p)
+    assert not rep.ok and any("10 dimensions" in e and "at most 8" in e for e in rep.errors), rep.errors
+
 
 def test_legacy_exporter_fallback(tmp_path, monkeypatch, tiny_model):
     """When dynamo fails the legacy exporter runs (with the export-wrapper adaptation), is

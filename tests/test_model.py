@@ -186,3 +186,33 @@ def test_layernorm3d_matches_channel_formula():
     s = ((x - u) ** 2).mean(1, keepdim=True)
     ref = ln.weight[:, None, None, None] * ((x - u) / torch.sqrt(s + 1e-6)) + ln.bias[:, None, None, None]
     assert torch.allclose(ln(x), ref, atol=1e-5)
+
+
+@pytest.mark.parametrize("preset", ["tiny", "sam-med3d"])
+def test_fast_upscaling_equals_the_transposed_convolutions(preset):
+    """The matmul form of output_upscaling + mask projection (the default) equals the modules as
+    written, for every mask token, for single-mask decode and for multimask output."""
+    torch.manual_seed(0)
+    model = build_preset(preset).eval()
+    dec = model.mask_decoder
+    _randomise(dec, 0.05)
+    assert dec.fast_upscaling
+    c = dec.transformer_dim
+    emb = torch.randn(2, c, 8, 8, 8)
+    pe = torch.randn(1, c, 8, 8, 8)
+    sparse = torch.randn(2, 3, c)
+    dense = torch.randn(2, c, 8, 8, 8)
+    pts = torch.tensor([[[60.0, 50.0, 70.0], [30.0, 80.0, 90.0]]] * 2)
+    lab = torch.tensor([[1, 0], [1, -1]])
+    with torch.no_grad():
+        fast = [dec.predict_masks(emb, pe, sparse, dense), dec(emb, pe, sparse, dense, True),
+                model.decode(emb[:1], pts[:1], lab[:1], torch.randn(1, 1, 32, 32, 32, generator=torch.Generator().manual_seed(1)))]
+        dec.fast_upscaling = False
+        ref = [dec.predict_masks(emb, pe, sparse, dense), dec(emb, pe, sparse, dense, True),
+               model.decode(emb[:1], pts[:1], lab[:1], torch.randn(1, 1, 32, 32, 32, generator=torch.Generator().manual_seed(1)))]
+    assert fast[0][0].shape == (2, 4, 32, 32, 32) and fast[1][0].shape == (2, 3, 32, 32, 32)
+    assert fast[2][0].shape == (1, 1, 32, 32, 32) and fast[2][1].shape == (1, 1)
+    for (fm, fi), (rm, ri) in zip(fast, ref):
+        scale = float(rm.abs().max())
+        assert scale > 0 and float((fm - rm).abs().max()) <= 1e-5 * scale
+        assert torch.equal(fi, ri)
