@@ -268,13 +268,14 @@ class Session:
         """All objects in one label map on the CT grid (overlap rule in the module docstring)."""
         vol = self._need_volume()
         max_label = max(self.objects, default=0)
-        labels = np.zeros(vol.shape, dtype=label_dtype(max_label))
+        labels = np.zeros(vol.shape, dtype=label_dtype(max_label), order="F")  # NIfTI order: written without a transposing copy
         owners: dict[int, tuple[tuple[slice, slice, slice], np.ndarray]] = {}
         for lab in self.objects:
             got = self.object_logits(lab)
             if got is None:
                 continue
             box, logits = got
+            logits = np.asfortranarray(logits)  # same memory order as ``labels``
             region = logits > 0
             if not region.any():
                 continue
