@@ -23,10 +23,6 @@ import tempfile
 import time
 from pathlib import Path
 
-# This file is named like the ``engines`` package; run as a script, its folder would come first
-# on sys.path and shadow the package.
-_HERE = Path(__file__).resolve().parent
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]
 
 REFERENCE_ENCODER_S = 15.6
 TARGET_DECODER_MS = 15.0

@@ -146,6 +146,13 @@ def segment_volume(session: Session, volume: Volume, prompts: Any) -> dict[str, 
     return {"labels": labels, "reports": reports}
 
 
+def _label_voxels(session: Any, labels: np.ndarray, label: int) -> int:
+    """Voxels of ``label`` in the label map, counted inside the object's logits box only (the
+    label map holds an object nowhere else)."""
+    got = session.object_logits(label)
+    return 0 if got is None else int(np.count_nonzero(labels[got[0]] == label))
+
+
 def segment_file(
     ct: str | os.PathLike,
     points: str | os.PathLike,
@@ -178,15 +185,15 @@ def segment_file(
     objects = []
     for i, obj in enumerate(prompts.objects):
         state = session.objects[obj.label]
-        mask = labels == obj.label
+        mask = labels == obj.label if options.per_object or options.mesh else None
         entry: dict[str, Any] = {
             "label": obj.label,
             "name": obj.name,
             "clicks": [
                 {"positive": c.positive, "ras": _r(c.ras), "voxel": _r(c.ijk)} for c in obj.clicks
             ],
-            **object_stats(int(mask.sum()), volume),
-            "voxels_before_overlap_rule": int(session.mask(obj.label).sum()),
+            **object_stats(_label_voxels(session, labels, obj.label), volume),
+            "voxels_before_overlap_rule": session.voxel_count(obj.label),
             "windows": len(state.windows),
             "window_centres_ras": [_r(w.geom.centre_ras_mm) for w in state.windows],
             "truncated": state.truncated,
@@ -472,7 +479,7 @@ def interactive(
                 say(f"saved {target or paths['label_map']}")
             elif cmd == "list":
                 for lab, st in session.objects.items():
-                    say(f"object {lab} {st.name}: {len(st.clicks)} clicks, {int(session.mask(lab).sum())} voxels, "
+                    say(f"object {lab} {st.name}: {len(st.clicks)} clicks, {session.voxel_count(lab)} voxels, "
                         f"{len(st.windows)} windows")
             elif cmd == "help":
                 say(INTERACTIVE_HELP)

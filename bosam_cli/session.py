@@ -209,7 +209,7 @@ class Session:
             self._prune(state)
         report.windows = len(state.windows)
         if self.measure_clicks and state.windows:
-            report.voxels = int(self.mask(label).sum())
+            report.voxels = self.voxel_count(label)
         return report
 
     def undo(self, label: int | None = None) -> bool:
@@ -246,6 +246,11 @@ class Session:
             box, logits = got
             out[box] = logits > 0
         return out
+
+    def voxel_count(self, label: int) -> int:
+        """Voxels of ``mask(label)`` without building the full-size mask."""
+        got = self.object_logits(label)
+        return 0 if got is None else int(np.count_nonzero(got[1] > 0))
 
     def object_logits(self, label: int) -> tuple[tuple[slice, slice, slice], np.ndarray] | None:
         """(box, blended logits on ``volume.array[box]``) of one object; None when empty.

@@ -184,21 +184,43 @@ def _interp_axis(arr: np.ndarray, axis: int, c: np.ndarray, order: int, edge: bo
             shape[axis] = len(c)
             out = np.where(inside.reshape(shape), out, np.asarray(cval, dtype=out.dtype))
         return out
+    weights, bias = _lerp_matrix(np.asarray(c, dtype=np.float64), n, edge, cval)
+    # the interpolation as a matmul along ``axis`` (BLAS; no gathers, no copies of ``arr``)
+    if axis == arr.ndim - 1:
+        out = arr @ weights.T
+    elif axis == 0:
+        out = (weights @ arr.reshape(n, -1)).reshape((len(c),) + arr.shape[1:])
+    else:
+        out = np.matmul(weights, arr.reshape(arr.shape[:axis] + (n, -1))).reshape(
+            arr.shape[:axis] + (len(c),) + arr.shape[axis + 1 :]
+        )
+    if bias is not None:
+        shape = [1] * arr.ndim
+        shape[axis] = len(c)
+        out += bias.reshape(shape)
+    return out
+
+
+def _lerp_matrix(c: np.ndarray, n: int, edge: bool, cval: float) -> tuple[np.ndarray, np.ndarray | None]:
+    """Linear interpolation at positions ``c`` of a length-``n`` axis as a (len(c), n) float32
+    matrix, plus the constant each output gets from neighbours beyond the ends (``cval`` times
+    their weight; None with ``edge``, where positions are clamped to the ends)."""
     if edge:
         c = np.clip(c, 0, n - 1)
     i0 = np.floor(c).astype(np.int64)
-    w = (c - i0).astype(np.float32)
-    i1 = i0 + 1
-    shape = [1] * arr.ndim
-    shape[axis] = len(c)
-    v0 = np.take(arr, np.clip(i0, 0, n - 1), axis=axis)
-    v1 = np.take(arr, np.clip(i1, 0, n - 1), axis=axis)
-    if not edge:
-        fill = np.float32(cval)
-        v0 = np.where(((i0 >= 0) & (i0 < n)).reshape(shape), v0, fill)
-        v1 = np.where(((i1 >= 0) & (i1 < n)).reshape(shape), v1, fill)
-    wr = w.reshape(shape)
-    return v0 * (1 - wr) + v1 * wr
+    w = c - i0
+    rows = np.arange(len(c))
+    weights = np.zeros((len(c), n), dtype=np.float64)
+    outside = np.zeros(len(c), dtype=np.float64)
+    for idx, wt in ((i0, 1.0 - w), (i0 + 1, w)):
+        inside = (idx >= 0) & (idx < n)
+        if edge:
+            np.add.at(weights, (rows, np.clip(idx, 0, n - 1)), wt)
+        else:
+            np.add.at(weights, (rows[inside], idx[inside]), wt[inside])
+            outside += np.where(inside, 0.0, wt)
+    bias = None if edge or cval == 0 or not outside.any() else (outside * cval).astype(np.float32)
+    return weights.astype(np.float32), bias
 
 
 def resample(

@@ -167,3 +167,30 @@ def test_lowres_affine_matches_trilinear_upsampling_convention():
     low = geom.lowres_affine(32)
     # low-res voxel 0 covers window voxels 0..3, centred at 1.5
     assert np.allclose(low[:3, 3], [1.5, 1.5, 1.5]) and np.allclose(np.diag(low)[:3], 4.0)
+
+
+@pytest.mark.parametrize("edge, cval", [(True, 0.0), (False, 0.0), (False, -1000.0)])
+@pytest.mark.parametrize("axis", [0, 1, 2])
+def test_matmul_interpolation_equals_gather_and_lerp(axis, edge, cval):
+    """The axis interpolation (a BLAS matmul) equals gather + lerp with the edge / cval rules,
+    for up- and down-sampling and positions beyond both ends."""
+    from bosam_cli.windows import _interp_axis
+
+    rng = np.random.default_rng(axis)
+    arr = rng.normal(size=(9, 11, 13)).astype(np.float32) * 100
+    n = arr.shape[axis]
+    for c in (np.linspace(-2.3, n + 1.7, 40), np.linspace(0.2, n - 1.4, 5), np.array([0.0, n - 1.0, -0.5, n - 0.5])):
+        got = _interp_axis(arr, axis, c, 1, edge, cval)
+        cc = np.clip(c, 0, n - 1) if edge else c
+        i0 = np.floor(cc).astype(int)
+        w = cc - i0
+        shape = [1, 1, 1]
+        shape[axis] = len(c)
+
+        def val(idx):
+            v = np.take(arr, np.clip(idx, 0, n - 1), axis=axis).astype(np.float64)
+            return v if edge else np.where(((idx >= 0) & (idx < n)).reshape(shape), v, cval)
+
+        want = val(i0) * (1 - w).reshape(shape) + val(i0 + 1) * w.reshape(shape)
+        assert got.shape == want.shape and got.dtype == np.float32
+        assert np.allclose(got, want, rtol=1e-6, atol=1e-3), float(np.abs(got - want).max())
