@@ -101,7 +101,8 @@ def main() -> None:
     if not (work / "cache").exists():
         run(*bosam, "prepare", "--data", "phantoms", "--data", "real", "--check", "--cache", "cache", cwd=work)
     common = ["--data", "phantoms", "--data", "real", "--cache", "cache", "--val-data", "val_phantoms",
-              "--labels", "bone", "--labelmap", labelmap, "--clicks", "8", "--prompt-lr-scale", "1.0", "--val-cases", "6", "--val-clicks", "3",
+              "--labels", "bone", "--labelmap", labelmap, "--clicks", "8", "--prompt-lr-scale", "1.0",
+              "--val-cases", "6", "--val-clicks", "3",
               "--threads", str(args.threads), "--checkpoint-every", "100", "--no-tensorboard"]
     # stage 1 from scratch, stage 2 a second warm-restart schedule from stage 1's final weights,
     # stage 3 one cosine cycle from stage 2's best with half of the clicks in error interiors
