@@ -22,7 +22,6 @@ import warnings
 from pathlib import Path
 from typing import Any, Callable
 
-
 from bosam_cli import __version__
 from bosam_cli.errors import EngineError
 from engines.manifest import (
@@ -592,4 +591,3 @@ def write_manifest(folder: str | os.PathLike, manifest: dict[str, Any]) -> None:
     from bosam_cli.atomic import write_json
 
     write_json(manifest, Path(folder) / MANIFEST_NAME)
-
