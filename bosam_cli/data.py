@@ -689,6 +689,8 @@ class Patch:
         flips: which window axes were flipped (array axes of image/target).
         seed_ijk: the object voxel (CT grid) the window was placed on.
         foreground: voxels of the object in the window.
+        others: (S, S, S) bool, voxels of every other label of the case (neighbouring bones,
+            organs) in the window, flipped like ``target``.
     """
 
     image: np.ndarray
@@ -699,6 +701,7 @@ class Patch:
     flips: tuple[bool, bool, bool]
     seed_ijk: tuple[int, int, int]
     foreground: int
+    others: np.ndarray | None = None
 
 
 class PatchSampler:
@@ -759,7 +762,9 @@ class PatchSampler:
         seed_ras = image.voxel_to_world(np.asarray(seed, dtype=np.float64))[0]
         geom = window_at(seed_ras + shift_vox * spacing, spacing, cfg.size, snap_vox=0)
         raw = sample_window(image, geom, cfg.pad_value)
-        target = sample_labels(labels, geom) == lab
+        window_labels = sample_labels(labels, geom)
+        target = window_labels == lab
+        others = (window_labels > 0) & ~target
         img = normalise(raw, cfg.clamp_hu)
         flips = tuple(bool(rng.random() < 0.5) for _ in range(3)) if cfg.flip else (False, False, False)
         if cfg.intensity_scale or cfg.intensity_shift:
@@ -771,7 +776,8 @@ class PatchSampler:
         if axes:
             img = np.ascontiguousarray(np.flip(img, axes))
             target = np.ascontiguousarray(np.flip(target, axes))
-        return Patch(img, target, info.case.key, lab, geom, flips, seed, int(target.sum()))  # type: ignore[arg-type]
+            others = np.ascontiguousarray(np.flip(others, axes))
+        return Patch(img, target, info.case.key, lab, geom, flips, seed, int(target.sum()), others)  # type: ignore[arg-type]
 
     def batch(self, rng: np.random.Generator, size: int) -> list[Patch]:
         return [self.sample(rng) for _ in range(size)]

@@ -96,6 +96,10 @@ class TrainConfig:
             ``mixed`` (each click drawn with probability 1/2 from ``clicks.ritm_click``, the
             interior of the larger error region, as users and the evaluate protocol click, else
             uniform; teaches the decoder to act on corrective clicks).
+        neighbour_weight: weight of an extra loss term on the voxels of every other label in
+            the window (neighbouring bones, organs): the mean binary cross-entropy towards
+            "not this object" there, added to each decoder call's loss. 0 (default) is the
+            published loss; a positive weight penalises leaking into labelled neighbours.
         precision: auto (fp16 autocast on CUDA, fp32 on CPU), fp32, fp16, bf16.
         spacing_mm / clamp_hu / no_clamp: window preprocessing (None: the checkpoint's, else
             1.5 mm and [-1000, 1000]).
@@ -124,6 +128,7 @@ class TrainConfig:
     accumulation: int = 1
     clicks: int = 10
     click_sim: str = "uniform"
+    neighbour_weight: float = 0.0
     detach_mask: bool = False
     precision: str = "auto"
     device: str | None = None
@@ -227,14 +232,20 @@ class ClickLoop(nn.Module):
         detach_mask: feed the previous logits detached (no BPTT through the mask prompt).
         upsample: "matmul" (fast, same function) or "interpolate".
         autocast_dtype: fp16/bf16 autocast for the model calls, None for fp32.
+        click_sim: "uniform" or "mixed" (see ``TrainConfig``).
+        neighbour_weight: weight of the leak penalty on other labels' voxels (see ``TrainConfig``).
     """
 
     def __init__(self, sam: nn.Module, loss_fn: Callable, detach_mask: bool = False, upsample: str = "matmul",
-                 autocast_dtype: torch.dtype | None = None, click_sim: str = "uniform") -> None:
+                 autocast_dtype: torch.dtype | None = None, click_sim: str = "uniform",
+                 neighbour_weight: float = 0.0) -> None:
         super().__init__()
         if click_sim not in CLICK_SIMS:
             raise BosamError(f"--click-sim must be one of {', '.join(CLICK_SIMS)}, not {click_sim!r}")
+        if not neighbour_weight >= 0:
+            raise BosamError(f"--neighbour-weight must be >= 0, not {neighbour_weight}")
         self.click_sim = click_sim
+        self.neighbour_weight = float(neighbour_weight)
         self.sam = sam
         self.loss_fn = loss_fn
         self.detach_mask = detach_mask
@@ -247,7 +258,7 @@ class ClickLoop(nn.Module):
         return torch.autocast(device_type=device.type, dtype=self.autocast_dtype)
 
     def forward(self, images: torch.Tensor, targets: torch.Tensor, gt: np.ndarray, schedule: Sequence[bool],
-                rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+                rng: np.random.Generator, others: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Returns (loss summed over the decoder calls, per-window Dice of the last call).
 
         Args:
@@ -255,7 +266,11 @@ class ClickLoop(nn.Module):
             gt: (B, S, S, S) bool, the targets on the host (for click simulation).
             schedule: per decoder call, whether it gets a new point.
             rng: click generator.
+            others: (B, 1, S, S, S) float 0/1, other labels' voxels (for ``neighbour_weight``).
         """
+        if self.neighbour_weight and others is None:
+            raise BosamError("a neighbour weight needs the other labels' voxels of each window")
+        n_others = others.flatten(1).sum(1).clamp(min=1) if others is not None else None
         device = images.device
         b, s, m = images.shape[0], self.sam.img_size, self.sam.mask_size
         with self._autocast(device):
@@ -286,6 +301,10 @@ class ClickLoop(nn.Module):
                 low, _ = self.sam.decode(emb, points, labels, prev.detach() if self.detach_mask else prev)
             logits = self.upsampler(low.float())
             loss = loss + self.loss_fn(logits, targets)
+            if self.neighbour_weight:
+                # BCE towards 0 on the neighbours' voxels: softplus(logit), mean per window
+                leak = (F.softplus(logits) * others).flatten(1).sum(1) / n_others
+                loss = loss + self.neighbour_weight * leak.mean()
             prev = low
             pred = (logits.detach() > 0).squeeze(1).cpu().numpy()
         assert logits is not None
@@ -325,6 +344,12 @@ def batch_tensors(patches: Sequence[Patch], device: torch.device) -> tuple[torch
     gt = np.stack([p.target for p in patches])
     targets = torch.from_numpy(gt[:, None].astype(np.float32)).to(device, non_blocking=True)
     return images, targets, gt
+
+
+def others_tensor(patches: Sequence[Patch], device: torch.device) -> torch.Tensor:
+    """(B, 1, S, S, S) float 0/1: every other label's voxels in each window."""
+    arr = np.stack([p.others if p.others is not None else np.zeros_like(p.target) for p in patches])
+    return torch.from_numpy(arr[:, None].astype(np.float32)).to(device, non_blocking=True)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -544,6 +569,8 @@ def _check_config(cfg: TrainConfig) -> None:
         raise BosamError(f"--loss must be one of {', '.join(LOSSES)}, not {cfg.loss!r}")
     if cfg.click_sim not in CLICK_SIMS:
         raise BosamError(f"--click-sim must be one of {', '.join(CLICK_SIMS)}, not {cfg.click_sim!r}")
+    if not cfg.neighbour_weight >= 0:
+        raise BosamError(f"--neighbour-weight must be >= 0, got {cfg.neighbour_weight}")
     if cfg.precision not in PRECISIONS:
         raise BosamError(f"--precision must be one of {', '.join(PRECISIONS)}, not {cfg.precision!r}")
     for name in ("epochs", "batch_size", "accumulation", "clicks"):
@@ -610,7 +637,8 @@ def _open_resume(cfg: TrainConfig, last_path: Path, world: int) -> tuple[Any, di
         raise BosamError(f"{last_path}: was trained with --lora-rank {old.get('lora_rank', 0)}, not {cfg.lora_rank}")
     warnings = []
     now = cfg.plain()
-    for k in ("seed", "batch_size", "accumulation", "clicks", "click_sim", "steps_per_epoch", "loss", "labels"):
+    for k in ("seed", "batch_size", "accumulation", "clicks", "click_sim", "neighbour_weight", "steps_per_epoch", "loss",
+              "labels"):
         if k in old and old[k] != now.get(k):
             warnings.append(f"--{k.replace('_', '-')} changed from {old[k]!r} to {now.get(k)!r}: "
                             "the resumed run will not match an uninterrupted one")
@@ -645,7 +673,8 @@ class _Run:
         self.precision = precision
         self.scaler = torch.amp.GradScaler("cuda", enabled=precision == "fp16")
         autocast_dtype = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
-        loop = ClickLoop(self.model, build_loss(cfg.loss), cfg.detach_mask, cfg.upsample, autocast_dtype, cfg.click_sim)
+        loop = ClickLoop(self.model, build_loss(cfg.loss), cfg.detach_mask, cfg.upsample, autocast_dtype, cfg.click_sim,
+                         cfg.neighbour_weight)
         self.runner: nn.Module = loop.to(dist_info.device)
         if dist_info.world > 1:
             from torch.nn.parallel import DistributedDataParallel as DDP
@@ -687,14 +716,16 @@ class _Run:
         cfg, d = self.cfg, self.dist
         step_loss, step_dice = 0.0, 0.0
         for micro in range(cfg.accumulation):
-            images, targets, gt = batch_tensors(batches.next((epoch, step, micro)), d.device)
+            patches = batches.next((epoch, step, micro))
+            images, targets, gt = batch_tensors(patches, d.device)
+            others = others_tensor(patches, d.device) if cfg.neighbour_weight else None
             click_rng = patch_rng(cfg.seed, d.rank, epoch, step, micro, 1)
             schedule = training_schedule(cfg.clicks, click_rng)
             sync = contextlib.nullcontext()
             if d.world > 1 and micro < cfg.accumulation - 1:
                 sync = self.runner.no_sync()  # type: ignore[operator]
             with sync:
-                loss, dice = self.runner(images, targets, gt, schedule, click_rng)
+                loss, dice = self.runner(images, targets, gt, schedule, click_rng, others)
                 self.scaler.scale(loss / cfg.accumulation).backward()
             step_loss += float(loss.detach()) / cfg.accumulation
             step_dice += float(dice.mean()) / cfg.accumulation

@@ -244,6 +244,7 @@ def test_augmentation_flips_the_window_and_jitters_spacing_and_intensity(store):
     cfg = PatchConfig(min_fg_mm3=1000.0)
     sampler = PatchSampler(store, cfg)
     seen_flips = set()
+    seen_others = 0
     for k in range(6):
         p = sampler.sample(patch_rng(11, k))
         seen_flips.add(p.flips)
@@ -251,14 +252,21 @@ def test_augmentation_flips_the_window_and_jitters_spacing_and_intensity(store):
         case = next(i for i, info in enumerate(store.infos) if info.case.key == p.case)
         image, labels = store.load(case)
         axes = tuple(a for a in range(3) if p.flips[a])
-        target = sample_labels(labels, p.geom) == p.label
+        window_labels = sample_labels(labels, p.geom)
+        target = window_labels == p.label
         np.testing.assert_array_equal(p.target, np.flip(target, axes) if axes else target)
+        # the other labels' voxels (the neighbour penalty's region) are flipped the same way
+        others = (window_labels > 0) & (window_labels != p.label)
+        np.testing.assert_array_equal(p.others, np.flip(others, axes) if axes else others)
+        assert not (p.others & p.target).any()
+        seen_others += int(p.others.any())
         plain = normalise(sample_window(image, p.geom), cfg.clamp_hu)
         plain = np.flip(plain, axes) if axes else plain
         # intensity: an affine map of the plain window, close to the identity
         slope, icpt = np.polyfit(plain.ravel()[::97], p.image.ravel()[::97], 1)
         assert 0.9 - 1e-3 <= slope <= 1.1 + 1e-3 and abs(icpt) <= 0.1 + 1e-3
     assert len(seen_flips) > 1
+    assert seen_others > 0
 
 
 def test_small_objects_are_excluded_by_the_published_patch_rule(store):

@@ -117,6 +117,45 @@ def test_mixed_click_simulation_draws_interior_error_clicks(monkeypatch):
         ClickLoop(sam, build_loss("dicece"), click_sim="edt")
 
 
+def test_neighbour_weight_adds_the_mean_cross_entropy_on_other_labels():
+    """--neighbour-weight w adds w * mean softplus(logit) over the other labels' voxels to each
+    decoder call's loss (BCE towards background there); 0 leaves the published loss; a weight
+    without the other labels, or a negative one, is refused."""
+    from bosam_cli.model import build_preset
+
+    torch.manual_seed(0)
+    sam = build_preset("tiny").eval()
+    gt = np.zeros((1, 128, 128, 128), bool)
+    gt[0, 44:84, 50:78, 40:90] = True
+    others = np.zeros_like(gt)
+    others[0, 84:100, 50:78, 40:90] = True  # a neighbour right next to the object
+    images = torch.from_numpy(np.where(gt | others, 2.0, -0.5).astype(np.float32))[:, None]
+    targets = torch.from_numpy(gt[:, None].astype(np.float32))
+    oth = torch.from_numpy(others[:, None].astype(np.float32))
+
+    def zero_loss(logits, target):
+        return logits.sum() * 0.0
+
+    with torch.no_grad():
+        plain, _ = ClickLoop(sam, zero_loss)(images, targets, gt, [False], np.random.default_rng(0), oth)
+        loss, _ = ClickLoop(sam, zero_loss, neighbour_weight=2.5)(images, targets, gt, [False, False],
+                                                                  np.random.default_rng(0), oth)
+        emb = sam.image_encoder(images)
+        prev = torch.zeros(1, 1, 32, 32, 32)
+        expected = 0.0
+        for _ in range(2):  # no points: the mask prompt alone, as in the published no-point steps
+            low, _ = sam.decode(emb, None, None, prev)
+            logits = torch.nn.functional.interpolate(low, size=(128,) * 3, mode="trilinear", align_corners=False)
+            expected += 2.5 * float(torch.nn.functional.softplus(logits)[oth > 0].mean())
+            prev = low
+    assert float(plain) == 0.0
+    assert float(loss) == pytest.approx(expected, rel=1e-4)
+    with pytest.raises(BosamError, match="neighbour"):
+        ClickLoop(sam, zero_loss, neighbour_weight=1.0)(images, targets, gt, [False], np.random.default_rng(0))
+    with pytest.raises(BosamError, match="--neighbour-weight"):
+        ClickLoop(sam, zero_loss, neighbour_weight=-1.0)
+
+
 # ---------------------------------------------------------------------------------------------
 # runs
 
