@@ -112,7 +112,8 @@ def is_nifti(path: Path) -> bool:
 
 
 def read_volume(path: str | os.PathLike) -> Volume:
-    """Read a CT or label volume: NIfTI (.nii/.nii.gz), a DICOM series folder, or NRRD."""
+    """Read a CT or label volume: NIfTI (.nii/.nii.gz), a DICOM series folder, NRRD or
+    MetaImage (.mha/.mhd)."""
     path = Path(path)
     if not path.exists():
         raise VolumeError(f"{path}: no such file or folder")
@@ -125,9 +126,13 @@ def read_volume(path: str | os.PathLike) -> Volume:
         from .volume_io import read_nrrd
 
         return read_nrrd(path)
+    if name.endswith(".mha") or name.endswith(".mhd"):
+        from .volume_io import read_metaimage
+
+        return read_metaimage(path)
     if is_nifti(path):
         return read_nifti(path)
-    raise VolumeError(f"{path}: unsupported file type (expected .nii, .nii.gz, .nrrd or a DICOM folder)")
+    raise VolumeError(f"{path}: unsupported file type (expected .nii, .nii.gz, .nrrd, .nhdr, .mha, .mhd or a DICOM folder)")
 
 
 def _one_line(exc: BaseException) -> str:

@@ -1,10 +1,11 @@
-"""Optional CT inputs besides NIfTI: a DICOM series folder (pydicom) and NRRD (pynrrd).
+"""Optional CT inputs besides NIfTI: a DICOM series folder (pydicom), NRRD (pynrrd) and
+MetaImage .mha/.mhd (SimpleITK).
 
 Both become a :class:`~bosam_cli.volume.Volume` under the one coordinate rule: the array in file
 order and a 4x4 affine from voxel (i, j, k) to world RAS millimetres. DICOM and most NRRD files
 describe geometry in LPS; the change to RAS is one more affine (``LPS_TO_RAS @ affine_lps``),
-never a flip of the array. pydicom and pynrrd are imported inside the functions, so they stay
-optional (``pip install bosam[io]``).
+never a flip of the array. pydicom, pynrrd and SimpleITK are imported inside the functions,
+so they stay optional (``pip install bosam[io]``).
 """
 
 from __future__ import annotations
@@ -250,3 +251,49 @@ def read_nrrd(path: str | os.PathLike) -> Volume:
     affine_space[:3, 3] = origin
     meta = {"format": "nrrd", "space": str(space), "nrrd_header": dict(header)}
     return Volume(np.asarray(data), to_ras @ affine_space, None, path, meta)
+
+
+# ---------------------------------------------------------------------------------------------
+# MetaImage
+
+
+def read_metaimage(path: str | os.PathLike) -> Volume:
+    """Read a 3-D MetaImage (.mha, or .mhd + raw data) with SimpleITK into a RAS volume.
+
+    MetaImage geometry is ITK's, in LPS: world = Origin + Direction @ diag(Spacing) @ (i, j, k).
+    The affine is ``LPS_TO_RAS`` times that. SimpleITK's array is (k, j, i); the volume keeps it
+    as (i, j, k) (a transposed view, Fortran order, like nibabel's). Only scalar 3-D images are
+    read: 2-D, 4-D and vector images are refused.
+    """
+    try:
+        import SimpleITK as sitk
+    except ImportError:  # pragma: no cover - depends on the install
+        raise VolumeError(f"{path}: reading MetaImage needs SimpleITK (pip install 'bosam[io]')") from None
+
+    path = Path(path)
+    try:
+        img = sitk.ReadImage(str(path))
+    except Exception as exc:  # noqa: BLE001 - SimpleITK raises RuntimeError with multi-line text
+        raise VolumeError(f"{path}: cannot read MetaImage ({_one_line(exc)})") from None
+    dim = img.GetDimension()
+    if dim != 3:
+        raise VolumeError(f"{path}: NDims: expected a 3-D image, got {dim}-D of size {list(img.GetSize())}")
+    if img.GetNumberOfComponentsPerPixel() != 1:
+        raise VolumeError(f"{path}: ElementNumberOfChannels: expected one value per voxel, got "
+                          f"{img.GetNumberOfComponentsPerPixel()}")
+    data = sitk.GetArrayFromImage(img).transpose(2, 1, 0)
+    if data.dtype.kind not in "biuf":
+        raise VolumeError(f"{path}: ElementType: unsupported voxel type {data.dtype}")
+    spacing = np.asarray(img.GetSpacing(), dtype=np.float64)
+    direction = np.asarray(img.GetDirection(), dtype=np.float64).reshape(3, 3)
+    origin = np.asarray(img.GetOrigin(), dtype=np.float64)
+    if not (np.all(np.isfinite(spacing)) and np.all(spacing > 0)):
+        raise VolumeError(f"{path}: ElementSpacing: expected three positive numbers, got {spacing.tolist()}")
+    if abs(np.linalg.det(direction)) < 1e-6 or not np.all(np.isfinite(origin)):
+        raise VolumeError(f"{path}: TransformMatrix/Offset: not a usable geometry "
+                          f"(direction {direction.tolist()}, origin {origin.tolist()})")
+    affine_lps = np.eye(4)
+    affine_lps[:3, :3] = direction * spacing[None, :]  # column a: the step of axis a
+    affine_lps[:3, 3] = origin
+    meta = {"format": "metaimage"}
+    return Volume(data, LPS_TO_RAS @ affine_lps, None, path, meta)

@@ -154,6 +154,33 @@ def test_batch_reports_and_skips_failing_cases(tmp_path, random_checkpoint, prom
     assert (tmp_path / "m_out" / "case_a.nii.gz").exists()
 
 
+def test_metaimage_ct_segments_like_its_nifti(tmp_path, random_checkpoint, prompts_sm):
+    """The real CT saved as an ITK MetaImage (.mha, LPS geometry) gives the label map that the
+    NIfTI gives, on the same grid, written as NIfTI."""
+    sitk = pytest.importorskip("SimpleITK")
+    ct = need(CT_SM)
+    src = nib.load(str(ct))
+    flip = np.diag([-1.0, -1.0, 1.0])
+    lps = flip @ src.affine[:3, :3]
+    spacing = np.linalg.norm(lps, axis=0)
+    img = sitk.GetImageFromArray(np.ascontiguousarray(np.asanyarray(src.dataobj).transpose(2, 1, 0)))
+    img.SetSpacing(spacing.tolist())
+    img.SetDirection((lps / spacing).ravel().tolist())
+    img.SetOrigin((flip @ src.affine[:3, 3]).tolist())
+    mha = tmp_path / "example_ct_sm.mha"
+    sitk.WriteImage(img, str(mha))
+    outs = []
+    for path, out in ((ct, tmp_path / "from_nii"), (mha, tmp_path / "from_mha")):
+        r = bosam("segment", str(path), "--points", str(prompts_sm), "-c", str(random_checkpoint), "--engine", "torch",
+                  "-o", str(out), "--max-windows", "1")
+        assert r.returncode == 0, r.stderr
+        outs.append(nib.load(str(out / "example_ct_sm.nii.gz")))
+    a, b = outs
+    np.testing.assert_allclose(b.affine, a.affine, atol=1e-4)
+    np.testing.assert_array_equal(np.asanyarray(b.dataobj), np.asanyarray(a.dataobj))
+    assert np.asanyarray(a.dataobj).any()
+
+
 def test_interactive_session_is_scriptable(tmp_path, random_checkpoint):
     ct = need(CT_SM)
     seg = np.asanyarray(nib.load(need(SEG_SM)).dataobj)

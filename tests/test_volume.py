@@ -548,3 +548,68 @@ def test_nrrd_4d_refused(tmp_path):
     with pytest.raises(VolumeError) as exc:
         read_volume(path)
     assert_one_line_naming(exc, path, "dimension")
+
+
+# ---------------------------------------------------------------------------------------------
+# MetaImage
+
+
+def write_metaimage(path: Path, data: np.ndarray, spacing, direction: np.ndarray, origin) -> Path:
+    import SimpleITK as sitk
+
+    img = sitk.GetImageFromArray(np.ascontiguousarray(data.transpose(2, 1, 0)))  # sitk arrays are (k, j, i)
+    img.SetSpacing([float(v) for v in spacing])
+    img.SetDirection([float(v) for v in np.asarray(direction).ravel()])
+    img.SetOrigin([float(v) for v in origin])
+    sitk.WriteImage(img, str(path))
+    return path
+
+
+@pytest.mark.parametrize("suffix", [".mha", ".mhd"])
+def test_metaimage_lps_geometry_to_ras(tmp_path, suffix):
+    """An oblique MetaImage (ITK's LPS) lands in RAS as ITK itself places its voxels."""
+    sitk = pytest.importorskip("SimpleITK")
+    direction = rotation([1, 2, -1], 23.0)
+    spacing = [0.7, 0.9, 2.5]
+    origin = [-101.5, 33.0, -250.0]
+    data = ct_like((5, 6, 7))
+    path = write_metaimage(tmp_path / f"ct{suffix}", data, spacing, direction, origin)
+    vol = read_volume(path)
+    assert vol.array.dtype == np.int16
+    np.testing.assert_array_equal(vol.array, data)
+    ijk = np.array([[0, 0, 0], [4, 5, 6], [1.5, 2.0, 3.25]])
+    itk = sitk.ReadImage(str(path))
+    lps = np.array([itk.TransformContinuousIndexToPhysicalPoint([float(v) for v in p]) for p in ijk])
+    np.testing.assert_allclose(vol.voxel_to_world(ijk), lps * np.array([-1, -1, 1]), atol=1e-6)
+    expected = (np.asarray(origin) + ijk @ (direction * np.asarray(spacing)).T) * np.array([-1, -1, 1])
+    np.testing.assert_allclose(vol.voxel_to_world(ijk), expected, atol=1e-6)
+
+
+def test_metaimage_and_nifti_of_one_ct_are_the_same_volume(tmp_path):
+    """The same CT saved by ITK as .mha and by nibabel as .nii.gz reads as one volume."""
+    pytest.importorskip("SimpleITK")
+    data = ct_like((6, 5, 4))
+    affine = np.diag([-0.8, -0.8, 3.0, 1.0])  # LPS-stored, as scanners write
+    affine[:3, 3] = [150.0, 120.0, -40.0]
+    nii = tmp_path / "ct.nii.gz"
+    nib.save(nib.Nifti1Image(data, affine), str(nii))
+    lps = np.diag([-1.0, -1.0, 1.0]) @ affine[:3, :3]
+    spacing = np.linalg.norm(lps, axis=0)
+    mha = write_metaimage(tmp_path / "ct.mha", data, spacing, lps / spacing, np.diag([-1.0, -1.0, 1.0]) @ affine[:3, 3])
+    a, b = read_volume(nii), read_volume(mha)
+    np.testing.assert_array_equal(a.array, b.array)
+    np.testing.assert_allclose(a.affine, b.affine, atol=1e-6)
+
+
+def test_metaimage_4d_and_corrupt_refused(tmp_path):
+    sitk = pytest.importorskip("SimpleITK")
+    path = tmp_path / "vec.mha"
+    sitk.WriteImage(sitk.GetImageFromArray(np.zeros((2, 3, 3, 3), np.float32), isVector=False), str(path))
+    with pytest.raises(VolumeError) as exc:
+        read_volume(path)
+    assert_one_line_naming(exc, path, "NDims")
+    bad = tmp_path / "bad.mha"
+    bad.write_bytes(b"ObjectType = Image\nNDims = 3\nDimSize = 4 4 4\nElementType = MET_SHORT\nElementDataFile = LOCAL\n\x00\x01")
+    with pytest.raises(VolumeError) as exc:
+        read_volume(bad)
+    assert_one_line_naming(exc, bad, "MetaImage")
