@@ -203,9 +203,9 @@ def test_nifti_singular_sform_refused(tmp_path):
 
 
 def test_read_volume_unknown_suffix_and_missing(tmp_path):
-    (tmp_path / "ct.mha").write_bytes(b"x")
+    (tmp_path / "ct.vtk").write_bytes(b"x")
     with pytest.raises(VolumeError, match="unsupported file type"):
-        read_volume(tmp_path / "ct.mha")
+        read_volume(tmp_path / "ct.vtk")
     with pytest.raises(VolumeError, match="no such file"):
         read_volume(tmp_path / "absent.nii.gz")
 
