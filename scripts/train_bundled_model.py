@@ -16,9 +16,9 @@ resumes from its last checkpoint):
    ``--click-sim mixed`` (half of the clicks in the interior of the larger error region, so the
    decoder learns to act on corrective clicks), then one more cycle (5 epochs x 500 steps,
    lr 2e-4) from the third run's best with ``--neighbour-weight 1`` (a cross-entropy penalty on
-   the voxels of the other bones in the window, against leaks into neighbours); DiceCE summed over 8 simulated clicks per
-   window, AdamW with the prompt encoder and decoder at the encoder's rate, batch 1, 2 CPU
-   threads (about 1 s per step);
+   the voxels of the other bones in the window, against leaks into neighbours); DiceCE summed
+   over 8 simulated clicks per window, AdamW with the prompt encoder and decoder at the
+   encoder's rate, batch 1, 2 CPU threads (about 1.1-1.4 s per step);
 4. the chosen checkpoint (best validation Dice on the phantoms) written as fp16 safetensors
    with its metadata into the package;
 5. ``bosam evaluate`` (clicks protocol, 1/5/10 clicks) of the model and of the HU-threshold
