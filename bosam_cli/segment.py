@@ -22,7 +22,7 @@ import numpy as np
 
 from .errors import BosamError, PromptError
 from .session import Session
-from .volume import Volume, read_volume, write_label_map
+from .volume import VOLUME_SUFFIXES, Volume, read_volume, write_label_map
 from .windows import DEFAULT_CLAMP_HU, DEFAULT_SPACING_MM, Intensity
 
 OVERLAP_RULE = "highest blended logit wins; exact ties go to the object listed first"
@@ -120,7 +120,7 @@ def output_paths(ct_path: Path, out: str | os.PathLike | None) -> dict[str, Path
 
 def case_name(path: Path) -> str:
     name = path.name
-    for suffix in (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd", ".mrk.json", ".json"):
+    for suffix in (*VOLUME_SUFFIXES, ".mrk.json", ".json"):
         if name.lower().endswith(suffix):
             return name[: -len(suffix)]
     return name
@@ -294,7 +294,7 @@ class Case:
 
 def _is_image_file(p: Path) -> bool:
     n = p.name.lower()
-    return n.endswith((".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd"))
+    return n.endswith(VOLUME_SUFFIXES)
 
 
 def find_cases(ct: str | os.PathLike, points: str | os.PathLike | None) -> list[Case]:
@@ -317,7 +317,7 @@ def find_cases(ct: str | os.PathLike, points: str | os.PathLike | None) -> list[
         else:
             cases.append(Case(img, Path(points) / f"{name}.json"))  # reported as missing later
     if not cases:
-        raise BosamError(f"{ct}: no CT files (.nii, .nii.gz, .nrrd, .nhdr, .mha, .mhd) in this folder")
+        raise BosamError(f"{ct}: no CT files ({', '.join(VOLUME_SUFFIXES)}) in this folder")
     return cases
 
 

@@ -106,6 +106,10 @@ class Volume:
 # reading
 
 
+#: file endings read_volume reads (besides a DICOM series folder), in the order messages list them
+VOLUME_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd")
+
+
 def is_nifti(path: Path) -> bool:
     name = path.name.lower()
     return name.endswith(".nii") or name.endswith(".nii.gz")
@@ -132,7 +136,7 @@ def read_volume(path: str | os.PathLike) -> Volume:
         return read_metaimage(path)
     if is_nifti(path):
         return read_nifti(path)
-    raise VolumeError(f"{path}: unsupported file type (expected .nii, .nii.gz, .nrrd, .nhdr, .mha, .mhd or a DICOM folder)")
+    raise VolumeError(f"{path}: unsupported file type (expected {', '.join(VOLUME_SUFFIXES)} or a DICOM folder)")
 
 
 def _one_line(exc: BaseException) -> str:
