@@ -1,6 +1,6 @@
 """Stage breakdown of ``bosam segment`` on a full-size CT.
 
-    python benchmarks/segment.py [--preset sam-med3d] [--engine torch] [--threads 2] [--max-windows 1]
+    python benchmarks/segment.py [--preset sam-med3d] [--engine torch] [--threads 2] [--max-windows 1] [--device cuda]
 
 Builds (once, cached under benchmarks/.cache) a 512x512x300 int16 CT at 0.8x0.8x1.0 mm in LPS
 storage order (as scanners write it) with a body, a spine-like column and two femur-like
@@ -70,6 +70,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--max-windows", type=int, default=1)
     ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--device", default="cpu", help="engine device: cpu, cuda ...")
+    ap.add_argument("--precision", default=None, help="engine precision (torch: fp32, bf16, fp16)")
     args = ap.parse_args()
     import torch
 
@@ -88,7 +90,8 @@ def main() -> None:
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory() as tmp:
         ck = save_checkpoint(build_preset(args.preset), Path(tmp) / f"{args.preset}.pth")
-        engine = open_engine(args.engine, checkpoint=ck, threads=args.threads)
+        engine = open_engine(args.engine, checkpoint=ck, threads=args.threads, device=args.device,
+                             precision=args.precision)
         options = SegmentOptions(max_windows=args.max_windows)
         segment_file(ct, points, Path(tmp) / "warm.nii.gz", engine, options)  # warm-up
         runs = []
@@ -100,8 +103,8 @@ def main() -> None:
     best = min(runs, key=lambda m: m["timings_s"]["wall"])
     ts = best["timings_s"]
     engine_s = ts["encoder"] + ts["decoder"]
-    print(f"bosam segment, 512x512x300 int16 CT, 3 objects, preset {args.preset}, engine {args.engine}, "
-          f"{args.threads} threads, max {args.max_windows} window(s) per object; best of {args.repeats}")
+    print(f"bosam segment, 512x512x300 int16 CT, 3 objects, preset {args.preset}, engine {args.engine} "
+          f"on {engine.info.device} ({engine.info.precision}), {args.threads} threads, max {args.max_windows} window(s) per object; best of {args.repeats}")
     for k in ("read", "prompts", "sample_windows", "encoder", "decoder", "map_back", "segment_other", "write", "total"):
         print(f"  {k:15s} {ts[k]:7.3f} s")
     print(f"  engine calls: {best['calls']}")

@@ -1,6 +1,7 @@
 """Training step time: our training step against the reference recipe's, same model, same batch.
 
     python benchmarks/train_step.py [--preset sam-med3d] [--batch 1] [--clicks 10] [--repeats 2] [--threads 1]
+                                    [--device cuda [--precision fp16]]
 
 One step = image encoder once, ``--clicks`` decoder calls with simulated clicks and the previous
 logits as mask prompt (mask-only steps per the published schedule), DiceCE on logits upsampled
@@ -58,9 +59,16 @@ def main() -> None:
     ap.add_argument("--clicks", type=int, default=10)
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--device", default="cpu", help="cpu or cuda (timed with a synchronize after each step)")
+    ap.add_argument("--precision", default="fp32", choices=("fp32", "fp16", "bf16"),
+                    help="autocast dtype of the model calls (fp16 as bosam train uses on CUDA; the loss scaler "
+                         "is left out, it does not change the step's cost)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
+    device = torch.device(args.device)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    autocast = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}[args.precision]
     base = build_preset(args.preset).train()
     with torch.no_grad():
         for blk in base.image_encoder.blocks:
@@ -68,22 +76,25 @@ def main() -> None:
                 t.normal_(0, 0.02)
     freeze_never_trained(base)
     images, targets, gt = make_window(base.img_size, args.batch)
+    base, images, targets = base.to(device), images.to(device), targets.to(device)
     runs = {}
     for name, impl, upsample in (("ours", "fast", "matmul"), ("reference", "reference", "interpolate")):
         model = copy.deepcopy(base)
         model.image_encoder.set_attention_impl(impl)
-        loop = ClickLoop(model, build_loss("dicece"), upsample=upsample)
+        loop = ClickLoop(model, build_loss("dicece"), upsample=upsample, autocast_dtype=autocast)
         opt = torch.optim.AdamW(param_groups(model, 1e-4, 0.1))
         runs[name] = (loop, opt)
     schedule = training_schedule(args.clicks, np.random.default_rng(1))
 
     def step(name: str, seed: int) -> tuple[float, float]:
         loop, opt = runs[name]
+        sync()
         t0 = time.perf_counter()
         loss, _ = loop(images, targets, gt, schedule, np.random.default_rng(seed))
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
+        sync()
         return time.perf_counter() - t0, float(loss.detach())
 
     times: dict[str, list[float]] = {"ours": [], "reference": []}
@@ -95,7 +106,9 @@ def main() -> None:
             times[name].append(dt)
             losses[name].append(loss)
     print(f"training step, preset {args.preset}, batch {args.batch}, {args.clicks} decoder calls "
-          f"({sum(schedule)} with a new point), {args.threads} thread(s), {args.repeats} repeats after 1 warm-up")
+          f"({sum(schedule)} with a new point), "
+          + (f"{torch.cuda.get_device_name(device)} {args.precision}" if device.type == "cuda" else f"{args.threads} thread(s)")
+          + f", {args.repeats} repeats after 1 warm-up")
     for name, ts in times.items():
         print(f"  {name:9s}  min {min(ts):8.2f} s   median {statistics.median(ts):8.2f} s")
     ratio = statistics.median(times["ours"]) / statistics.median(times["reference"])

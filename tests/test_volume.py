@@ -555,7 +555,7 @@ def test_nrrd_4d_refused(tmp_path):
 
 
 def write_metaimage(path: Path, data: np.ndarray, spacing, direction: np.ndarray, origin) -> Path:
-    import SimpleITK as sitk
+    sitk = pytest.importorskip("SimpleITK")
 
     img = sitk.GetImageFromArray(np.ascontiguousarray(data.transpose(2, 1, 0)))  # sitk arrays are (k, j, i)
     img.SetSpacing([float(v) for v in spacing])
