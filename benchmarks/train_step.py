@@ -81,7 +81,7 @@ def main() -> None:
     for name, impl, upsample in (("ours", "fast", "matmul"), ("reference", "reference", "interpolate")):
         model = copy.deepcopy(base)
         model.image_encoder.set_attention_impl(impl)
-        loop = ClickLoop(model, build_loss("dicece"), upsample=upsample, autocast_dtype=autocast)
+        loop = ClickLoop(model, build_loss("dicece"), upsample=upsample, autocast_dtype=autocast).to(device)
         opt = torch.optim.AdamW(param_groups(model, 1e-4, 0.1))
         runs[name] = (loop, opt)
     schedule = training_schedule(args.clicks, np.random.default_rng(1))

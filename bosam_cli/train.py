@@ -381,6 +381,14 @@ def setup_distributed(device: str | None) -> Dist:
             dev = torch.device(device)
         else:
             dev = torch.device("cuda", local)
+        if (dev.index or 0) >= torch.cuda.device_count():
+            if world > 1:
+                raise BosamError(
+                    f"--device {device or 'auto'}: torchrun started {os.environ.get('LOCAL_WORLD_SIZE', world)} processes "
+                    f"on this node but torch sees {torch.cuda.device_count()} CUDA GPU(s); use --nproc_per_node "
+                    f"{torch.cuda.device_count()}, or --device cpu for CPU processes"
+                )
+            raise BosamError(f"--device {device}: torch sees {torch.cuda.device_count()} CUDA GPU(s) here")
         torch.cuda.set_device(dev)
     else:
         dev = torch.device("cpu")

@@ -67,8 +67,8 @@ def _click(eng, image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     emb = eng.encode(image)
     pts = np.array([[[64, 64, 64], [40, 70, 60], [0, 0, 0]]], np.float32)
     labs = np.array([[1, 0, -1]], np.int64)
-    first = eng.decode(emb, pts[:, :1], labs[:, :1], np.zeros((1, 1, 32, 32, 32), np.float32))
-    second = eng.decode(emb, pts, labs, np.asarray(first, np.float32))
+    first, _ = eng.decode(emb, pts[:, :1], labs[:, :1], np.zeros((1, 1, 32, 32, 32), np.float32))
+    second, _ = eng.decode(emb, pts, labs, np.asarray(first, np.float32))
     return np.asarray(first, np.float64), np.asarray(second, np.float64)
 
 
@@ -155,3 +155,21 @@ def test_onnxruntime_without_its_cuda_provider_is_refused_on_cuda(tmp_path_facto
     out, _ = fx.tiny_export(tmp_path_factory)
     with pytest.raises(EngineError, match="onnxruntime-gpu"):
         open_engine("onnxruntime", checkpoint=fx.tiny_checkpoint(tmp_path_factory), engine_dir=out, device="cuda")
+
+
+def test_torchrun_with_more_processes_than_gpus_is_a_clear_error(phantom_data, tmp_path):
+    import socket
+
+    if torch.cuda.device_count() >= 2:
+        pytest.skip("this machine has a GPU for each of the two processes")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+           "--master_port", str(port), "-m", "bosam_cli", "train", "--data", str(phantom_data), "--out",
+           str(tmp_path / "ddp"), "--preset", "tiny", "--epochs", "1", "--steps-per-epoch", "2", "--clicks", "2",
+           "--workers", "0", "--no-tensorboard"]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "COLUMNS": "200"})
+    assert res.returncode != 0
+    assert "torchrun started 2 processes" in res.stderr and "--device cpu" in res.stderr
+    assert not (tmp_path / "ddp" / "last.pth").exists()

@@ -283,7 +283,7 @@ def test_ddp_with_two_cpu_processes_writes_one_checkpoint(phantoms, tmp_path):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
            "--master_port", str(_free_port()), "-m", "bosam_cli", "train", "--data", str(phantoms), "--out", str(out),
            "--preset", "tiny", "--epochs", "1", "--steps-per-epoch", "2", "--clicks", "2", "--min-fg-mm3", "500",
-           "--workers", "0", "--no-tensorboard", "--json"]
+           "--workers", "0", "--no-tensorboard", "--json", "--device", "cpu"]  # CPU processes on GPU machines too
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=600,
                          env={**os.environ, "OMP_NUM_THREADS": "1", "COLUMNS": "200"})
     assert res.returncode == 0, res.stderr[-3000:]
