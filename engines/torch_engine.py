@@ -29,6 +29,8 @@ class TorchEngine:
         dev = torch.device(device)
         if dev.type == "cuda" and not torch.cuda.is_available():
             raise ValueError("device 'cuda' asked for, but torch sees no CUDA GPU here")
+        if dev.type == "cuda" and (dev.index or 0) >= torch.cuda.device_count():
+            raise ValueError(f"device {device!r} asked for, but torch sees {torch.cuda.device_count()} CUDA GPU(s) here")
         if precision == "fp16" and dev.type != "cuda":
             raise ValueError("fp16 needs a CUDA device; use fp32 or bf16 on CPU")
         self.torch = torch

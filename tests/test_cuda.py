@@ -81,6 +81,15 @@ def test_torch_engine_on_cuda_matches_the_cpu(window):
         assert (np.sign(a) == np.sign(b))[np.abs(a) > 1e-2 * scale].all()
 
 
+def test_a_gpu_index_that_does_not_exist_is_a_clear_error(tmp_path):
+    missing = f"cuda:{torch.cuda.device_count()}"
+    with pytest.raises(ValueError, match="CUDA GPU"):
+        _engine(missing)
+    r = bosam("demo", "-o", str(tmp_path / "demo"), "--device", missing)
+    assert r.returncode != 0 and missing in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "demo" / "segmentation.nii.gz").exists()
+
+
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
 def test_half_precision_on_cuda_keeps_the_mask(window, precision):
     ref = _click(_engine("cuda"), window)
