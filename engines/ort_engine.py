@@ -136,6 +136,8 @@ class OrtEngine:
         self.mask_size = int(man.get("mask_size", 32))
         self.max_points = int(man.get("max_points", 0)) or None
         embed_shape = tuple(man.get("embed_shape") or self.enc.get_outputs()[0].shape)
+        # the checkpoint's spacing, HU clamp and click feeding, as exported (segment reads them)
+        self.metadata = dict(self.manifest.get("model_metadata") or {})
         self.info = EngineInfo(
             name="onnxruntime",
             device=f"cuda:{device_id}" if self.on_gpu else "cpu",

@@ -140,6 +140,8 @@ class TrtEngine:
         self._mask = self.mem.empty((1, 1, m, m, m), self.dec_io["mask_prompt"][1])
         self._logits = self.mem.empty((1, 1, m, m, m), self.dec_io["low_res_logits"][1])
         self._iou = self.mem.empty((1, 1), self.dec_io["iou"][1])
+        # the checkpoint's spacing, HU clamp and click feeding, as exported (segment reads them)
+        self.metadata = dict(self.manifest.get("model_metadata") or {})
         self.info = EngineInfo(
             name="tensorrt",
             device=self.mem.name,

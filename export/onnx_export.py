@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import datetime as _dt
 import hashlib
+import json
 import logging
 import os
 import shutil
@@ -562,6 +563,7 @@ def _export_into(
         "embed_shape": [1, int(model.embed_dim)] + [int(model.embed_grid)] * 3,
         "precision": precision,
         "max_points": max_points,
+        "model_metadata": segment_metadata(model),
         "opset": opset,
         "ir_version": max(enc_io["ir_version"], dec_io["ir_version"]),
         "exporter": {k: v["exporter"] for k, v in exporters.items()},
@@ -585,6 +587,14 @@ def _export_into(
             + "; nothing was written"
         )
     return manifest
+
+
+def segment_metadata(model: Any) -> dict[str, Any]:
+    """What ``segment`` reads from a checkpoint besides the weights (window spacing, HU clamp, how
+    clicks are fed), so that an engine folder segments like its checkpoint without it."""
+    meta = dict(getattr(model, "checkpoint_metadata", None) or {})
+    keep = {k: meta[k] for k in ("spacing_mm", "intensity", "click_memory", "label_ids", "label_names") if k in meta}
+    return json.loads(json.dumps(keep))  # plain JSON types only
 
 
 def write_manifest(folder: str | os.PathLike, manifest: dict[str, Any]) -> None:

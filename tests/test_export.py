@@ -413,3 +413,28 @@ def test_export_leaves_the_callers_model_alone(tiny_model):
     assert next(half.parameters()).dtype == torch.bfloat16 and next(model.parameters()).dtype == torch.float32
     with pytest.raises(EngineError, match="preset 'tiny', not 'sam-med3d'"):
         _resolve_model(tiny_model, "sam-med3d")
+
+
+def test_engine_folder_carries_the_checkpoints_spacing_and_clamp(tmp_path):
+    """An engine folder segments like its checkpoint: a model trained at 2 mm without an HU clamp
+    must not be run at the 1.5 mm / [-1000, 1000] defaults through ONNX Runtime."""
+    import torch
+
+    from bosam_cli.checkpoints import save_checkpoint
+    from bosam_cli.model import build_preset
+    from bosam_cli.segment import SegmentOptions, engine_metadata, make_session
+    from engines.registry import open_engine
+    from export import export_onnx
+
+    torch.manual_seed(5)
+    meta = {"spacing_mm": 2.0, "intensity": {"clamp_hu": None, "pad_value": 0.0}, "label_ids": [25],
+            "label_names": {"25": "sacrum"}, "training": {"not": "exported"}}
+    ck = save_checkpoint(build_preset("tiny").eval(), tmp_path / "two_mm.pth", metadata=meta)
+    out = tmp_path / "two_mm-engines"
+    manifest = export_onnx(str(ck), out, max_points=4, threads=2)
+    assert manifest["model_metadata"] == {k: meta[k] for k in ("spacing_mm", "intensity", "label_ids", "label_names")}
+    eng = open_engine("onnxruntime", checkpoint=ck, engine_dir=out, device="cpu", threads=2)
+    session = make_session(eng, SegmentOptions(), engine_metadata(eng))
+    assert session.spacing_mm == 2.0 and session.intensity.clamp_hu is None
+    torch_session = make_session(open_engine("torch", checkpoint=ck), SegmentOptions(), engine_metadata(open_engine("torch", checkpoint=ck)))
+    assert torch_session.spacing_mm == 2.0 and torch_session.intensity.clamp_hu is None
