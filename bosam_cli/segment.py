@@ -81,6 +81,7 @@ def make_session(engine: Any, options: SegmentOptions, metadata: dict[str, Any] 
         spacing_mm=float(spacing),
         intensity=Intensity(clamp_hu=clamp),  # type: ignore[arg-type]
         max_windows=options.max_windows,
+        click_memory=str(meta.get("click_memory") or "newest"),
     )
 
 

@@ -110,6 +110,10 @@ class Session:
         snap_vox: lattice (in window voxels) that window centres snap to; 0 centres exactly.
         ramp_vox: width of the blending ramp at window faces, in window voxels.
         cache_size: image embeddings kept (LRU).
+        click_memory: "newest": each decoder call gets the click just made and the window's
+            previous logits (the published models' loop); "all": every click of the object that
+            lies in the window (newest last, at most the engine's ``max_points``) with the
+            previous logits, for models trained that way (their checkpoint says so).
     """
 
     def __init__(
@@ -123,8 +127,13 @@ class Session:
         ramp_vox: float = 16.0,
         cache_size: int = 32,
         measure_clicks: bool = True,
+        click_memory: str = "newest",
     ) -> None:
+        if click_memory not in ("newest", "all"):
+            raise ValueError(f"click_memory must be 'newest' or 'all', not {click_memory!r}")
         self.engine = engine
+        self.click_memory = click_memory
+        self.max_points = getattr(engine, "max_points", None)
         self.spacing_mm = float(spacing_mm)
         self.intensity = intensity
         self.max_windows = int(max_windows)
@@ -203,7 +212,7 @@ class Session:
                 report.new_windows += 1
                 containing = [win]
         for win in containing:
-            self._decode(win, ras, positive, report)
+            self._decode(win, self._points_for(state, win.geom, [(ras, bool(positive))]), report)
         if self.grow and state.windows:
             self._grow(state, report)
             self._prune(state)
@@ -334,10 +343,23 @@ class Session:
             self._embeddings.popitem(last=False)
         return emb
 
-    def _decode(self, win: WindowState, ras: np.ndarray, positive: bool, report: ClickReport) -> None:
+    def _points_for(self, state: ObjectState, geom: WindowGeometry, new: list[tuple[np.ndarray, bool]],
+                    include_new: bool = True) -> list[tuple[np.ndarray, bool]]:
+        """The points of one decoder call in window ``geom``. ``new``: the click just made (already
+        the last of ``state.clicks``), or a grown window's seed point. "newest": ``new`` alone;
+        "all": the object's clicks inside the window, oldest first and ``new`` last, the newest
+        ``max_points`` of them when the engine has a limit."""
+        if self.click_memory == "newest":
+            return new
+        clicks = state.clicks[:-1] if include_new else state.clicks
+        pts = [(c.ras, c.positive) for c in clicks if geom.contains(c.ras[None])[0]] + new
+        return pts[-self.max_points:] if self.max_points else pts
+
+    def _decode(self, win: WindowState, points: list[tuple[np.ndarray, bool]], report: ClickReport) -> None:
         emb = self._embedding(win.geom, report)
-        point = win.geom.world_to_window(ras[None]).astype(np.float32)[None]  # (1, 1, 3)
-        label = np.array([[1 if positive else 0]], dtype=np.int64)
+        ras = np.stack([p for p, _ in points])
+        point = win.geom.world_to_window(ras).astype(np.float32)[None]  # (1, N, 3)
+        label = np.array([[1 if pos else 0 for _, pos in points]], dtype=np.int64)
         t0 = time.perf_counter()
         logits, _ = self.engine.decode(emb, point, label, win.logits[None, None])
         dt = time.perf_counter() - t0
@@ -388,10 +410,13 @@ class Session:
                 new = WindowState(geom, np.zeros((self.mask_size,) * 3, np.float32), win.geom.key, (axis, side))
                 state.windows.append(new)
                 report.new_windows += 1
-                self._decode(new, seed, True, report)
-                for c in state.clicks:
-                    if geom.contains(c.ras[None])[0]:
-                        self._decode(new, c.ras, c.positive, report)
+                if self.click_memory == "all":  # one call: the seed and the object's clicks there
+                    self._decode(new, self._points_for(state, geom, [(seed, True)], include_new=False), report)
+                else:
+                    self._decode(new, [(seed, True)], report)
+                    for c in state.clicks:
+                        if geom.contains(c.ras[None])[0]:
+                            self._decode(new, [(c.ras, c.positive)], report)
                 queue.append(new)
 
     def _seed_point(self, win: WindowState, geom: WindowGeometry) -> np.ndarray | None:

@@ -64,6 +64,7 @@ from .windows import DEFAULT_CLAMP_HU, DEFAULT_SPACING_MM
 LOSSES = ("dicece", "gdfocal")
 PRECISIONS = ("auto", "fp32", "fp16", "bf16")
 CLICK_SIMS = ("uniform", "mixed")
+CLICK_MEMORIES = ("newest", "all")
 LAST, BEST, FINAL = "last.pth", "best.pth", "final.pth"
 LOG_FIELDS = ["phase", "epoch", "step", "loss", "dice", "lr", "samples_per_s", "elapsed_s"]
 #: modules the published recipe never trains (multimask off, mask prompt always given)
@@ -100,6 +101,10 @@ class TrainConfig:
             the window (neighbouring bones, organs): the mean binary cross-entropy towards
             "not this object" there, added to each decoder call's loss. 0 (default) is the
             published loss; a positive weight penalises leaking into labelled neighbours.
+        click_memory: what each decoder call is given besides the previous mask: ``newest``
+            (the published recipe: only the click just made) or ``all`` (every click of the
+            window so far, as interactive tools keep them). Stored in the checkpoint, so that
+            ``segment`` and ``evaluate`` feed clicks the way the model was trained.
         precision: auto (fp16 autocast on CUDA, fp32 on CPU), fp32, fp16, bf16.
         spacing_mm / clamp_hu / no_clamp: window preprocessing (None: the checkpoint's, else
             1.5 mm and [-1000, 1000]).
@@ -129,6 +134,7 @@ class TrainConfig:
     clicks: int = 10
     click_sim: str = "uniform"
     neighbour_weight: float = 0.0
+    click_memory: str = "newest"
     detach_mask: bool = False
     precision: str = "auto"
     device: str | None = None
@@ -234,12 +240,17 @@ class ClickLoop(nn.Module):
         autocast_dtype: fp16/bf16 autocast for the model calls, None for fp32.
         click_sim: "uniform" or "mixed" (see ``TrainConfig``).
         neighbour_weight: weight of the leak penalty on other labels' voxels (see ``TrainConfig``).
+        click_memory: "newest" (one point per call, the published loop) or "all" (every click of
+            the window so far, padded with -1 labels to the longest history in the batch).
     """
 
     def __init__(self, sam: nn.Module, loss_fn: Callable, detach_mask: bool = False, upsample: str = "matmul",
                  autocast_dtype: torch.dtype | None = None, click_sim: str = "uniform",
-                 neighbour_weight: float = 0.0) -> None:
+                 neighbour_weight: float = 0.0, click_memory: str = "newest") -> None:
         super().__init__()
+        if click_memory not in CLICK_MEMORIES:
+            raise BosamError(f"--click-memory must be one of {', '.join(CLICK_MEMORIES)}, not {click_memory!r}")
+        self.click_memory = click_memory
         if click_sim not in CLICK_SIMS:
             raise BosamError(f"--click-sim must be one of {', '.join(CLICK_SIMS)}, not {click_sim!r}")
         if not neighbour_weight >= 0:
@@ -279,6 +290,7 @@ class ClickLoop(nn.Module):
         pred = np.zeros((b, s, s, s), dtype=bool)
         loss = images.new_zeros(())
         logits = None
+        history: list[list[tuple[tuple[int, int, int], int]]] = [[] for _ in range(b)]
         for has_point in schedule:
             if has_point:
                 pts = np.zeros((b, 1, 3), np.float32)
@@ -293,6 +305,11 @@ class ClickLoop(nn.Module):
                     else:
                         pts[i, 0] = click.ijk
                         labs[i, 0] = click.label
+                        history[i].append((click.ijk, int(click.label)))
+            if self.click_memory == "all" and any(history):
+                pts, labs = _pad_history(history)
+                points, labels = torch.from_numpy(pts).to(device), torch.from_numpy(labs).to(device)
+            elif has_point and self.click_memory == "newest":
                 points = torch.from_numpy(pts).to(device)
                 labels = torch.from_numpy(labs).to(device)
             else:
@@ -314,6 +331,19 @@ class ClickLoop(nn.Module):
             denom = p.flatten(1).sum(1) + targets.flatten(1).sum(1)
             dice = torch.where(denom > 0, 2 * inter / denom.clamp(min=1), torch.ones_like(denom))
         return loss, dice
+
+
+def _pad_history(history: Sequence[Sequence[tuple[tuple[int, int, int], int]]]) -> tuple[np.ndarray, np.ndarray]:
+    """Every window's clicks so far as (B, N, 3) points and (B, N) labels, N the longest
+    history; shorter ones padded with label -1 (ignored by the prompt encoder)."""
+    n = max(len(h) for h in history)
+    pts = np.zeros((len(history), n, 3), np.float32)
+    labs = np.full((len(history), n), -1, np.int64)
+    for i, h in enumerate(history):
+        for j, (ijk, lab) in enumerate(h):
+            pts[i, j] = ijk
+            labs[i, j] = lab
+    return pts, labs
 
 
 def freeze_never_trained(sam: nn.Module) -> list[str]:
@@ -579,6 +609,8 @@ def _check_config(cfg: TrainConfig) -> None:
         raise BosamError(f"--click-sim must be one of {', '.join(CLICK_SIMS)}, not {cfg.click_sim!r}")
     if not cfg.neighbour_weight >= 0:
         raise BosamError(f"--neighbour-weight must be >= 0, got {cfg.neighbour_weight}")
+    if cfg.click_memory not in CLICK_MEMORIES:
+        raise BosamError(f"--click-memory must be one of {', '.join(CLICK_MEMORIES)}, not {cfg.click_memory!r}")
     if cfg.precision not in PRECISIONS:
         raise BosamError(f"--precision must be one of {', '.join(PRECISIONS)}, not {cfg.precision!r}")
     for name in ("epochs", "batch_size", "accumulation", "clicks"):
@@ -645,8 +677,8 @@ def _open_resume(cfg: TrainConfig, last_path: Path, world: int) -> tuple[Any, di
         raise BosamError(f"{last_path}: was trained with --lora-rank {old.get('lora_rank', 0)}, not {cfg.lora_rank}")
     warnings = []
     now = cfg.plain()
-    for k in ("seed", "batch_size", "accumulation", "clicks", "click_sim", "neighbour_weight", "steps_per_epoch", "loss",
-              "labels"):
+    for k in ("seed", "batch_size", "accumulation", "clicks", "click_sim", "neighbour_weight", "click_memory",
+              "steps_per_epoch", "loss", "labels"):
         if k in old and old[k] != now.get(k):
             warnings.append(f"--{k.replace('_', '-')} changed from {old[k]!r} to {now.get(k)!r}: "
                             "the resumed run will not match an uninterrupted one")
@@ -682,7 +714,7 @@ class _Run:
         self.scaler = torch.amp.GradScaler("cuda", enabled=precision == "fp16")
         autocast_dtype = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
         loop = ClickLoop(self.model, build_loss(cfg.loss), cfg.detach_mask, cfg.upsample, autocast_dtype, cfg.click_sim,
-                         cfg.neighbour_weight)
+                         cfg.neighbour_weight, cfg.click_memory)
         self.runner: nn.Module = loop.to(dist_info.device)
         if dist_info.world > 1:
             from torch.nn.parallel import DistributedDataParallel as DDP
@@ -758,6 +790,7 @@ class _Run:
         meta: dict[str, Any] = {
             "spacing_mm": self.spacing,
             "intensity": {"clamp_hu": list(self.clamp) if self.clamp else None, "pad_value": 0.0},
+            "click_memory": self.cfg.click_memory,
             "label_ids": self.label_ids,
             "label_names": {str(i): self.scan.label_names.get(i, f"label_{i}") for i in self.label_ids},
             "data": self.data_summary,

@@ -428,13 +428,16 @@ def test_engine_folder_carries_the_checkpoints_spacing_and_clamp(tmp_path):
 
     torch.manual_seed(5)
     meta = {"spacing_mm": 2.0, "intensity": {"clamp_hu": None, "pad_value": 0.0}, "label_ids": [25],
-            "label_names": {"25": "sacrum"}, "training": {"not": "exported"}}
+            "label_names": {"25": "sacrum"}, "click_memory": "all", "training": {"not": "exported"}}
     ck = save_checkpoint(build_preset("tiny").eval(), tmp_path / "two_mm.pth", metadata=meta)
     out = tmp_path / "two_mm-engines"
     manifest = export_onnx(str(ck), out, max_points=4, threads=2)
-    assert manifest["model_metadata"] == {k: meta[k] for k in ("spacing_mm", "intensity", "label_ids", "label_names")}
+    assert manifest["model_metadata"] == {k: meta[k] for k in ("spacing_mm", "intensity", "click_memory", "label_ids",
+                                                               "label_names")}
     eng = open_engine("onnxruntime", checkpoint=ck, engine_dir=out, device="cpu", threads=2)
     session = make_session(eng, SegmentOptions(), engine_metadata(eng))
-    assert session.spacing_mm == 2.0 and session.intensity.clamp_hu is None
+    assert session.spacing_mm == 2.0 and session.intensity.clamp_hu is None and session.click_memory == "all"
+    assert session.max_points == 4  # the decoder's point limit
     torch_session = make_session(open_engine("torch", checkpoint=ck), SegmentOptions(), engine_metadata(open_engine("torch", checkpoint=ck)))
     assert torch_session.spacing_mm == 2.0 and torch_session.intensity.clamp_hu is None
+    assert torch_session.click_memory == "all"

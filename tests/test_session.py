@@ -133,3 +133,52 @@ def test_click_outside_the_volume_is_refused():
     session.set_volume(vol)
     with pytest.raises(ValueError, match="outside the volume"):
         session.add_click(1, xyz=[500.0, 0.0, 0.0])
+
+
+class _Recording(SphereEngine):
+    """SphereEngine that records the points and labels of every decoder call."""
+
+    def __init__(self, max_points=None, **kw):
+        super().__init__(**kw)
+        self.calls = []
+        self.max_points = max_points
+
+    def decode(self, embedding, points, labels, mask_prompt):
+        self.calls.append((np.array(points, copy=True), np.array(labels, copy=True)))
+        return super().decode(embedding, points, labels, mask_prompt)
+
+
+def test_click_memory_all_feeds_the_objects_clicks_in_the_window():
+    """A model trained with --click-memory all gets every click of the object that lies in the
+    window, newest last (at most the engine's max_points); the published 'newest' gets one."""
+    vol = _volume("LPS", (1.0, 1.0, 1.0), 0.0)
+    clicks = [([0.0, 0.0, 0.0], True), ([10.0, 0.0, 0.0], False), ([0.0, 8.0, 0.0], True), ([-6.0, 0.0, 4.0], True)]
+    got = {}
+    for memory, limit in (("newest", None), ("all", None), ("all", 3)):
+        eng = _Recording(radius_vox=14, max_points=limit)
+        session = Session(eng, spacing_mm=1.5, click_memory=memory, grow=False)
+        session.set_volume(vol)
+        for xyz, positive in clicks:
+            session.add_click(1, xyz=xyz, positive=positive)
+        win = session.objects[1].windows[0].geom
+        expected = [win.world_to_window(np.array([xyz]))[0] for xyz, _ in clicks]
+        got[(memory, limit)] = (eng.calls, expected)
+    calls, expected = got[("newest", None)]
+    assert [c[0].shape for c in calls] == [(1, 1, 3)] * 4
+    assert np.allclose([c[0][0, 0] for c in calls], expected, atol=1e-4)
+    calls, expected = got[("all", None)]
+    assert [c[0].shape[1] for c in calls] == [1, 2, 3, 4]
+    assert np.allclose(calls[-1][0][0], expected, atol=1e-4)
+    assert calls[-1][1].tolist() == [[1, 0, 1, 1]]
+    calls, _ = got[("all", 3)]
+    assert [c[0].shape[1] for c in calls] == [1, 2, 3, 3]
+    assert np.allclose(calls[-1][0][0], expected[1:], atol=1e-4) and calls[-1][1].tolist() == [[0, 1, 1]]
+    with pytest.raises(ValueError, match="click_memory"):
+        Session(SphereEngine(), click_memory="last")
+
+
+def test_segment_reads_click_memory_from_the_checkpoint():
+    from bosam_cli.segment import SegmentOptions, make_session
+
+    assert make_session(SphereEngine(), SegmentOptions(), {}).click_memory == "newest"
+    assert make_session(SphereEngine(), SegmentOptions(), {"click_memory": "all"}).click_memory == "all"

@@ -156,6 +156,51 @@ def test_neighbour_weight_adds_the_mean_cross_entropy_on_other_labels():
         ClickLoop(sam, zero_loss, neighbour_weight=-1.0)
 
 
+def test_click_memory_all_feeds_every_click_so_far():
+    """--click-memory all: each decoder call gets all of the window's clicks so far (newest last,
+    shorter histories padded with -1), also on the point-free steps; newest (published) gets
+    one point per click step and none on the point-free steps. Same clicks either way."""
+    from bosam_cli.model import build_preset
+
+    torch.manual_seed(0)
+    sam = build_preset("tiny").eval()
+    gt = np.zeros((2, 128, 128, 128), bool)
+    gt[0, 44:84, 50:78, 40:90] = True
+    gt[1, 30:60, 30:60, 30:60] = True
+    images = torch.from_numpy(np.where(gt, 2.0, -0.5).astype(np.float32))[:, None]
+    targets = torch.from_numpy(gt[:, None].astype(np.float32))
+    seen: dict[str, list] = {}
+    for memory in ("newest", "all"):
+        calls = seen[memory] = []
+        real = sam.decode
+
+        def spy(emb, points, labels, prev, _real=real, _calls=calls):
+            _calls.append(None if points is None else (points.cpu().numpy().copy(), labels.cpu().numpy().copy()))
+            return _real(emb, points, labels, prev)
+
+        sam.decode = spy
+        try:
+            with torch.no_grad():
+                ClickLoop(sam, lambda lo, t: lo.sum() * 0.0, click_memory=memory)(
+                    images, targets, gt, [True, True, False, True], np.random.default_rng(3))
+        finally:
+            del sam.decode
+    newest, every = seen["newest"], seen["all"]
+    assert newest[2] is None and all(c[0].shape == (2, 1, 3) for i, c in enumerate(newest) if i != 2)
+    assert [c[0].shape[1] for c in every] == [1, 2, 2, 3]
+    # the first two clicks follow the same predictions in both modes; later ones each run's own
+    assert np.array_equal(every[1][0][:, :1], newest[0][0]) and np.array_equal(every[1][0][:, 1:], newest[1][0])
+    assert np.array_equal(every[1][1], np.concatenate([newest[0][1], newest[1][1]], 1))
+    for later in (2, 3):  # the history is kept, the newest click last
+        assert np.array_equal(every[later][0][:, :2], every[1][0]) and np.array_equal(every[later][1][:, :2], every[1][1])
+    for b in range(2):
+        for j in range(3):  # every click is an error voxel: positive inside the object, negative outside
+            ijk = tuple(int(v) for v in every[3][0][b, j])
+            assert gt[b][ijk] == bool(every[3][1][b, j])
+    with pytest.raises(BosamError, match="--click-memory"):
+        ClickLoop(sam, lambda lo, t: lo.sum(), click_memory="some")
+
+
 # ---------------------------------------------------------------------------------------------
 # runs
 
@@ -179,6 +224,7 @@ def test_training_writes_loadable_checkpoints_with_metadata(phantoms, tmp_path):
     meta = model.checkpoint_metadata
     assert model.preset == "tiny" and meta["spacing_mm"] == 1.5 and meta["intensity"]["clamp_hu"] == [-1000.0, 1000.0]
     assert meta["label_ids"] and meta["training"]["global_step"] == 4 and meta["data"]["cases"] == 2
+    assert meta["click_memory"] == "newest"  # the published loop unless asked otherwise
     # what a SAM-Med3D tool does with the file: plain torch.load and a 'model_state_dict'
     raw = torch.load(out / "last.pth", map_location="cpu", weights_only=True)
     assert set(raw["model_state_dict"]) == set(model.state_dict())
@@ -266,6 +312,21 @@ def test_lora_resume_is_exact(phantoms, tmp_path):
     b = torch.load(tmp_path / "cut" / "final.pth", weights_only=True)
     for part in ("model_state_dict", "lora"):
         assert all(torch.equal(v, b[part][k]) for k, v in a[part].items()), part
+
+
+def test_a_click_memory_all_run_says_so_in_its_checkpoint(phantoms, tmp_path):
+    from bosam_cli.segment import SegmentOptions, engine_metadata, make_session
+    from engines.torch_engine import TorchEngine
+
+    result = train(_cfg(phantoms, tmp_path / "all", clicks=3, click_memory="all"))
+    assert result.global_step == 2
+    model = load_model(tmp_path / "all" / "final.pth")
+    assert model.checkpoint_metadata["click_memory"] == "all"
+    assert model.checkpoint_metadata["training"]["config"]["click_memory"] == "all"
+    eng = TorchEngine(model)
+    assert make_session(eng, SegmentOptions(), engine_metadata(eng)).click_memory == "all"
+    with pytest.raises(BosamError, match="--click-memory"):
+        train(_cfg(phantoms, tmp_path / "bad", click_memory="every"))
 
 
 # ---------------------------------------------------------------------------------------------
