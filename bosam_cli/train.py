@@ -1012,7 +1012,8 @@ def validate(model: nn.Module, device: torch.device, scan: Any, cfg: TrainConfig
     from .windows import Intensity
 
     engine = TorchEngine(model, device=str(device))
-    session = Session(engine, spacing_mm=spacing, intensity=Intensity(clamp_hu=clamp), max_windows=4)
+    session = Session(engine, spacing_mm=spacing, intensity=Intensity(clamp_hu=clamp), max_windows=4,
+                      click_memory=cfg.click_memory)  # validated the way segment will feed its clicks
     records = run_clicks_protocol(session, scan, cfg.val_clicks, max_cases=max_cases,
                                   labels_per_case=cfg.val_labels_per_case, nsd_tolerance_mm=None)
     final = [r.dice for r in records if r.click == cfg.val_clicks]

@@ -329,6 +329,29 @@ def test_a_click_memory_all_run_says_so_in_its_checkpoint(phantoms, tmp_path):
         train(_cfg(phantoms, tmp_path / "bad", click_memory="every"))
 
 
+def test_validation_feeds_clicks_the_way_the_run_trains(phantoms, monkeypatch):
+    import bosam_cli.session as session_mod
+    from bosam_cli.data import scan_dataset
+    from bosam_cli.model import build_preset
+    from bosam_cli.train import validate
+
+    made = []
+    real = session_mod.Session
+
+    class Spy(real):
+        def __init__(self, *a, **kw):
+            super().__init__(*a, **kw)
+            made.append(self.click_memory)
+
+    monkeypatch.setattr(session_mod, "Session", Spy)
+    scan = scan_dataset([str(phantoms)], None, None, ("Tr",), None)
+    for memory in ("all", "newest"):
+        dice = validate(build_preset("tiny").eval(), torch.device("cpu"), scan, _cfg(phantoms, phantoms, click_memory=memory,
+                        val_clicks=1), 1.5, (-1000.0, 1000.0), 1)
+        assert dice is not None and 0.0 <= dice <= 1.0
+    assert made == ["all", "newest"]
+
+
 # ---------------------------------------------------------------------------------------------
 # DDP and the CLI
 
