@@ -10,13 +10,16 @@ resumes from its last checkpoint):
    labels, where the held-out classes (L3, T12, femur_right, hip_right) are set to background
    and the case is linked 16 times so that it is drawn about as often as 16 phantoms;
 2. ``bosam prepare --cache`` (decoded volumes, so gzip does not dominate training);
-3. ``bosam train`` four times: the tiny preset from scratch (15 epochs x 200 steps), a second
+3. ``bosam train`` five times: the tiny preset from scratch (15 epochs x 200 steps), a second
    warm-restart schedule from those weights (15 epochs x 250 steps, another seed), then one
    cosine cycle (5 epochs x 400 steps, lr 3e-4) from the second run's best weights with
    ``--click-sim mixed`` (half of the clicks in the interior of the larger error region, so the
    decoder learns to act on corrective clicks), then one more cycle (5 epochs x 500 steps,
    lr 2e-4) from the third run's best with ``--neighbour-weight 1`` (a cross-entropy penalty on
-   the voxels of the other bones in the window, against leaks into neighbours); DiceCE summed
+   the voxels of the other bones in the window, against leaks into neighbours), and a last one
+   (5 epochs x 500 steps, lr 2e-4, same penalty) from the fourth run's best with
+   ``--click-memory all`` (each decoder call sees every click so far, not only the newest; the
+   checkpoint says so and segment/evaluate feed clicks that way); DiceCE summed
    over 8 simulated clicks per window, AdamW with the prompt encoder and decoder at the
    encoder's rate, batch 1, 2 CPU threads (about 1.1-1.4 s per step);
 4. the chosen checkpoint (best validation Dice on the phantoms) written as fp16 safetensors
@@ -108,7 +111,8 @@ def main() -> None:
               "--threads", str(args.threads), "--checkpoint-every", "100", "--no-tensorboard"]
     # stage 1 from scratch, stage 2 a second warm-restart schedule from stage 1's final weights,
     # stage 3 one cosine cycle from stage 2's best with half of the clicks in error interiors,
-    # stage 4 one more cycle from stage 3's best with the leak penalty on neighbouring bones
+    # stage 4 one more cycle from stage 3's best with the leak penalty on neighbouring bones,
+    # stage 5 one more from stage 4's best where every decoder call sees all clicks so far
     spe = args.steps_per_epoch
     stages = [
         ("run1", ["--preset", "tiny", "--epochs", str(args.epochs), "--steps-per-epoch", str(spe), "--lr", "4e-4",
@@ -119,6 +123,9 @@ def main() -> None:
                   "--lr", "3e-4", "--click-sim", "mixed", "--seed", "2025"]),
         ("run4", ["--from", str(work / "run3" / "best.pth"), "--epochs", "5", "--steps-per-epoch", str(spe * 5 // 2),
                   "--lr", "2e-4", "--click-sim", "mixed", "--neighbour-weight", "1.0", "--seed", "2026"]),
+        ("run5", ["--from", str(work / "run4" / "best.pth"), "--epochs", "5", "--steps-per-epoch", str(spe * 5 // 2),
+                  "--lr", "2e-4", "--click-sim", "mixed", "--neighbour-weight", "1.0", "--click-memory", "all",
+                  "--seed", "2027"]),
     ]
     for name, extra in stages:
         run_dir = work / name
