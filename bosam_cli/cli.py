@@ -619,7 +619,7 @@ def train(
     clicks: int = typer.Option(10, "--clicks", help="Decoder calls (simulated clicks) per window."),
     click_sim: str = typer.Option("uniform", "--click-sim", help="Click simulator: uniform (published: uniform over the error region) or mixed (half of the clicks in the interior of the larger error region, as users click)."),
     neighbour_weight: float = typer.Option(0.0, "--neighbour-weight", help="Extra loss weight on the voxels of other labels in the window (neighbouring bones): penalises leaking into them; 0 = the published loss."),
-    click_memory: str = typer.Option("newest", "--click-memory", help="What each decoder call sees besides the previous mask: newest (published: the click just made) or all (every click so far; segment and evaluate then feed clicks the same way)."),
+    click_memory: str = typer.Option("newest", "--click-memory", help="What each decoder call sees besides the previous mask: newest (published: the click just made) or all (every click so far; segment, demo and evaluate's clicks protocol then feed clicks the same way)."),
     detach_mask: bool = typer.Option(False, "--detach-mask", help="Do not backpropagate through the previous mask prompt."),
     precision: str = typer.Option("auto", "--precision", help="auto (fp16 + GradScaler on CUDA, fp32 on CPU), fp32, fp16, bf16."),
     device: Optional[str] = typer.Option(None, "--device", help="cpu or cuda \\[default: cuda when available; torchrun picks cuda:LOCAL_RANK]."),
