@@ -96,6 +96,10 @@ class ClickReport:
         return dict(self.__dict__)
 
 
+#: how decoder calls get an object's clicks (see ``Session``); train.py's --click-memory
+CLICK_MEMORIES = ("newest", "all")
+
+
 class Session:
     """Segment objects in one CT from clicks.
 
@@ -129,8 +133,8 @@ class Session:
         measure_clicks: bool = True,
         click_memory: str = "newest",
     ) -> None:
-        if click_memory not in ("newest", "all"):
-            raise ValueError(f"click_memory must be 'newest' or 'all', not {click_memory!r}")
+        if click_memory not in CLICK_MEMORIES:
+            raise ValueError(f"click_memory must be one of {', '.join(CLICK_MEMORIES)}, not {click_memory!r}")
         self.engine = engine
         self.click_memory = click_memory
         self.max_points = getattr(engine, "max_points", None)

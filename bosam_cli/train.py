@@ -59,12 +59,12 @@ from .data import (
     scan_dataset,
 )
 from .errors import BosamError
+from .session import CLICK_MEMORIES
 from .windows import DEFAULT_CLAMP_HU, DEFAULT_SPACING_MM
 
 LOSSES = ("dicece", "gdfocal")
 PRECISIONS = ("auto", "fp32", "fp16", "bf16")
 CLICK_SIMS = ("uniform", "mixed")
-CLICK_MEMORIES = ("newest", "all")
 LAST, BEST, FINAL = "last.pth", "best.pth", "final.pth"
 LOG_FIELDS = ["phase", "epoch", "step", "loss", "dice", "lr", "samples_per_s", "elapsed_s"]
 #: modules the published recipe never trains (multimask off, mask prompt always given)
