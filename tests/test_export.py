@@ -438,6 +438,7 @@ def test_engine_folder_carries_the_checkpoints_spacing_and_clamp(tmp_path):
     session = make_session(eng, SegmentOptions(), engine_metadata(eng))
     assert session.spacing_mm == 2.0 and session.intensity.clamp_hu is None and session.click_memory == "all"
     assert session.max_points == 4  # the decoder's point limit
-    torch_session = make_session(open_engine("torch", checkpoint=ck), SegmentOptions(), engine_metadata(open_engine("torch", checkpoint=ck)))
+    torch_eng = open_engine("torch", checkpoint=ck)
+    torch_session = make_session(torch_eng, SegmentOptions(), engine_metadata(torch_eng))
     assert torch_session.spacing_mm == 2.0 and torch_session.intensity.clamp_hu is None
     assert torch_session.click_memory == "all"
