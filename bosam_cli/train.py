@@ -65,6 +65,7 @@ from .windows import DEFAULT_CLAMP_HU, DEFAULT_SPACING_MM
 LOSSES = ("dicece", "gdfocal")
 PRECISIONS = ("auto", "fp32", "fp16", "bf16")
 CLICK_SIMS = ("uniform", "mixed")
+CLICK_SIM_ON = ("auto", "host", "device")
 LAST, BEST, FINAL = "last.pth", "best.pth", "final.pth"
 LOG_FIELDS = ["phase", "epoch", "step", "loss", "dice", "lr", "samples_per_s", "elapsed_s"]
 #: modules the published recipe never trains (multimask off, mask prompt always given)
@@ -105,6 +106,10 @@ class TrainConfig:
             (the published recipe: only the click just made) or ``all`` (every click of the
             window so far, as interactive tools keep them). Stored in the checkpoint, so that
             ``segment`` and ``evaluate`` feed clicks the way the model was trained.
+        click_sim_on: where clicks are simulated: ``host`` (``clicks.py``, NumPy, exact
+            distance transform), ``device`` (``clicks_torch.py``, batched on the training
+            device, chessboard depth for interior clicks, no host round trip per decoder call)
+            or ``auto`` (device on CUDA, host on CPU).
         precision: auto (fp16 autocast on CUDA, fp32 on CPU), fp32, fp16, bf16.
         spacing_mm / clamp_hu / no_clamp: window preprocessing (None: the checkpoint's, else
             1.5 mm and [-1000, 1000]).
@@ -135,6 +140,7 @@ class TrainConfig:
     click_sim: str = "uniform"
     neighbour_weight: float = 0.0
     click_memory: str = "newest"
+    click_sim_on: str = "auto"
     detach_mask: bool = False
     precision: str = "auto"
     device: str | None = None
@@ -242,12 +248,18 @@ class ClickLoop(nn.Module):
         neighbour_weight: weight of the leak penalty on other labels' voxels (see ``TrainConfig``).
         click_memory: "newest" (one point per call, the published loop) or "all" (every click of
             the window so far, padded with -1 labels to the longest history in the batch).
+        sim_on: "host" (``clicks.py`` on NumPy copies of the prediction, exact distance
+            transform) or "device" (``clicks_torch.py`` on the prediction where it is, batched,
+            chessboard depth for the interior clicks; no host round trip per decoder call).
     """
 
     def __init__(self, sam: nn.Module, loss_fn: Callable, detach_mask: bool = False, upsample: str = "matmul",
                  autocast_dtype: torch.dtype | None = None, click_sim: str = "uniform",
-                 neighbour_weight: float = 0.0, click_memory: str = "newest") -> None:
+                 neighbour_weight: float = 0.0, click_memory: str = "newest", sim_on: str = "host") -> None:
         super().__init__()
+        if sim_on not in ("host", "device"):
+            raise BosamError(f"click simulation runs on host or device, not {sim_on!r}")
+        self.sim_on = sim_on
         if click_memory not in CLICK_MEMORIES:
             raise BosamError(f"--click-memory must be one of {', '.join(CLICK_MEMORIES)}, not {click_memory!r}")
         self.click_memory = click_memory
@@ -287,6 +299,8 @@ class ClickLoop(nn.Module):
         with self._autocast(device):
             emb = self.sam.image_encoder(images)
         prev = torch.zeros(b, 1, m, m, m, device=device, dtype=emb.dtype)
+        if self.sim_on == "device":
+            return self._forward_device(emb, prev, targets, schedule, rng, others, n_others)
         pred = np.zeros((b, s, s, s), dtype=bool)
         loss = images.new_zeros(())
         logits = None
@@ -317,20 +331,65 @@ class ClickLoop(nn.Module):
             with self._autocast(device):
                 low, _ = self.sam.decode(emb, points, labels, prev.detach() if self.detach_mask else prev)
             logits = self.upsampler(low.float())
-            loss = loss + self.loss_fn(logits, targets)
-            if self.neighbour_weight:
-                # BCE towards 0 on the neighbours' voxels: softplus(logit), mean per window
-                leak = (F.softplus(logits) * others).flatten(1).sum(1) / n_others
-                loss = loss + self.neighbour_weight * leak.mean()
+            loss = self._add_call_loss(loss, logits, targets, others, n_others)
             prev = low
             pred = (logits.detach() > 0).squeeze(1).cpu().numpy()
         assert logits is not None
-        with torch.no_grad():
-            p = (logits.detach() > 0).float()
-            inter = (p * targets).flatten(1).sum(1)
-            denom = p.flatten(1).sum(1) + targets.flatten(1).sum(1)
-            dice = torch.where(denom > 0, 2 * inter / denom.clamp(min=1), torch.ones_like(denom))
-        return loss, dice
+        return loss, _last_dice(logits, targets)
+
+    def _add_call_loss(self, loss: torch.Tensor, logits: torch.Tensor, targets: torch.Tensor,
+                       others: torch.Tensor | None, n_others: torch.Tensor | None) -> torch.Tensor:
+        """``loss`` plus one decoder call's loss (and leak penalty)."""
+        loss = loss + self.loss_fn(logits, targets)
+        if self.neighbour_weight:
+            # BCE towards 0 on the neighbours' voxels: softplus(logit), mean per window
+            leak = (F.softplus(logits) * others).flatten(1).sum(1) / n_others
+            loss = loss + self.neighbour_weight * leak.mean()
+        return loss
+
+    def _forward_device(self, emb: torch.Tensor, prev: torch.Tensor, targets: torch.Tensor,
+                        schedule: Sequence[bool], rng: np.random.Generator, others: torch.Tensor | None,
+                        n_others: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The click loop with ``clicks_torch`` simulating on the device. Same schedule and
+        simulators; windows without an error get a padding point (label -1), which with
+        ``click_memory="all"`` also stays in that window's history."""
+        from .clicks_torch import sim_clicks
+
+        device, b = targets.device, targets.shape[0]
+        gen = torch.Generator(device=device)
+        gen.manual_seed(int(rng.integers(2**62)))
+        gt = targets[:, 0] > 0.5
+        pred = torch.zeros_like(gt)
+        hist_p = targets.new_zeros((b, 0, 3))
+        hist_l = torch.zeros((b, 0), dtype=torch.long, device=device)
+        loss = targets.new_zeros(())
+        logits = None
+        for has_point in schedule:
+            points = labels = None
+            if has_point:
+                interior = [self.click_sim == "mixed" and bool(rng.random() < 0.5) for _ in range(b)]
+                points, labels = sim_clicks(pred, gt, interior, gen)
+                if self.click_memory == "all":
+                    hist_p, hist_l = torch.cat((hist_p, points), 1), torch.cat((hist_l, labels), 1)
+            if self.click_memory == "all" and hist_l.shape[1]:
+                points, labels = hist_p, hist_l
+            with self._autocast(device):
+                low, _ = self.sam.decode(emb, points, labels, prev.detach() if self.detach_mask else prev)
+            logits = self.upsampler(low.float())
+            loss = self._add_call_loss(loss, logits, targets, others, n_others)
+            prev = low
+            pred = (logits.detach() > 0)[:, 0]
+        assert logits is not None
+        return loss, _last_dice(logits, targets)
+
+
+def _last_dice(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Per-window Dice of the thresholded last logits (1 for an empty target and prediction)."""
+    with torch.no_grad():
+        p = (logits.detach() > 0).float()
+        inter = (p * targets).flatten(1).sum(1)
+        denom = p.flatten(1).sum(1) + targets.flatten(1).sum(1)
+        return torch.where(denom > 0, 2 * inter / denom.clamp(min=1), torch.ones_like(denom))
 
 
 def _pad_history(history: Sequence[Sequence[tuple[tuple[int, int, int], int]]]) -> tuple[np.ndarray, np.ndarray]:
@@ -611,6 +670,8 @@ def _check_config(cfg: TrainConfig) -> None:
         raise BosamError(f"--neighbour-weight must be >= 0, got {cfg.neighbour_weight}")
     if cfg.click_memory not in CLICK_MEMORIES:
         raise BosamError(f"--click-memory must be one of {', '.join(CLICK_MEMORIES)}, not {cfg.click_memory!r}")
+    if cfg.click_sim_on not in CLICK_SIM_ON:
+        raise BosamError(f"--click-sim-on must be one of {', '.join(CLICK_SIM_ON)}, not {cfg.click_sim_on!r}")
     if cfg.precision not in PRECISIONS:
         raise BosamError(f"--precision must be one of {', '.join(PRECISIONS)}, not {cfg.precision!r}")
     for name in ("epochs", "batch_size", "accumulation", "clicks"):
@@ -678,7 +739,7 @@ def _open_resume(cfg: TrainConfig, last_path: Path, world: int) -> tuple[Any, di
     warnings = []
     now = cfg.plain()
     for k in ("seed", "batch_size", "accumulation", "clicks", "click_sim", "neighbour_weight", "click_memory",
-              "steps_per_epoch", "loss", "labels"):
+              "click_sim_on", "steps_per_epoch", "loss", "labels"):
         if k in old and old[k] != now.get(k):
             warnings.append(f"--{k.replace('_', '-')} changed from {old[k]!r} to {now.get(k)!r}: "
                             "the resumed run will not match an uninterrupted one")
@@ -713,8 +774,11 @@ class _Run:
         self.precision = precision
         self.scaler = torch.amp.GradScaler("cuda", enabled=precision == "fp16")
         autocast_dtype = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
+        self.sim_on = cfg.click_sim_on
+        if self.sim_on == "auto":
+            self.sim_on = "device" if dist_info.device.type == "cuda" else "host"
         loop = ClickLoop(self.model, build_loss(cfg.loss), cfg.detach_mask, cfg.upsample, autocast_dtype, cfg.click_sim,
-                         cfg.neighbour_weight, cfg.click_memory)
+                         cfg.neighbour_weight, cfg.click_memory, self.sim_on)
         self.runner: nn.Module = loop.to(dist_info.device)
         if dist_info.world > 1:
             from torch.nn.parallel import DistributedDataParallel as DDP
@@ -803,6 +867,7 @@ class _Run:
                 "world_size": self.dist.world,
                 "device": self.dist.device.type,
                 "precision": self.precision,
+                "click_sim_on": self.sim_on,
                 "lr": self.lr,
                 "patch": self.patch.as_dict(),
                 **extra_training,

@@ -145,12 +145,35 @@ def test_cuda_training_resumes_to_the_uninterrupted_weights(phantom_data, tmp_pa
     whole = torch.load(tmp_path / "whole" / "final.pth", map_location="cpu", weights_only=True)
     split = torch.load(tmp_path / "split" / "final.pth", map_location="cpu", weights_only=True)
     assert whole["bosam"]["training"]["precision"] == "fp16"  # auto on CUDA: fp16 + GradScaler
+    assert whole["bosam"]["training"]["click_sim_on"] == "device"  # auto on CUDA: clicks_torch
     worst = 0.0
     for k, v in whole["model_state_dict"].items():
         if v.is_floating_point():
             worst = max(worst, (v - split["model_state_dict"][k]).abs().max().item())
     # cuDNN's weight gradients are not bitwise reproducible; the runs must agree to rounding
     assert worst <= 1e-4, worst
+
+
+def test_click_simulation_on_cuda_follows_the_cpu_rules():
+    """clicks_torch on the GPU (what bosam train uses there): the same depths as on the CPU, and
+    clicks that obey the simulators' rules."""
+    from scipy import ndimage
+
+    from bosam_cli.clicks_torch import erosion_depth, interior_clicks, uniform_clicks
+
+    rng = np.random.default_rng(0)
+    gt = ndimage.gaussian_filter(rng.standard_normal((3, 64, 64, 64)), (0, 4, 4, 4)) > 0.02
+    pred = ndimage.gaussian_filter(rng.standard_normal((3, 64, 64, 64)), (0, 4, 4, 4)) > 0.02
+    g, p = torch.from_numpy(gt).cuda(), torch.from_numpy(pred).cuda()
+    for m in (g & ~p, p & ~g):
+        assert torch.equal(erosion_depth(m).cpu(), erosion_depth(m.cpu()))
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    for sim in (uniform_clicks, interior_clicks):
+        pts, labs = sim(p, g, gen)
+        assert pts.is_cuda and labs.is_cuda
+        for b in range(3):
+            i, j, k = (int(v) for v in pts[b, 0].cpu())
+            assert gt[b, i, j, k] != pred[b, i, j, k] and int(labs[b, 0]) == int(gt[b, i, j, k])
 
 
 def test_onnxruntime_without_its_cuda_provider_is_refused_on_cuda(tmp_path_factory):

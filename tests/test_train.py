@@ -225,6 +225,7 @@ def test_training_writes_loadable_checkpoints_with_metadata(phantoms, tmp_path):
     assert model.preset == "tiny" and meta["spacing_mm"] == 1.5 and meta["intensity"]["clamp_hu"] == [-1000.0, 1000.0]
     assert meta["label_ids"] and meta["training"]["global_step"] == 4 and meta["data"]["cases"] == 2
     assert meta["click_memory"] == "newest"  # the published loop unless asked otherwise
+    assert meta["training"]["click_sim_on"] == "host"  # auto on CPU: clicks.py on the host
     # what a SAM-Med3D tool does with the file: plain torch.load and a 'model_state_dict'
     raw = torch.load(out / "last.pth", map_location="cpu", weights_only=True)
     assert set(raw["model_state_dict"]) == set(model.state_dict())
