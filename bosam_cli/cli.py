@@ -544,6 +544,7 @@ def prepare(
     labels: Optional[str] = typer.Option(None, "--labels", help="Labels to use: ids, ranges (25-50), names, 'bone' or a bone group (spine, rib ...) of --labelmap."),
     labelmap: Optional[Path] = typer.Option(None, "--labelmap", help="Label-map JSON with names, bone ids and bone groups (e.g. TotalSegmentator's)."),
     split: str = typer.Option("tr", "--split", help="Which folders: tr (imagesTr), val, ts, or all."),
+    jobs: int = typer.Option(1, "--jobs", "-j", help="Cases read (and cached) at once, in threads."),
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
 ) -> None:
     """Check a bone dataset before training, and optionally cache it decoded."""
@@ -551,6 +552,8 @@ def prepare(
 
     if not check and cache is None:
         fail("nothing to do: give --check and/or --cache DIR")
+    if jobs < 1:
+        fail(f"--jobs must be >= 1, got {jobs}")
     con = _console(stderr=True)
     status = con.status("reading cases ...") if not as_json else None
     if status is not None:
@@ -561,7 +564,8 @@ def prepare(
                 status.update(f"read {case.key}")
 
         scan = scan_dataset([str(d) for d in data], labels, str(labelmap) if labelmap else None, _splits(split),
-                            str(cache) if cache else None, write_cache=cache is not None, on_case=on_case)
+                            str(cache) if cache else None, write_cache=cache is not None, on_case=on_case,
+                            jobs=jobs)
     finally:
         if status is not None:
             status.stop()

@@ -23,6 +23,7 @@ import os
 import re
 import threading
 from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
@@ -554,9 +555,12 @@ def scan_dataset(
     write_cache: bool = False,
     max_cases: int | None = None,
     on_case: Callable[[Case, CaseInfo | None, list[Problem]], None] | None = None,
+    jobs: int = 1,
 ) -> ScanResult:
     """Find, read and check every case of the roots (``bosam prepare --check``, and the first
-    thing training and evaluation do). ``max_cases`` stops after that many good cases."""
+    thing training and evaluation do). ``max_cases`` stops after that many good cases.
+    ``jobs`` > 1 reads that many cases at once in threads (decoding and cache writes release
+    the GIL); results and ``on_case`` calls keep the case order."""
     cases, problems = find_cases(roots, splits)
     names: dict[int, str] = {}
     lm = read_labelmap(labelmap) if labelmap else None
@@ -566,8 +570,13 @@ def scan_dataset(
         names.update(read_label_names(r))
     label_ids = resolve_labels(labels, names, lm)
     infos: list[CaseInfo] = []
-    for case in cases:
-        info, probs = scan_case(case, label_ids, cache, write_cache)
+    if jobs > 1 and max_cases is None and len(cases) > 1:
+        pool = ThreadPoolExecutor(max_workers=jobs)
+        results = pool.map(lambda c: scan_case(c, label_ids, cache, write_cache), cases)
+    else:
+        pool = None
+        results = (scan_case(c, label_ids, cache, write_cache) for c in cases)
+    for case, (info, probs) in zip(cases, results):
         problems += probs
         if info is not None:
             infos.append(info)
@@ -575,6 +584,8 @@ def scan_dataset(
             on_case(case, info, probs)
         if max_cases is not None and len(infos) >= max_cases:
             break
+    if pool is not None:
+        pool.shutdown()
     return ScanResult(infos, problems, names, label_ids, [str(r) for r in roots])
 
 

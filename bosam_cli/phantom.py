@@ -1632,21 +1632,33 @@ def phantom_clicks(phantom: Phantom, per_object: int = 1, seed: int = 0) -> dict
     return out
 
 
-def write_phantom_dataset(root: str | os.PathLike, seeds: Sequence[int] | int, **kwargs: Any) -> Path:
-    """Write phantoms as an nnU-Net-style dataset: ``imagesTr/phantom_NNNNN_0000.nii.gz``,
-    ``labelsTr/phantom_NNNNN.nii.gz`` and ``dataset.json`` (label names -> TotalSegmentator
-    ids). ``seeds``: a list of seeds, or a count (seeds 0..n-1). ``kwargs`` go to
-    ``make_phantom``. Returns ``root``."""
+def _write_phantom_case(root: Path, sd: int, kwargs: dict[str, Any]) -> None:
     from .volume import write_label_map, write_volume
 
+    ph = make_phantom(sd, **kwargs)
+    write_volume(ph.ct.array, ph.ct, root / "imagesTr" / f"phantom_{sd:05d}_0000.nii.gz")
+    write_label_map(ph.labels.array, ph.labels, root / "labelsTr" / f"phantom_{sd:05d}.nii.gz")
+
+
+def write_phantom_dataset(root: str | os.PathLike, seeds: Sequence[int] | int, jobs: int = 1, **kwargs: Any) -> Path:
+    """Write phantoms as an nnU-Net-style dataset: ``imagesTr/phantom_NNNNN_0000.nii.gz``,
+    ``labelsTr/phantom_NNNNN.nii.gz`` and ``dataset.json`` (label names -> TotalSegmentator
+    ids). ``seeds``: a list of seeds, or a count (seeds 0..n-1). ``jobs`` > 1 makes that many
+    phantoms at once in worker processes (each phantom depends on its seed alone, so the files
+    are the same). ``kwargs`` go to ``make_phantom``. Returns ``root``."""
     root = Path(root)
     seed_list = list(range(seeds)) if isinstance(seeds, int) else [int(s) for s in seeds]
     (root / "imagesTr").mkdir(parents=True, exist_ok=True)
     (root / "labelsTr").mkdir(parents=True, exist_ok=True)
-    for sd in seed_list:
-        ph = make_phantom(sd, **kwargs)
-        write_volume(ph.ct.array, ph.ct, root / "imagesTr" / f"phantom_{sd:05d}_0000.nii.gz")
-        write_label_map(ph.labels.array, ph.labels, root / "labelsTr" / f"phantom_{sd:05d}.nii.gz")
+    if jobs > 1 and len(seed_list) > 1:
+        from concurrent.futures import ProcessPoolExecutor
+
+        with ProcessPoolExecutor(max_workers=jobs) as pool:
+            for f in [pool.submit(_write_phantom_case, root, sd, kwargs) for sd in seed_list]:
+                f.result()
+    else:
+        for sd in seed_list:
+            _write_phantom_case(root, sd, kwargs)
     dataset = {
         "name": "bosam_phantoms",
         "description": "Synthetic CT phantoms with exact bone labels (bosam_cli.phantom)",

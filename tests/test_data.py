@@ -166,6 +166,16 @@ def test_label_filter_that_matches_nothing_in_a_case_is_a_warning(tmp_path):
         refuse_errors(scan, skip_bad=False)
 
 
+def test_a_threaded_scan_reports_what_a_serial_one_does(tmp_path):
+    good = make_dataset(tmp_path / "good", 3)
+    bad = _bad_dataset(tmp_path / "bad")
+    serial = scan_dataset([good, bad])
+    threaded = scan_dataset([good, bad], jobs=4)
+    assert [i.case.key for i in threaded.infos] == [i.case.key for i in serial.infos]
+    assert [p.as_dict() for p in threaded.problems] == [p.as_dict() for p in serial.problems]
+    assert [sorted(i.labels) for i in threaded.infos] == [sorted(i.labels) for i in serial.infos]
+
+
 def test_prepare_check_cli_lists_problems_and_fails(tmp_path):
     root = _bad_dataset(tmp_path / "bad")
     res = _bosam("prepare", "--data", str(root), "--check", "--json")
@@ -185,7 +195,7 @@ def test_prepare_check_cli_lists_problems_and_fails(tmp_path):
 def test_cache_is_used_memory_mapped_and_invalidated_by_a_changed_file(tmp_path):
     root = make_dataset(tmp_path / "ds", 2)
     cache = tmp_path / "cache"
-    res = _bosam("prepare", "--data", str(root), "--cache", str(cache), "--json")
+    res = _bosam("prepare", "--data", str(root), "--cache", str(cache), "--json", "--jobs", "2")
     assert res.returncode == 0, res.stderr
     assert json.loads(res.stdout)["cached_cases"] == 2
     scan = scan_dataset([root], cache=cache)

@@ -278,6 +278,12 @@ def test_save_and_dataset_roundtrip(tmp_path: Path):
     assert sorted(f.name for f in (root / "labelsTr").iterdir()) == ["phantom_00003.nii.gz", "phantom_00004.nii.gz"]
     ds = json.loads((root / "dataset.json").read_text())
     assert ds["labels"]["background"] == 0 and ds["labels"]["hip_left"] == 77 and ds["numTraining"] == 2
+    # made in two worker processes: the same files
+    par = write_phantom_dataset(tmp_path / "ds2", [3, 4], jobs=2, shape=(40, 40, 24))
+    for sub in ("imagesTr/phantom_00003_0000.nii.gz", "labelsTr/phantom_00004.nii.gz"):
+        np.testing.assert_array_equal(np.asanyarray(nib.load(str(par / sub)).dataobj),
+                                      np.asanyarray(nib.load(str(root / sub)).dataobj))
+    assert json.loads((par / "dataset.json").read_text()) == ds
 
 
 def test_region_presets_and_tissue_names_are_consistent():
