@@ -1,7 +1,7 @@
 """Training step time: our training step against the reference recipe's, same model, same batch.
 
     python benchmarks/train_step.py [--preset sam-med3d] [--batch 1] [--clicks 10] [--repeats 2] [--threads 1]
-                                    [--device cuda [--precision fp16]]
+                                    [--device cuda [--precision fp16]] [--sim-on host|device]
 
 One step = image encoder once, ``--clicks`` decoder calls with simulated clicks and the previous
 logits as mask prompt (mask-only steps per the published schedule), DiceCE on logits upsampled
@@ -16,8 +16,10 @@ to 128^3 summed over the calls, backward, AdamW step: ``bosam_cli.train.ClickLoo
 
 Both run in one process on the same random-weight model (non-zero relative-position tables),
 the same window and the same click generator seed, interleaved so that machine load hits both
-alike. Prints min/median step time of each, the ratio (issue 5's target: ours <= 0.5x the
-reference), and the loss difference.
+alike. ``--sim-on device`` simulates the clicks on the training device
+(``bosam_cli/clicks_torch.py``, what ``bosam train`` does on CUDA) instead of on the host.
+Prints min/median step time of each, the ratio (issue 5's target: ours <= 0.5x the reference),
+and the loss difference.
 
 Measured (2-core shared CPU, torch 2.13 CPU, 1 thread, sam-med3d, batch 1, 10 decoder calls):
 ours 5.65 s, reference 30.1 s per step (median of 2): 0.19x.
@@ -63,6 +65,8 @@ def main() -> None:
     ap.add_argument("--precision", default="fp32", choices=("fp32", "fp16", "bf16"),
                     help="autocast dtype of the model calls (fp16 as bosam train uses on CUDA; the loss scaler "
                          "is left out, it does not change the step's cost)")
+    ap.add_argument("--sim-on", default="host", choices=("host", "device"),
+                    help="where clicks are simulated (bosam train --click-sim-on; auto picks device on CUDA)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -81,7 +85,8 @@ def main() -> None:
     for name, impl, upsample in (("ours", "fast", "matmul"), ("reference", "reference", "interpolate")):
         model = copy.deepcopy(base)
         model.image_encoder.set_attention_impl(impl)
-        loop = ClickLoop(model, build_loss("dicece"), upsample=upsample, autocast_dtype=autocast).to(device)
+        loop = ClickLoop(model, build_loss("dicece"), upsample=upsample, autocast_dtype=autocast,
+                         sim_on=args.sim_on).to(device)
         opt = torch.optim.AdamW(param_groups(model, 1e-4, 0.1))
         runs[name] = (loop, opt)
     schedule = training_schedule(args.clicks, np.random.default_rng(1))
@@ -108,7 +113,7 @@ def main() -> None:
     print(f"training step, preset {args.preset}, batch {args.batch}, {args.clicks} decoder calls "
           f"({sum(schedule)} with a new point), "
           + (f"{torch.cuda.get_device_name(device)} {args.precision}" if device.type == "cuda" else f"{args.threads} thread(s)")
-          + f", {args.repeats} repeats after 1 warm-up")
+          + f", clicks simulated on the {args.sim_on}, {args.repeats} repeats after 1 warm-up")
     for name, ts in times.items():
         print(f"  {name:9s}  min {min(ts):8.2f} s   median {statistics.median(ts):8.2f} s")
     ratio = statistics.median(times["ours"]) / statistics.median(times["reference"])
