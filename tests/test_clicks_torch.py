@@ -163,3 +163,13 @@ def test_a_device_simulated_run_resumes_to_the_uninterrupted_weights(tmp_path):
     assert whole["bosam"]["training"]["click_sim_on"] == "device"
     for k, v in whole["model_state_dict"].items():
         assert torch.equal(v, cut["model_state_dict"][k]), k
+
+
+def test_an_unknown_place_to_simulate_clicks_is_refused(tmp_path):
+    from bosam_cli.errors import BosamError
+    from bosam_cli.train import ClickLoop, TrainConfig, train
+
+    with pytest.raises(BosamError, match="--click-sim-on must be one of auto, host, device, not 'gpu'"):
+        train(TrainConfig(data=[str(tmp_path)], out_dir=str(tmp_path / "out"), click_sim_on="gpu"))
+    with pytest.raises(BosamError, match="host or device"):
+        ClickLoop(torch.nn.Linear(1, 1), lambda lo, t: lo.sum(), sim_on="auto")
