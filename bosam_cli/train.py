@@ -12,7 +12,9 @@ The recipe follows the published one (``reference/FACTS.md`` section 5):
 * AdamW, weight decay 0.1, encoder at ``lr`` and prompt encoder / mask decoder at ``lr * 0.1``;
   with LoRA only the adapters train (one group at ``lr``); CosineAnnealingWarmRestarts(T_0=5,
   T_mult=2) stepped per epoch; gradient accumulation; fp16 autocast + GradScaler on CUDA;
-* DDP through ``torchrun`` (NCCL on GPUs, gloo on CPU); per-rank seeds; only rank 0 writes.
+* DDP through ``torchrun`` (NCCL on GPUs, gloo on CPU); per-rank seeds; only rank 0 writes;
+* clicks are simulated on the host (``clicks.py``) or, by default on CUDA, batched on the device
+  (``clicks_torch.py``), so the prediction never leaves the GPU.
 
 Differences from the published code, on purpose: windows come from ``windows.py`` (the same
 world-space 1.5 mm RAS windows ``bosam segment`` uses) and are z-scored per window as in
