@@ -576,16 +576,18 @@ def scan_dataset(
     else:
         pool = None
         results = (scan_case(c, label_ids, cache, write_cache) for c in cases)
-    for case, (info, probs) in zip(cases, results):
-        problems += probs
-        if info is not None:
-            infos.append(info)
-        if on_case is not None:
-            on_case(case, info, probs)
-        if max_cases is not None and len(infos) >= max_cases:
-            break
-    if pool is not None:
-        pool.shutdown()
+    try:
+        for case, (info, probs) in zip(cases, results):
+            problems += probs
+            if info is not None:
+                infos.append(info)
+            if on_case is not None:
+                on_case(case, info, probs)
+            if max_cases is not None and len(infos) >= max_cases:
+                break
+    finally:
+        if pool is not None:
+            pool.shutdown(cancel_futures=True)
     return ScanResult(infos, problems, names, label_ids, [str(r) for r in roots])
 
 
