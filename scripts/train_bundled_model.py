@@ -1,6 +1,7 @@
 """Reproduce the bundled model (bosam_cli/weights/bosam-tiny.safetensors) end to end.
 
     python scripts/train_bundled_model.py --work /tmp/bosam-bundled [--steps-per-epoch 200 --epochs 15]
+                                          [--jobs 8] [--stages run6] [--device cuda]
 
 Steps (each skipped when its output exists, so a stopped run can be restarted; training itself
 resumes from its last checkpoint):
@@ -10,7 +11,7 @@ resumes from its last checkpoint):
    labels, where the held-out classes (L3, T12, femur_right, hip_right) are set to background
    and the case is linked 16 times so that it is drawn about as often as 16 phantoms;
 2. ``bosam prepare --cache`` (decoded volumes, so gzip does not dominate training);
-3. ``bosam train`` five times: the tiny preset from scratch (15 epochs x 200 steps), a second
+3. ``bosam train`` six times: the tiny preset from scratch (15 epochs x 200 steps), a second
    warm-restart schedule from those weights (15 epochs x 250 steps, another seed), then one
    cosine cycle (5 epochs x 400 steps, lr 3e-4) from the second run's best weights with
    ``--click-sim mixed`` (half of the clicks in the interior of the larger error region, so the
@@ -19,14 +20,21 @@ resumes from its last checkpoint):
    the voxels of the other bones in the window, against leaks into neighbours), and a last one
    (5 epochs x 500 steps, lr 2e-4, same penalty) from the fourth run's best with
    ``--click-memory all`` (each decoder call sees every click so far, not only the newest; the
-   checkpoint says so and segment/evaluate feed clicks that way); DiceCE summed
-   over 8 simulated clicks per window, AdamW with the prompt encoder and decoder at the
-   encoder's rate, batch 1, 2 CPU threads (about 1.1-1.4 s per step);
+   checkpoint says so and segment/evaluate feed clicks that way), and a sixth from the fifth's
+   best with four windows per step (5 epochs x 140 steps, ``--batch-size 4``, lr 3e-4, same
+   options; sized for a GPU, where a step of four windows costs about what one does, and
+   reproduced on the 2-core CPU at ~8 s per step); DiceCE summed over 8 simulated clicks per
+   window, AdamW with the prompt encoder and decoder at the encoder's rate, batch 1 up to stage
+   5, 2 CPU threads (about 1.1-1.4 s per step);
 4. the chosen checkpoint (best validation Dice on the phantoms) written as fp16 safetensors
    with its metadata into the package;
 5. ``bosam evaluate`` (clicks protocol, 1/5/10 clicks) of the model and of the HU-threshold
    baseline on 5 fresh phantoms (seeds 9000-9004) and on the held-out real bone classes; the
    summary goes to benchmarks/bundled_model_eval.md (the README's model card quotes it).
+
+``--stages run6`` runs only the named stages (their predecessors' checkpoints must exist),
+``--jobs N`` makes the phantoms and the cache N at a time, ``--device`` goes to stage 6, and
+``--data-only`` stops after step 2.
 """
 
 from __future__ import annotations
@@ -41,6 +49,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared" / "data"
 HELD_OUT = {29: "vertebrae_L3", 32: "vertebrae_T12", 76: "femur_right", 78: "hip_right"}
+#: stage 6's steps per epoch (batch 4, on a GPU)
+STAGE6_STEPS = 140
 WEIGHTS = REPO / "bosam_cli" / "weights" / "bosam-tiny.safetensors"
 
 
@@ -49,18 +59,18 @@ def run(*args: str, cwd: Path) -> None:
     subprocess.run(args, cwd=cwd, check=True)
 
 
-def make_data(work: Path) -> None:
+def make_data(work: Path, jobs: int = 1) -> None:
     import nibabel as nib
     import numpy as np
 
     from bosam_cli.phantom import write_phantom_dataset
 
     if not (work / "phantoms" / "dataset.json").exists():
-        write_phantom_dataset(work / "phantoms", list(range(1000, 1160)))
+        write_phantom_dataset(work / "phantoms", list(range(1000, 1160)), jobs=jobs)
     if not (work / "val_phantoms" / "dataset.json").exists():
-        write_phantom_dataset(work / "val_phantoms", list(range(5000, 5006)))
+        write_phantom_dataset(work / "val_phantoms", list(range(5000, 5006)), jobs=jobs)
     if not (work / "eval_phantoms" / "dataset.json").exists():
-        write_phantom_dataset(work / "eval_phantoms", list(range(9000, 9005)))
+        write_phantom_dataset(work / "eval_phantoms", list(range(9000, 9005)), jobs=jobs)
     src = SHARED / "totalsegmentator"
     if not src.exists():
         sys.exit(f"{src}: the shared real CT is needed for the real-CT part of the recipe")
@@ -95,16 +105,25 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=15)
     ap.add_argument("--steps-per-epoch", type=int, default=200)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--jobs", type=int, default=1, help="phantoms made and cases cached at once (data steps)")
+    ap.add_argument("--stages", default=None,
+                    help="comma-separated stage names to run (e.g. run6; the earlier stages' checkpoints must exist)")
+    ap.add_argument("--stage6-steps", type=int, default=STAGE6_STEPS, help="steps per epoch of stage 6")
+    ap.add_argument("--device", default=None, help="bosam train --device for stage 6 (default: CUDA when present)")
     ap.add_argument("--skip-eval", action="store_true")
+    ap.add_argument("--data-only", action="store_true", help="make the datasets and the cache, then stop")
     args = ap.parse_args()
     work = args.work.resolve()
     work.mkdir(parents=True, exist_ok=True)
     bosam = [sys.executable, "-m", "bosam_cli"]
     labelmap = str(SHARED / "totalsegmentator_total_v2_labelmap.json")
 
-    make_data(work)
+    make_data(work, args.jobs)
     if not (work / "cache").exists():
-        run(*bosam, "prepare", "--data", "phantoms", "--data", "real", "--check", "--cache", "cache", cwd=work)
+        run(*bosam, "prepare", "--data", "phantoms", "--data", "real", "--check", "--cache", "cache",
+            "--jobs", str(args.jobs), cwd=work)
+    if args.data_only:
+        return
     common = ["--data", "phantoms", "--data", "real", "--cache", "cache", "--val-data", "val_phantoms",
               "--labels", "bone", "--labelmap", labelmap, "--clicks", "8", "--prompt-lr-scale", "1.0",
               "--val-cases", "6", "--val-clicks", "3",
@@ -126,8 +145,17 @@ def main() -> None:
         ("run5", ["--from", str(work / "run4" / "best.pth"), "--epochs", "5", "--steps-per-epoch", str(spe * 5 // 2),
                   "--lr", "2e-4", "--click-sim", "mixed", "--neighbour-weight", "1.0", "--click-memory", "all",
                   "--seed", "2027"]),
+        ("run6", ["--from", str(work / "run5" / "best.pth"), "--epochs", "5", "--steps-per-epoch", str(args.stage6_steps),
+                  "--batch-size", "4", "--workers", "8", "--lr", "3e-4", "--click-sim", "mixed",
+                  "--neighbour-weight", "1.0", "--click-memory", "all", "--seed", "2028",
+                  *(["--device", args.device] if args.device else [])]),
     ]
+    wanted = set(args.stages.split(",")) if args.stages else None
+    if wanted and not wanted <= {name for name, _ in stages}:
+        sys.exit(f"--stages: unknown stage(s) {', '.join(sorted(wanted - {n for n, _ in stages}))}")
     for name, extra in stages:
+        if wanted is not None and name not in wanted:
+            continue
         run_dir = work / name
         if (run_dir / "final.pth").exists():
             continue
