@@ -297,18 +297,37 @@ class ClickLoop(nn.Module):
             raise BosamError("a neighbour weight needs the other labels' voxels of each window")
         n_others = others.flatten(1).sum(1).clamp(min=1) if others is not None else None
         device = images.device
-        b, s, m = images.shape[0], self.sam.img_size, self.sam.mask_size
+        b, m = images.shape[0], self.sam.mask_size
         with self._autocast(device):
             emb = self.sam.image_encoder(images)
         prev = torch.zeros(b, 1, m, m, m, device=device, dtype=emb.dtype)
-        if self.sim_on == "device":
-            return self._forward_device(emb, prev, targets, schedule, rng, others, n_others)
-        pred = np.zeros((b, s, s, s), dtype=bool)
+        prompts = self._device_prompts(targets, rng) if self.sim_on == "device" else self._host_prompts(gt, rng, device)
         loss = images.new_zeros(())
         logits = None
-        history: list[list[tuple[tuple[int, int, int], int]]] = [[] for _ in range(b)]
         for has_point in schedule:
+            points, labels = prompts(has_point, logits)
+            with self._autocast(device):
+                low, _ = self.sam.decode(emb, points, labels, prev.detach() if self.detach_mask else prev)
+            logits = self.upsampler(low.float())
+            loss = loss + self.loss_fn(logits, targets)
+            if self.neighbour_weight:
+                # BCE towards 0 on the neighbours' voxels: softplus(logit), mean per window
+                leak = (F.softplus(logits) * others).flatten(1).sum(1) / n_others
+                loss = loss + self.neighbour_weight * leak.mean()
+            prev = low
+        assert logits is not None
+        return loss, _last_dice(logits, targets)
+
+    def _host_prompts(self, gt: np.ndarray, rng: np.random.Generator, device: torch.device) -> Callable:
+        """``prompts(has_point, logits) -> (points, labels)`` for one window batch, simulated with
+        ``clicks.py`` on a host copy of the prediction (``logits`` None before the first call).
+        A window with nothing left to correct gets a padding point (label -1)."""
+        b = gt.shape[0]
+        history: list[list[tuple[tuple[int, int, int], int]]] = [[] for _ in range(b)]
+
+        def prompts(has_point: bool, logits: torch.Tensor | None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
             if has_point:
+                pred = np.zeros(gt.shape, bool) if logits is None else (logits.detach() > 0).squeeze(1).cpu().numpy()
                 pts = np.zeros((b, 1, 3), np.float32)
                 labs = np.zeros((b, 1), np.int64)
                 for i in range(b):
@@ -324,65 +343,39 @@ class ClickLoop(nn.Module):
                         history[i].append((click.ijk, int(click.label)))
             if self.click_memory == "all" and any(history):
                 pts, labs = _pad_history(history)
-                points, labels = torch.from_numpy(pts).to(device), torch.from_numpy(labs).to(device)
-            elif has_point and self.click_memory == "newest":
-                points = torch.from_numpy(pts).to(device)
-                labels = torch.from_numpy(labs).to(device)
-            else:
-                points = labels = None
-            with self._autocast(device):
-                low, _ = self.sam.decode(emb, points, labels, prev.detach() if self.detach_mask else prev)
-            logits = self.upsampler(low.float())
-            loss = self._add_call_loss(loss, logits, targets, others, n_others)
-            prev = low
-            pred = (logits.detach() > 0).squeeze(1).cpu().numpy()
-        assert logits is not None
-        return loss, _last_dice(logits, targets)
+            elif not (has_point and self.click_memory == "newest"):
+                return None, None
+            return torch.from_numpy(pts).to(device), torch.from_numpy(labs).to(device)
 
-    def _add_call_loss(self, loss: torch.Tensor, logits: torch.Tensor, targets: torch.Tensor,
-                       others: torch.Tensor | None, n_others: torch.Tensor | None) -> torch.Tensor:
-        """``loss`` plus one decoder call's loss (and leak penalty)."""
-        loss = loss + self.loss_fn(logits, targets)
-        if self.neighbour_weight:
-            # BCE towards 0 on the neighbours' voxels: softplus(logit), mean per window
-            leak = (F.softplus(logits) * others).flatten(1).sum(1) / n_others
-            loss = loss + self.neighbour_weight * leak.mean()
-        return loss
+        return prompts
 
-    def _forward_device(self, emb: torch.Tensor, prev: torch.Tensor, targets: torch.Tensor,
-                        schedule: Sequence[bool], rng: np.random.Generator, others: torch.Tensor | None,
-                        n_others: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-        """The click loop with ``clicks_torch`` simulating on the device. Same schedule and
-        simulators; windows without an error get a padding point (label -1), which with
-        ``click_memory="all"`` also stays in that window's history."""
+    def _device_prompts(self, targets: torch.Tensor, rng: np.random.Generator) -> Callable:
+        """The same ``prompts`` with ``clicks_torch`` simulating on the prediction where it is,
+        for the whole batch; its generator is seeded from ``rng``. Windows without an error get a
+        padding point (label -1), which with ``click_memory="all"`` also stays in the history."""
         from .clicks_torch import sim_clicks
 
         device, b = targets.device, targets.shape[0]
         gen = torch.Generator(device=device)
         gen.manual_seed(int(rng.integers(2**62)))
         gt = targets[:, 0] > 0.5
-        pred = torch.zeros_like(gt)
         hist_p = targets.new_zeros((b, 0, 3))
         hist_l = torch.zeros((b, 0), dtype=torch.long, device=device)
-        loss = targets.new_zeros(())
-        logits = None
-        for has_point in schedule:
+
+        def prompts(has_point: bool, logits: torch.Tensor | None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+            nonlocal hist_p, hist_l
             points = labels = None
             if has_point:
+                pred = torch.zeros_like(gt) if logits is None else (logits.detach() > 0)[:, 0]
                 interior = [self.click_sim == "mixed" and bool(rng.random() < 0.5) for _ in range(b)]
                 points, labels = sim_clicks(pred, gt, interior, gen)
                 if self.click_memory == "all":
                     hist_p, hist_l = torch.cat((hist_p, points), 1), torch.cat((hist_l, labels), 1)
             if self.click_memory == "all" and hist_l.shape[1]:
-                points, labels = hist_p, hist_l
-            with self._autocast(device):
-                low, _ = self.sam.decode(emb, points, labels, prev.detach() if self.detach_mask else prev)
-            logits = self.upsampler(low.float())
-            loss = self._add_call_loss(loss, logits, targets, others, n_others)
-            prev = low
-            pred = (logits.detach() > 0)[:, 0]
-        assert logits is not None
-        return loss, _last_dice(logits, targets)
+                return hist_p, hist_l
+            return points, labels
+
+        return prompts
 
 
 def _last_dice(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
