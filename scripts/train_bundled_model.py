@@ -11,21 +11,24 @@ resumes from its last checkpoint):
    labels, where the held-out classes (L3, T12, femur_right, hip_right) are set to background
    and the case is linked 16 times so that it is drawn about as often as 16 phantoms;
 2. ``bosam prepare --cache`` (decoded volumes, so gzip does not dominate training);
-3. ``bosam train`` six times: the tiny preset from scratch (15 epochs x 200 steps), a second
+3. ``bosam train`` seven times: the tiny preset from scratch (15 epochs x 200 steps), a second
    warm-restart schedule from those weights (15 epochs x 250 steps, another seed), then one
    cosine cycle (5 epochs x 400 steps, lr 3e-4) from the second run's best weights with
    ``--click-sim mixed`` (half of the clicks in the interior of the larger error region, so the
    decoder learns to act on corrective clicks), then one more cycle (5 epochs x 500 steps,
    lr 2e-4) from the third run's best with ``--neighbour-weight 1`` (a cross-entropy penalty on
-   the voxels of the other bones in the window, against leaks into neighbours), and a last one
+   the voxels of the other bones in the window, against leaks into neighbours), and a fifth
    (5 epochs x 500 steps, lr 2e-4, same penalty) from the fourth run's best with
    ``--click-memory all`` (each decoder call sees every click so far, not only the newest; the
    checkpoint says so and segment/evaluate feed clicks that way), and a sixth from the fifth's
    best with four windows per step (5 epochs x 140 steps, ``--batch-size 4``, lr 3e-4, same
    options; sized for a GPU, where a step of four windows costs about what one does, and
-   reproduced on the 2-core CPU at ~8 s per step); DiceCE summed over 8 simulated clicks per
-   window, AdamW with the prompt encoder and decoder at the encoder's rate, batch 1 up to stage
-   5, 2 CPU threads (about 1.1-1.4 s per step);
+   reproduced on the 2-core CPU at ~8 s per step), and a seventh from the sixth's best with
+   eight windows per step (5 epochs x 100 steps, ``--batch-size 8``, lr 2e-4, same options; run
+   on an H100 at 0.8 s per step; the shipped weights are its best, the second epoch, of a run
+   the lent GPU's time limit stopped after 400 steps); DiceCE summed over 8 simulated clicks
+   per window, AdamW with the prompt encoder and decoder at the encoder's rate, batch 1 up to
+   stage 5, 2 CPU threads (about 1.1-1.4 s per step);
 4. the chosen checkpoint (best validation Dice on the phantoms) written as fp16 safetensors
    with its metadata into the package;
 5. ``bosam evaluate`` (clicks protocol, 1/5/10 clicks) of the model and of the HU-threshold
@@ -33,7 +36,7 @@ resumes from its last checkpoint):
    summary goes to benchmarks/bundled_model_eval.md (the README's model card quotes it).
 
 ``--stages run6`` runs only the named stages (their predecessors' checkpoints must exist),
-``--jobs N`` makes the phantoms and the cache N at a time, ``--device`` goes to stage 6, and
+``--jobs N`` makes the phantoms and the cache N at a time, ``--device`` goes to stages 6 and 7, and
 ``--data-only`` stops after step 2.
 """
 
@@ -51,6 +54,8 @@ SHARED = REPO.parent / "shared" / "data"
 HELD_OUT = {29: "vertebrae_L3", 32: "vertebrae_T12", 76: "femur_right", 78: "hip_right"}
 #: stage 6's steps per epoch (batch 4, on a GPU)
 STAGE6_STEPS = 140
+#: stage 7's steps per epoch (batch 8, on a GPU)
+STAGE7_STEPS = 100
 WEIGHTS = REPO / "bosam_cli" / "weights" / "bosam-tiny.safetensors"
 
 
@@ -109,7 +114,9 @@ def main() -> None:
     ap.add_argument("--stages", default=None,
                     help="comma-separated stage names to run (e.g. run6; the earlier stages' checkpoints must exist)")
     ap.add_argument("--stage6-steps", type=int, default=STAGE6_STEPS, help="steps per epoch of stage 6")
-    ap.add_argument("--device", default=None, help="bosam train --device for stage 6 (default: CUDA when present)")
+    ap.add_argument("--stage7-steps", type=int, default=STAGE7_STEPS, help="steps per epoch of stage 7")
+    ap.add_argument("--device", default=None,
+                    help="bosam train --device for stages 6 and 7 (default: CUDA when present)")
     ap.add_argument("--skip-eval", action="store_true")
     ap.add_argument("--data-only", action="store_true", help="make the datasets and the cache, then stop")
     args = ap.parse_args()
@@ -131,8 +138,10 @@ def main() -> None:
     # stage 1 from scratch, stage 2 a second warm-restart schedule from stage 1's final weights,
     # stage 3 one cosine cycle from stage 2's best with half of the clicks in error interiors,
     # stage 4 one more cycle from stage 3's best with the leak penalty on neighbouring bones,
-    # stage 5 one more from stage 4's best where every decoder call sees all clicks so far
+    # stage 5 one more from stage 4's best where every decoder call sees all clicks so far,
+    # stages 6 and 7 more windows per step (4, then 8; sized for a GPU)
     spe = args.steps_per_epoch
+    device = ["--device", args.device] if args.device else []
     stages = [
         ("run1", ["--preset", "tiny", "--epochs", str(args.epochs), "--steps-per-epoch", str(spe), "--lr", "4e-4",
                   "--seed", "2023"]),
@@ -147,8 +156,10 @@ def main() -> None:
                   "--seed", "2027"]),
         ("run6", ["--from", str(work / "run5" / "best.pth"), "--epochs", "5", "--steps-per-epoch", str(args.stage6_steps),
                   "--batch-size", "4", "--workers", "8", "--lr", "3e-4", "--click-sim", "mixed",
-                  "--neighbour-weight", "1.0", "--click-memory", "all", "--seed", "2028",
-                  *(["--device", args.device] if args.device else [])]),
+                  "--neighbour-weight", "1.0", "--click-memory", "all", "--seed", "2028", *device]),
+        ("run7", ["--from", str(work / "run6" / "best.pth"), "--epochs", "5", "--steps-per-epoch", str(args.stage7_steps),
+                  "--batch-size", "8", "--workers", "12", "--lr", "2e-4", "--click-sim", "mixed",
+                  "--neighbour-weight", "1.0", "--click-memory", "all", "--seed", "2029", *device]),
     ]
     wanted = set(args.stages.split(",")) if args.stages else None
     if wanted and not wanted <= {name for name, _ in stages}:
