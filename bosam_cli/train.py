@@ -714,8 +714,13 @@ class _BatchQueue:
             self.pool.shutdown(wait=True, cancel_futures=True)
 
 
-def _open_resume(cfg: TrainConfig, last_path: Path, world: int) -> tuple[Any, dict[str, Any], list[str]]:
-    """(checkpoint, train_state, warnings) of the run to resume; (None, {}, []) for a new run."""
+def _open_resume(cfg: TrainConfig, last_path: Path, world: int,
+                 device_type: str = "cpu") -> tuple[Any, dict[str, Any], list[str]]:
+    """(checkpoint, train_state, warnings) of the run to resume; (None, {}, []) for a new run.
+
+    Besides changed flags, it warns when an ``auto`` setting resolves differently on this
+    device (a run started on a GPU and resumed on a CPU simulates its clicks on the host and
+    trains in fp32), since that too makes the resumed run differ from an uninterrupted one."""
     from .checkpoints import read_checkpoint
 
     if cfg.resume and not last_path.exists():
@@ -734,12 +739,26 @@ def _open_resume(cfg: TrainConfig, last_path: Path, world: int) -> tuple[Any, di
     warnings = []
     now = cfg.plain()
     for k in ("seed", "batch_size", "accumulation", "clicks", "click_sim", "neighbour_weight", "click_memory",
-              "click_sim_on", "steps_per_epoch", "loss", "labels"):
+              "click_sim_on", "precision", "steps_per_epoch", "loss", "labels"):
         if k in old and old[k] != now.get(k):
             warnings.append(f"--{k.replace('_', '-')} changed from {old[k]!r} to {now.get(k)!r}: "
                             "the resumed run will not match an uninterrupted one")
     if int(state.get("world_size", 1)) != world:
         warnings.append(f"world size changed from {state.get('world_size')} to {world}")
+    before = (ck.metadata or {}).get("training") or {}
+    cuda = device_type == "cuda"
+    resolved = {
+        "click_sim_on": ("click_sim_on", cfg.click_sim_on if cfg.click_sim_on != "auto" else ("device" if cuda else "host"),
+                         "clicks simulated on the {}"),
+        "precision": ("precision", cfg.precision if cfg.precision != "auto" else ("fp16" if cuda else "fp32"),
+                      "precision {}"),
+    }
+    for key, (flag, value, what) in resolved.items():
+        was = before.get(key)
+        if was is not None and was != value and old.get(flag) == now.get(flag):
+            warnings.append(f"--{flag.replace('_', '-')} {now.get(flag)} resolves on {device_type} to "
+                            f"{what.format(value)}, not {what.format(was)} as before: "
+                            "the resumed run will not match an uninterrupted one")
     return ck, state, warnings
 
 
@@ -954,7 +973,7 @@ def _train(cfg: TrainConfig, dist_info: Dist, console: Any, on_step: Callable[[d
     out_dir = Path(cfg.out_dir)
     if dist_info.main:
         out_dir.mkdir(parents=True, exist_ok=True)
-    resume_ck, state, warnings = _open_resume(cfg, out_dir / LAST, dist_info.world)
+    resume_ck, state, warnings = _open_resume(cfg, out_dir / LAST, dist_info.world, dist_info.device.type)
     seed_everything(cfg.seed + dist_info.rank)
     if dist_info.device.type == "cuda" and dist_info.world > 1:
         torch.backends.cudnn.deterministic = True

@@ -6,6 +6,8 @@ Everything runs the ``tiny`` preset on small phantom datasets with one torch thr
 
 from __future__ import annotations
 
+import dataclasses
+
 import json
 import os
 import socket
@@ -251,6 +253,25 @@ def test_resume_after_an_interruption_ends_with_the_same_weights(phantoms, tmp_p
     # the log of the resumed run reads like the uninterrupted one
     col = lambda p: [r.split(",")[:5] for r in (p / "log.csv").read_text().splitlines()]  # noqa: E731
     assert col(tmp_path / "whole") == col(tmp_path / "cut")
+
+
+def test_resume_warns_when_auto_settings_resolve_differently_on_another_device(phantoms, tmp_path):
+    """A run started on the CPU (auto: clicks on the host, fp32) and resumed where auto means
+    the GPU's choices (clicks on the device, fp16) is warned about, flag by flag; the same
+    device, or the same explicit choices, give no warning."""
+    from bosam_cli.train import LAST, _open_resume
+
+    cfg = _cfg(phantoms, tmp_path / "run", epochs=1, steps_per_epoch=1, checkpoint_every=1)
+    train(cfg)
+    again = dataclasses.replace(cfg, resume=True)
+    assert _open_resume(again, tmp_path / "run" / LAST, 1, "cpu")[2] == []
+    warnings = _open_resume(again, tmp_path / "run" / LAST, 1, "cuda")[2]
+    assert len(warnings) == 2
+    assert "--click-sim-on auto resolves on cuda to clicks simulated on the device, not clicks simulated on the host" in warnings[0]
+    assert "--precision auto resolves on cuda to precision fp16, not precision fp32" in warnings[1]
+    pinned = dataclasses.replace(cfg, resume=True, click_sim_on="host", precision="fp32")
+    warnings = _open_resume(pinned, tmp_path / "run" / LAST, 1, "cuda")[2]
+    assert len(warnings) == 2 and all("changed from 'auto'" in w for w in warnings)
 
 
 def test_resume_refusals(phantoms, tmp_path):
