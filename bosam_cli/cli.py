@@ -198,6 +198,7 @@ def segment(
     spacing: Optional[float] = typer.Option(None, "--spacing", help="Model window spacing in mm \\[default: the checkpoint's, else 1.5]."),
     no_clamp: bool = typer.Option(False, "--no-clamp", help="Do not clamp HU to [-1000, 1000] before normalising."),
     max_windows: int = typer.Option(8, "--max-windows", help="Most 128^3 windows one bone may grow into."),
+    islands: str = typer.Option("clicked", "--islands", help="clicked: keep the connected pieces of each mask that hold a positive click (drop detached blobs); all: keep every piece."),
     per_object: bool = typer.Option(False, "--per-object", help="Also write one mask file per bone."),
     overlay: bool = typer.Option(False, "--overlay", help="Also write a PNG with three slices through each bone and its clicks."),
     mesh: bool = typer.Option(False, "--mesh", help="Also write one STL surface per bone, in patient millimetres."),
@@ -213,6 +214,7 @@ def segment(
         spacing_mm=spacing,
         clamp_hu=() if no_clamp else None,
         max_windows=max_windows,
+        islands=islands,
         per_object=per_object,
         overlay=overlay,
         mesh=mesh,
@@ -469,6 +471,7 @@ def demo(
     ct: Optional[Path] = typer.Option(None, "--ct", help="Use this CT instead of a generated phantom (needs --points)."),
     points: Optional[Path] = typer.Option(None, "--points", "-p", help="Prompt file for --ct."),
     seed: int = typer.Option(0, "--seed", help="Phantom seed (anatomy, grid and noise)."),
+    islands: str = typer.Option("clicked", "--islands", help="clicked: keep the connected pieces of each mask that hold a positive click (drop detached blobs); all: keep every piece."),
     checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", "-c", help="Model weights \\[default: the bundled model]."),
     engine: str = typer.Option("auto", "--engine", help=ENGINE_HELP),
     engine_dir: Optional[Path] = typer.Option(None, "--engine-dir", help="Folder written by 'bosam export'."),
@@ -483,7 +486,7 @@ def demo(
     if ct is not None and points is None:
         fail("--points: a prompt file is required with --ct")
     eng = open_engine_for(engine, checkpoint, engine_dir, device, "fp32", threads)
-    manifest = run_demo(out, eng, ct=ct, points=points, seed=seed, options=SegmentOptions(overlay=True))
+    manifest = run_demo(out, eng, ct=ct, points=points, seed=seed, options=SegmentOptions(overlay=True, islands=islands))
     if as_json:
         print_json(manifest)
         return
@@ -714,6 +717,7 @@ def evaluate(
     spacing: Optional[float] = typer.Option(None, "--spacing", help="Model window spacing in mm \\[default: the checkpoint's]."),
     no_clamp: bool = typer.Option(False, "--no-clamp", help="Do not clamp HU before normalising."),
     max_windows: int = typer.Option(8, "--max-windows", help="Most windows one bone may grow into."),
+    islands: str = typer.Option("clicked", "--islands", help="clicks protocol: clicked keep the connected pieces of each mask that hold a positive click (drop detached blobs); all: keep every piece."),
     cache: Optional[Path] = typer.Option(None, "--cache", help="Cache folder written by 'bosam prepare --cache'."),
     skip_bad: bool = typer.Option(False, "--skip-bad", help="Leave cases with integrity errors out instead of refusing."),
     as_json: bool = typer.Option(False, "--json", help="Print settings and summary as JSON."),
@@ -725,7 +729,7 @@ def evaluate(
     opts = EvaluateOptions(
         clicks=parse_clicks(clicks), protocol=protocol, labels=labels, labelmap=str(labelmap) if labelmap else None,
         cases=cases, splits=_splits(split), nsd_tolerance_mm=nsd_mm, seed=seed, bosam_grid=bosam_grid,
-        spacing_mm=spacing, clamp_hu=() if no_clamp else None, max_windows=max_windows, skip_bad=skip_bad,
+        spacing_mm=spacing, clamp_hu=() if no_clamp else None, max_windows=max_windows, islands=islands, skip_bad=skip_bad,
         cache=str(cache) if cache else None,
     )
     for d in data:

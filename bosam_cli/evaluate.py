@@ -546,6 +546,7 @@ class EvaluateOptions:
     spacing_mm: float | None = None
     clamp_hu: tuple[float, ...] | None = None
     max_windows: int = 8
+    islands: str = "clicked"
     skip_bad: bool = False
     cache: str | None = None
 
@@ -588,7 +589,8 @@ def evaluate(
     n = max(clicks)
     scan = scan_dataset(data, options.labels, options.labelmap, options.splits, options.cache)
     refuse_errors(scan, options.skip_bad, "evaluation")
-    seg_opts = SegmentOptions(spacing_mm=options.spacing_mm, clamp_hu=options.clamp_hu, max_windows=options.max_windows)
+    seg_opts = SegmentOptions(spacing_mm=options.spacing_mm, clamp_hu=options.clamp_hu, max_windows=options.max_windows,
+                              islands=options.islands)
     meta = engine_metadata(engine) if engine is not None else {}
     spacing = float(options.spacing_mm or meta.get("spacing_mm") or DEFAULT_SPACING_MM)
     if options.clamp_hu is not None:
@@ -632,6 +634,7 @@ def evaluate(
         "bosam_grid": options.bosam_grid if options.protocol == "bosam" else None,
         "spacing_mm": spacing,
         "clamp_hu": list(clamp) if clamp else None,
+        "islands": options.islands if options.protocol == "clicks" and baseline is None else None,
         "segmenter": who,
         "checkpoint": meta.get("checkpoint_path") or getattr(getattr(engine, "model", None), "checkpoint_path", None),
         "checkpoint_sha256": who.get("checkpoint_sha256") if isinstance(who, dict) else None,

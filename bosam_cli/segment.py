@@ -21,7 +21,7 @@ from typing import Any, Callable, Iterable, TextIO
 import numpy as np
 
 from .errors import BosamError, PromptError
-from .session import Session
+from .session import ISLANDS, Session
 from .volume import VOLUME_SUFFIXES, Volume, read_volume, write_label_map
 from .windows import DEFAULT_CLAMP_HU, DEFAULT_SPACING_MM, Intensity
 
@@ -41,6 +41,8 @@ class SegmentOptions:
         per_object: also write one mask file per object.
         overlay: also write an overlay PNG.
         mesh: also write one STL mesh per object (patient mm).
+        islands: "clicked" keeps the connected pieces of each mask that hold a positive click;
+            "all" keeps every piece (``session`` module docstring).
     """
 
     spacing_mm: float | None = None
@@ -49,6 +51,7 @@ class SegmentOptions:
     per_object: bool = False
     overlay: bool = False
     mesh: bool = False
+    islands: str = "clicked"
 
 
 def bundled_checkpoint() -> Path | None:
@@ -76,12 +79,15 @@ def make_session(engine: Any, options: SegmentOptions, metadata: dict[str, Any] 
         clamp = tuple(m) if m else None
     if spacing <= 0:
         raise BosamError(f"--spacing must be > 0 mm, got {spacing}")
+    if options.islands not in ISLANDS:
+        raise BosamError(f"--islands must be one of {', '.join(ISLANDS)}, not {options.islands!r}")
     return Session(
         engine,
         spacing_mm=float(spacing),
         intensity=Intensity(clamp_hu=clamp),  # type: ignore[arg-type]
         max_windows=options.max_windows,
         click_memory=str(meta.get("click_memory") or "newest"),
+        islands=options.islands,
     )
 
 
@@ -252,6 +258,7 @@ def segment_file(
             "axes": "RAS",
             "clamp_hu": list(session.intensity.clamp_hu) if session.intensity.clamp_hu else None,
             "max_windows_per_object": session.max_windows,
+            "islands": session.islands,
         },
         "overlap_rule": OVERLAP_RULE,
         "objects": objects,

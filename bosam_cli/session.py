@@ -18,6 +18,11 @@ How an object is segmented:
   click of the user lies in it. At most ``max_windows`` windows per object.
 * Logits of overlapping windows are blended on the CT grid with weights that ramp up from each
   window face, then thresholded at 0.
+* Islands (``islands="clicked"``, the default): of the thresholded mask, only the connected
+  pieces (26-connectivity) that hold one of the object's positive clicks are kept, or, for a
+  click just outside the mask, the pieces within ``ISLAND_REACH_VOX`` voxels of it; detached
+  blobs elsewhere (typically on a neighbouring bone) are dropped. When no positive click is on
+  or next to the mask, the mask is kept whole. ``islands="all"`` keeps every piece.
 
 Overlap rule between objects: a voxel claimed by several objects goes to the one with the
 highest blended logit there; exact ties go to the object created first.
@@ -98,6 +103,10 @@ class ClickReport:
 
 #: how decoder calls get an object's clicks (see ``Session``); train.py's --click-memory
 CLICK_MEMORIES = ("newest", "all")
+#: which connected pieces of an object's mask are kept (see the module docstring)
+ISLANDS = ("clicked", "all")
+#: a positive click this many CT voxels (Chebyshev) from a piece of the mask keeps that piece
+ISLAND_REACH_VOX = 2
 
 
 class Session:
@@ -118,6 +127,9 @@ class Session:
             previous logits (the published models' loop); "all": every click of the object that
             lies in the window (newest last, at most the engine's ``max_points``) with the
             previous logits, for models trained that way (their checkpoint says so).
+        islands: "clicked" keeps the connected pieces of each mask that hold a positive click
+            (module docstring); "all" keeps every piece. The decoder's own state (the low-res
+            logits fed back as mask prompts) is the same either way.
     """
 
     def __init__(
@@ -132,9 +144,13 @@ class Session:
         cache_size: int = 32,
         measure_clicks: bool = True,
         click_memory: str = "newest",
+        islands: str = "clicked",
     ) -> None:
         if click_memory not in CLICK_MEMORIES:
             raise ValueError(f"click_memory must be one of {', '.join(CLICK_MEMORIES)}, not {click_memory!r}")
+        if islands not in ISLANDS:
+            raise ValueError(f"islands must be one of {', '.join(ISLANDS)}, not {islands!r}")
+        self.islands = islands
         self.engine = engine
         self.click_memory = click_memory
         self.max_points = getattr(engine, "max_points", None)
@@ -278,6 +294,8 @@ class Session:
         if state is not None and state.windows:
             t0 = time.perf_counter()
             result = self._blend(state, vol)
+            if result is not None and self.islands == "clicked":
+                result = (result[0], keep_clicked_islands(result[1], result[0], state.clicks))
             self.timings["map_back_s"] += time.perf_counter() - t0
         self._grid_cache[label] = result
         return result
@@ -493,3 +511,41 @@ class Session:
         blended = np.full(shape, -np.inf, np.float32)
         np.divide(num, den, out=blended, where=den > 0)
         return box, blended
+
+
+def keep_clicked_islands(logits: np.ndarray, box: tuple[slice, slice, slice],
+                         clicks: list[SessionClick]) -> np.ndarray:
+    """``logits`` (on ``volume[box]``) with every connected piece of ``logits > 0`` that no
+    positive click holds or touches (within ``ISLAND_REACH_VOX`` voxels) set to -inf, in place.
+    Unchanged when there is nothing to drop or no click reaches the mask."""
+    mask = logits > 0
+    pieces, n = _pieces(mask)
+    if n <= 1:
+        return logits
+    keep = np.zeros(n + 1, bool)
+    r = ISLAND_REACH_VOX
+    for c in clicks:
+        if not c.positive:
+            continue
+        ijk = np.rint(c.ijk).astype(int) - np.array([sl.start for sl in box])
+        near = tuple(slice(max(int(v) - r, 0), max(int(v) + r + 1, 0)) for v in ijk)
+        hit = pieces[near]
+        keep[np.unique(hit[hit > 0])] = True
+    if not keep.any():
+        return logits
+    logits[~keep[pieces] & mask] = -np.inf  # in place: the array is the session's own blend
+    return logits
+
+
+def _pieces(mask: np.ndarray) -> tuple[np.ndarray, int]:
+    """(labels, count) of the 26-connected pieces of ``mask``: cc3d (5-8x faster on a
+    full window's box), else SciPy."""
+    try:
+        import cc3d
+    except ImportError:  # cc3d is a dependency; SciPy keeps installs without it working
+        from scipy import ndimage
+
+        pieces, n = ndimage.label(mask, structure=np.ones((3, 3, 3), bool))
+        return pieces, int(n)
+    pieces, n = cc3d.connected_components(mask, connectivity=26, return_N=True)
+    return pieces, int(n)

@@ -66,6 +66,7 @@ def test_real_ct_end_to_end_output_on_the_input_grid(tmp_path, random_checkpoint
     manifest = json.loads((out / "example_ct_sm.json").read_text())
     for key in ("versions", "input", "output", "checkpoint", "engine", "model_window", "overlap_rule", "objects", "timings_s"):
         assert key in manifest
+    assert manifest["model_window"]["islands"] == "clicked"  # the default: detached blobs dropped
     assert len(manifest["checkpoint"]["sha256"]) == 64 and manifest["engine"]["engine"] == "torch"
     assert manifest["input"]["shape"] == list(src.shape)
     for o in manifest["objects"]:
@@ -130,6 +131,10 @@ def test_bad_inputs_fail_cleanly_without_output(tmp_path, random_checkpoint, pro
     text.write_text("not weights")
     r = bosam("segment", str(ct), "--points", str(prompts_sm), "-c", str(text), "-o", str(out))
     _expect_clean_failure(r, "notes.pth", out)
+    # unknown --islands rule
+    r = bosam("segment", str(ct), "--points", str(prompts_sm), "-c", str(random_checkpoint), "-o", str(out),
+              "--islands", "largest")
+    _expect_clean_failure(r, "--islands", out)
 
 
 def test_batch_reports_and_skips_failing_cases(tmp_path, random_checkpoint, prompts_sm):

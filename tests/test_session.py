@@ -182,3 +182,88 @@ def test_segment_reads_click_memory_from_the_checkpoint():
 
     assert make_session(SphereEngine(), SegmentOptions(), {}).click_memory == "newest"
     assert make_session(SphereEngine(), SegmentOptions(), {"click_memory": "all"}).click_memory == "all"
+
+
+# ---------------------------------------------------------------------------------------------
+# islands: detached pieces of a mask
+
+
+def _two_blobs() -> np.ndarray:
+    logits = np.full((20, 20, 20), -3.0, np.float32)
+    logits[2:5, 2:5, 2:5] = 2.0
+    logits[10:13, 10:13, 10:13] = 5.0
+    return logits
+
+
+def test_keep_clicked_islands_keeps_the_pieces_a_positive_click_holds_or_touches():
+    from bosam_cli.session import ISLAND_REACH_VOX, SessionClick, keep_clicked_islands
+
+    box = (slice(5, 25), slice(5, 25), slice(5, 25))  # the logits sit at CT voxels 5..24
+
+    def click(rel, positive=True):
+        return SessionClick(np.zeros(3), np.asarray(rel, float) + 5, positive)
+
+    out = keep_clicked_islands(_two_blobs(), box, [click([3, 3, 3]), click([11, 11, 11], positive=False)])
+    assert (out[2:5, 2:5, 2:5] == 2.0).all() and np.isneginf(out[10:13, 10:13, 10:13]).all()
+    assert (out[out < 0] != -3.0).sum() == 27  # only the dropped piece changed
+    # a click just outside a piece (the user missed the bone by a voxel or two) keeps it
+    assert ISLAND_REACH_VOX == 2
+    out = keep_clicked_islands(_two_blobs(), box, [click([4 + ISLAND_REACH_VOX, 3.4, 3])])
+    assert (out[2:5, 2:5, 2:5] == 2.0).all() and np.isneginf(out[10:13, 10:13, 10:13]).all()
+    # no positive click near any piece: nothing is dropped
+    out = keep_clicked_islands(_two_blobs(), box, [click([4 + ISLAND_REACH_VOX + 1, 3, 3])])
+    np.testing.assert_array_equal(out, _two_blobs())
+    # both pieces clicked: both kept; pieces touching only diagonally are one piece
+    out = keep_clicked_islands(_two_blobs(), box, [click([3, 3, 3]), click([12, 12, 12])])
+    np.testing.assert_array_equal(out, _two_blobs())
+    diag = np.full((6, 6, 6), -1.0, np.float32)
+    diag[1, 1, 1] = diag[2, 2, 2] = 1.0
+    np.testing.assert_array_equal(keep_clicked_islands(diag.copy(), (slice(0, 6),) * 3, [click([-4, -4, -4])]), diag)
+
+
+class _AllBrightEngine(ThresholdEngine):
+    """Decoder returns every bright region of the window on a positive click (a model that
+    also lights up a detached look-alike)."""
+
+    def decode(self, embedding, points, labels, mask_prompt):
+        bright = embedding.data > self.threshold
+        out = np.where(bright, 8.0, -8.0).astype(np.float32)
+        return out[None, None], np.ones((1, 1), np.float32)
+
+
+def test_session_drops_detached_blobs_unless_islands_all():
+    vol = _volume("RAS", (1.5, 1.5, 1.5), 0.0)
+    w = _world_grid(vol)
+    ball_a = np.linalg.norm(w - [-25.0, 0, 0], axis=-1) < 10
+    ball_b = np.linalg.norm(w - [25.0, 0, 0], axis=-1) < 10
+    vol = vol.with_array(np.where(ball_a | ball_b, 900, 40).astype(np.int16))
+    masks = {}
+    for islands in ("clicked", "all"):
+        session = Session(_AllBrightEngine(threshold=1.0), spacing_mm=1.5, islands=islands)
+        session.set_volume(vol)
+        session.add_click(1, xyz=np.array([-25.0, 0, 0]))
+        masks[islands] = session.mask(1)
+        assert session.voxel_count(1) == masks[islands].sum()
+        assert (session.label_map() == 1).sum() == masks[islands].sum()
+    clicked, every = masks["clicked"], masks["all"]
+    assert every[ball_a].mean() > 0.9 and every[ball_b].mean() > 0.9  # the model lit both
+    assert clicked[ball_a].mean() > 0.9 and not clicked[ball_b].any()  # the tool keeps the clicked one
+    assert not (clicked & ~every).any()
+    with pytest.raises(ValueError, match="islands must be one of clicked, all"):
+        Session(_AllBrightEngine(), islands="largest")
+
+
+def test_islands_without_cc3d_fall_back_to_scipy_with_the_same_pieces(monkeypatch):
+    import sys
+
+    from bosam_cli.session import _pieces
+
+    rng = np.random.default_rng(3)
+    mask = rng.random((30, 25, 20)) > 0.7
+    fast, n_fast = _pieces(mask)
+    monkeypatch.setitem(sys.modules, "cc3d", None)  # import cc3d now raises ImportError
+    slow, n_slow = _pieces(mask)
+    assert n_fast == n_slow > 1
+    # the same partition of the voxels (numbering may differ)
+    pairs = np.unique(np.stack([fast[mask], slow[mask]]), axis=1)
+    assert pairs.shape[1] == n_fast
