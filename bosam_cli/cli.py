@@ -182,6 +182,8 @@ def open_engine_for(
 
 
 ENGINE_HELP = "torch, onnxruntime, tensorrt, or auto (TensorRT, then ONNX Runtime CUDA, then ONNX Runtime CPU, then torch)."
+ISLANDS_HELP = ("clicked: keep the connected pieces of each mask that hold a positive click (drop detached blobs); "
+                "all: keep every piece.")
 
 
 @app.command()
@@ -198,7 +200,7 @@ def segment(
     spacing: Optional[float] = typer.Option(None, "--spacing", help="Model window spacing in mm \\[default: the checkpoint's, else 1.5]."),
     no_clamp: bool = typer.Option(False, "--no-clamp", help="Do not clamp HU to [-1000, 1000] before normalising."),
     max_windows: int = typer.Option(8, "--max-windows", help="Most 128^3 windows one bone may grow into."),
-    islands: str = typer.Option("clicked", "--islands", help="clicked: keep the connected pieces of each mask that hold a positive click (drop detached blobs); all: keep every piece."),
+    islands: str = typer.Option("clicked", "--islands", help=ISLANDS_HELP),
     per_object: bool = typer.Option(False, "--per-object", help="Also write one mask file per bone."),
     overlay: bool = typer.Option(False, "--overlay", help="Also write a PNG with three slices through each bone and its clicks."),
     mesh: bool = typer.Option(False, "--mesh", help="Also write one STL surface per bone, in patient millimetres."),
@@ -471,7 +473,7 @@ def demo(
     ct: Optional[Path] = typer.Option(None, "--ct", help="Use this CT instead of a generated phantom (needs --points)."),
     points: Optional[Path] = typer.Option(None, "--points", "-p", help="Prompt file for --ct."),
     seed: int = typer.Option(0, "--seed", help="Phantom seed (anatomy, grid and noise)."),
-    islands: str = typer.Option("clicked", "--islands", help="clicked: keep the connected pieces of each mask that hold a positive click (drop detached blobs); all: keep every piece."),
+    islands: str = typer.Option("clicked", "--islands", help=ISLANDS_HELP),
     checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", "-c", help="Model weights \\[default: the bundled model]."),
     engine: str = typer.Option("auto", "--engine", help=ENGINE_HELP),
     engine_dir: Optional[Path] = typer.Option(None, "--engine-dir", help="Folder written by 'bosam export'."),
@@ -717,7 +719,7 @@ def evaluate(
     spacing: Optional[float] = typer.Option(None, "--spacing", help="Model window spacing in mm \\[default: the checkpoint's]."),
     no_clamp: bool = typer.Option(False, "--no-clamp", help="Do not clamp HU before normalising."),
     max_windows: int = typer.Option(8, "--max-windows", help="Most windows one bone may grow into."),
-    islands: str = typer.Option("clicked", "--islands", help="clicks protocol: clicked keep the connected pieces of each mask that hold a positive click (drop detached blobs); all: keep every piece."),
+    islands: str = typer.Option("clicked", "--islands", help="clicks protocol: " + ISLANDS_HELP),
     cache: Optional[Path] = typer.Option(None, "--cache", help="Cache folder written by 'bosam prepare --cache'."),
     skip_bad: bool = typer.Option(False, "--skip-bad", help="Leave cases with integrity errors out instead of refusing."),
     as_json: bool = typer.Option(False, "--json", help="Print settings and summary as JSON."),

@@ -747,14 +747,13 @@ def _open_resume(cfg: TrainConfig, last_path: Path, world: int,
         warnings.append(f"world size changed from {state.get('world_size')} to {world}")
     before = (ck.metadata or {}).get("training") or {}
     cuda = device_type == "cuda"
-    resolved = {
-        "click_sim_on": ("click_sim_on", cfg.click_sim_on if cfg.click_sim_on != "auto" else ("device" if cuda else "host"),
-                         "clicks simulated on the {}"),
-        "precision": ("precision", cfg.precision if cfg.precision != "auto" else ("fp16" if cuda else "fp32"),
-                      "precision {}"),
-    }
-    for key, (flag, value, what) in resolved.items():
-        was = before.get(key)
+    resolved = (  # (flag, what it resolves to here, how to say it); the metadata keeps the resolved value
+        ("click_sim_on", cfg.click_sim_on if cfg.click_sim_on != "auto" else ("device" if cuda else "host"),
+         "clicks simulated on the {}"),
+        ("precision", cfg.precision if cfg.precision != "auto" else ("fp16" if cuda else "fp32"), "precision {}"),
+    )
+    for flag, value, what in resolved:
+        was = before.get(flag)
         if was is not None and was != value and old.get(flag) == now.get(flag):
             warnings.append(f"--{flag.replace('_', '-')} {now.get(flag)} resolves on {device_type} to "
                             f"{what.format(value)}, not {what.format(was)} as before: "
