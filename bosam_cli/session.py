@@ -20,7 +20,7 @@ How an object is segmented:
   window face, then thresholded at 0.
 * Islands (``islands="clicked"``, the default): of the thresholded mask, only the connected
   pieces (26-connectivity) that hold one of the object's positive clicks are kept, or, for a
-  click just outside the mask, the pieces within ``ISLAND_REACH_VOX`` voxels of it; detached
+  click just outside the mask, the pieces within ``ISLAND_REACH_MM`` of it; detached
   blobs elsewhere (typically on a neighbouring bone) are dropped. When no positive click is on
   or next to the mask, the mask is kept whole. ``islands="all"`` keeps every piece.
 
@@ -105,8 +105,8 @@ class ClickReport:
 CLICK_MEMORIES = ("newest", "all")
 #: which connected pieces of an object's mask are kept (see the module docstring)
 ISLANDS = ("clicked", "all")
-#: a positive click this many CT voxels (Chebyshev) from a piece of the mask keeps that piece
-ISLAND_REACH_VOX = 2
+#: a positive click this close (mm, per CT axis; at least one voxel) to a piece of the mask keeps it
+ISLAND_REACH_MM = 3.0
 
 
 class Session:
@@ -295,7 +295,7 @@ class Session:
             t0 = time.perf_counter()
             result = self._blend(state, vol)
             if result is not None and self.islands == "clicked":
-                result = (result[0], keep_clicked_islands(result[1], result[0], state.clicks))
+                result = (result[0], keep_clicked_islands(result[1], result[0], state.clicks, vol.spacing_mm))
             self.timings["map_back_s"] += time.perf_counter() - t0
         self._grid_cache[label] = result
         return result
@@ -513,22 +513,23 @@ class Session:
         return box, blended
 
 
-def keep_clicked_islands(logits: np.ndarray, box: tuple[slice, slice, slice],
-                         clicks: list[SessionClick]) -> np.ndarray:
-    """``logits`` (on ``volume[box]``) with every connected piece of ``logits > 0`` that no
-    positive click holds or touches (within ``ISLAND_REACH_VOX`` voxels) set to -inf, in place.
-    Unchanged when there is nothing to drop or no click reaches the mask."""
+def keep_clicked_islands(logits: np.ndarray, box: tuple[slice, slice, slice], clicks: list[SessionClick],
+                         spacing_mm: Any = (1.0, 1.0, 1.0)) -> np.ndarray:
+    """``logits`` (on ``volume[box]``, voxels of ``spacing_mm``) with every connected piece of
+    ``logits > 0`` that no positive click holds or comes within ``ISLAND_REACH_MM`` of (per
+    axis, at least one voxel) set to -inf, in place. Unchanged when there is nothing to drop or
+    no click reaches the mask."""
     mask = logits > 0
     pieces, n = _pieces(mask)
     if n <= 1:
         return logits
     keep = np.zeros(n + 1, bool)
-    r = ISLAND_REACH_VOX
+    reach = np.maximum(1, np.round(ISLAND_REACH_MM / np.asarray(spacing_mm, float))).astype(int)
     for c in clicks:
         if not c.positive:
             continue
         ijk = np.rint(c.ijk).astype(int) - np.array([sl.start for sl in box])
-        near = tuple(slice(max(int(v) - r, 0), max(int(v) + r + 1, 0)) for v in ijk)
+        near = tuple(slice(max(int(v) - r, 0), max(int(v) + r + 1, 0)) for v, r in zip(ijk, reach))
         hit = pieces[near]
         keep[np.unique(hit[hit > 0])] = True
     if not keep.any():

@@ -196,25 +196,31 @@ def _two_blobs() -> np.ndarray:
 
 
 def test_keep_clicked_islands_keeps_the_pieces_a_positive_click_holds_or_touches():
-    from bosam_cli.session import ISLAND_REACH_VOX, SessionClick, keep_clicked_islands
+    from bosam_cli.session import ISLAND_REACH_MM, SessionClick, keep_clicked_islands
 
     box = (slice(5, 25), slice(5, 25), slice(5, 25))  # the logits sit at CT voxels 5..24
+    sp = (1.5, 1.5, 1.5)
+    assert ISLAND_REACH_MM == 3.0  # two voxels here
 
     def click(rel, positive=True):
         return SessionClick(np.zeros(3), np.asarray(rel, float) + 5, positive)
 
-    out = keep_clicked_islands(_two_blobs(), box, [click([3, 3, 3]), click([11, 11, 11], positive=False)])
+    out = keep_clicked_islands(_two_blobs(), box, [click([3, 3, 3]), click([11, 11, 11], positive=False)], sp)
     assert (out[2:5, 2:5, 2:5] == 2.0).all() and np.isneginf(out[10:13, 10:13, 10:13]).all()
     assert (out[out < 0] != -3.0).sum() == 27  # only the dropped piece changed
     # a click just outside a piece (the user missed the bone by a voxel or two) keeps it
-    assert ISLAND_REACH_VOX == 2
-    out = keep_clicked_islands(_two_blobs(), box, [click([4 + ISLAND_REACH_VOX, 3.4, 3])])
+    out = keep_clicked_islands(_two_blobs(), box, [click([4 + 2, 3.4, 3])], sp)
     assert (out[2:5, 2:5, 2:5] == 2.0).all() and np.isneginf(out[10:13, 10:13, 10:13]).all()
     # no positive click near any piece: nothing is dropped
-    out = keep_clicked_islands(_two_blobs(), box, [click([4 + ISLAND_REACH_VOX + 1, 3, 3])])
+    out = keep_clicked_islands(_two_blobs(), box, [click([4 + 3, 3, 3])], sp)
     np.testing.assert_array_equal(out, _two_blobs())
+    # the reach is in mm per axis: along a 5 mm axis one voxel, along a 0.75 mm axis four
+    out = keep_clicked_islands(_two_blobs(), box, [click([4 + 2, 3, 3])], (5.0, 1.5, 1.5))
+    np.testing.assert_array_equal(out, _two_blobs())
+    out = keep_clicked_islands(_two_blobs(), box, [click([4 + 4, 3, 3])], (0.75, 1.5, 1.5))
+    assert np.isneginf(out[10:13, 10:13, 10:13]).all()
     # both pieces clicked: both kept; pieces touching only diagonally are one piece
-    out = keep_clicked_islands(_two_blobs(), box, [click([3, 3, 3]), click([12, 12, 12])])
+    out = keep_clicked_islands(_two_blobs(), box, [click([3, 3, 3]), click([12, 12, 12])], sp)
     np.testing.assert_array_equal(out, _two_blobs())
     diag = np.full((6, 6, 6), -1.0, np.float32)
     diag[1, 1, 1] = diag[2, 2, 2] = 1.0
