@@ -20,7 +20,8 @@ How an object is segmented:
   window face, then thresholded at 0.
 * Islands (``islands="clicked"``, the default): of the thresholded mask, only the connected
   pieces (26-connectivity) that hold one of the object's positive clicks are kept, or, for a
-  click just outside the mask, the pieces within ``ISLAND_REACH_MM`` of it; detached
+  click just outside the mask, the pieces within one model output voxel of it (the low-res
+  logits' spacing, 6 mm for 128^3 windows at 1.5 mm; at least one CT voxel); detached
   blobs elsewhere (typically on a neighbouring bone) are dropped. When no positive click is on
   or next to the mask, the mask is kept whole. ``islands="all"`` keeps every piece.
 
@@ -105,8 +106,6 @@ class ClickReport:
 CLICK_MEMORIES = ("newest", "all")
 #: which connected pieces of an object's mask are kept (see the module docstring)
 ISLANDS = ("clicked", "all")
-#: a positive click this close (mm, per CT axis; at least one voxel) to a piece of the mask keeps it
-ISLAND_REACH_MM = 3.0
 
 
 class Session:
@@ -295,7 +294,8 @@ class Session:
             t0 = time.perf_counter()
             result = self._blend(state, vol)
             if result is not None and self.islands == "clicked":
-                result = (result[0], keep_clicked_islands(result[1], result[0], state.clicks, vol.spacing_mm))
+                reach_mm = self.spacing_mm * self.size / self.mask_size  # one low-res logit voxel
+                result = (result[0], keep_clicked_islands(result[1], result[0], state.clicks, vol.spacing_mm, reach_mm))
             self.timings["map_back_s"] += time.perf_counter() - t0
         self._grid_cache[label] = result
         return result
@@ -514,17 +514,17 @@ class Session:
 
 
 def keep_clicked_islands(logits: np.ndarray, box: tuple[slice, slice, slice], clicks: list[SessionClick],
-                         spacing_mm: Any = (1.0, 1.0, 1.0)) -> np.ndarray:
+                         spacing_mm: Any, reach_mm: float) -> np.ndarray:
     """``logits`` (on ``volume[box]``, voxels of ``spacing_mm``) with every connected piece of
-    ``logits > 0`` that no positive click holds or comes within ``ISLAND_REACH_MM`` of (per
-    axis, at least one voxel) set to -inf, in place. Unchanged when there is nothing to drop or
-    no click reaches the mask."""
+    ``logits > 0`` that no positive click holds or comes within ``reach_mm`` of (per axis, at
+    least one voxel) set to -inf, in place. Unchanged when there is nothing to drop or no click
+    reaches the mask."""
     mask = logits > 0
     pieces, n = _pieces(mask)
     if n <= 1:
         return logits
     keep = np.zeros(n + 1, bool)
-    reach = np.maximum(1, np.round(ISLAND_REACH_MM / np.asarray(spacing_mm, float))).astype(int)
+    reach = np.maximum(1, np.round(reach_mm / np.asarray(spacing_mm, float))).astype(int)
     for c in clicks:
         if not c.positive:
             continue

@@ -196,35 +196,34 @@ def _two_blobs() -> np.ndarray:
 
 
 def test_keep_clicked_islands_keeps_the_pieces_a_positive_click_holds_or_touches():
-    from bosam_cli.session import ISLAND_REACH_MM, SessionClick, keep_clicked_islands
+    from bosam_cli.session import SessionClick, keep_clicked_islands
 
     box = (slice(5, 25), slice(5, 25), slice(5, 25))  # the logits sit at CT voxels 5..24
-    sp = (1.5, 1.5, 1.5)
-    assert ISLAND_REACH_MM == 3.0  # two voxels here
+    sp, reach = (1.5, 1.5, 1.5), 3.0  # two voxels here
 
     def click(rel, positive=True):
         return SessionClick(np.zeros(3), np.asarray(rel, float) + 5, positive)
 
-    out = keep_clicked_islands(_two_blobs(), box, [click([3, 3, 3]), click([11, 11, 11], positive=False)], sp)
+    out = keep_clicked_islands(_two_blobs(), box, [click([3, 3, 3]), click([11, 11, 11], positive=False)], sp, reach)
     assert (out[2:5, 2:5, 2:5] == 2.0).all() and np.isneginf(out[10:13, 10:13, 10:13]).all()
     assert (out[out < 0] != -3.0).sum() == 27  # only the dropped piece changed
     # a click just outside a piece (the user missed the bone by a voxel or two) keeps it
-    out = keep_clicked_islands(_two_blobs(), box, [click([4 + 2, 3.4, 3])], sp)
+    out = keep_clicked_islands(_two_blobs(), box, [click([4 + 2, 3.4, 3])], sp, reach)
     assert (out[2:5, 2:5, 2:5] == 2.0).all() and np.isneginf(out[10:13, 10:13, 10:13]).all()
     # no positive click near any piece: nothing is dropped
-    out = keep_clicked_islands(_two_blobs(), box, [click([4 + 3, 3, 3])], sp)
+    out = keep_clicked_islands(_two_blobs(), box, [click([4 + 3, 3, 3])], sp, reach)
     np.testing.assert_array_equal(out, _two_blobs())
     # the reach is in mm per axis: along a 5 mm axis one voxel, along a 0.75 mm axis four
-    out = keep_clicked_islands(_two_blobs(), box, [click([4 + 2, 3, 3])], (5.0, 1.5, 1.5))
+    out = keep_clicked_islands(_two_blobs(), box, [click([4 + 2, 3, 3])], (5.0, 1.5, 1.5), reach)
     np.testing.assert_array_equal(out, _two_blobs())
-    out = keep_clicked_islands(_two_blobs(), box, [click([4 + 4, 3, 3])], (0.75, 1.5, 1.5))
+    out = keep_clicked_islands(_two_blobs(), box, [click([4 + 4, 3, 3])], (0.75, 1.5, 1.5), reach)
     assert np.isneginf(out[10:13, 10:13, 10:13]).all()
     # both pieces clicked: both kept; pieces touching only diagonally are one piece
-    out = keep_clicked_islands(_two_blobs(), box, [click([3, 3, 3]), click([12, 12, 12])], sp)
+    out = keep_clicked_islands(_two_blobs(), box, [click([3, 3, 3]), click([12, 12, 12])], sp, reach)
     np.testing.assert_array_equal(out, _two_blobs())
     diag = np.full((6, 6, 6), -1.0, np.float32)
     diag[1, 1, 1] = diag[2, 2, 2] = 1.0
-    np.testing.assert_array_equal(keep_clicked_islands(diag.copy(), (slice(0, 6),) * 3, [click([-4, -4, -4])]), diag)
+    np.testing.assert_array_equal(keep_clicked_islands(diag.copy(), (slice(0, 6),) * 3, [click([-4, -4, -4])], sp, reach), diag)
 
 
 class _AllBrightEngine(ThresholdEngine):
@@ -255,6 +254,12 @@ def test_session_drops_detached_blobs_unless_islands_all():
     assert every[ball_a].mean() > 0.9 and every[ball_b].mean() > 0.9  # the model lit both
     assert clicked[ball_a].mean() > 0.9 and not clicked[ball_b].any()  # the tool keeps the clicked one
     assert not (clicked & ~every).any()
+    # a click 4.5 mm off ball A's surface still means ball A: within one model output voxel (6 mm)
+    session = Session(_AllBrightEngine(threshold=1.0), spacing_mm=1.5)
+    session.set_volume(vol)
+    session.add_click(1, xyz=np.array([-25.0, 14.5, 0]))
+    near = session.mask(1)
+    assert near[ball_a].mean() > 0.9 and not near[ball_b].any()
     with pytest.raises(ValueError, match="islands must be one of clicked, all"):
         Session(_AllBrightEngine(), islands="largest")
 
