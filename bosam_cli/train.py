@@ -714,6 +714,16 @@ class _BatchQueue:
             self.pool.shutdown(wait=True, cancel_futures=True)
 
 
+def resolve_auto(cfg: TrainConfig, device_type: str) -> dict[str, str]:
+    """What ``--click-sim-on`` and ``--precision`` mean on a device of this type: ``auto`` is
+    clicks on the device and fp16 on CUDA, on the host and fp32 elsewhere."""
+    cuda = device_type == "cuda"
+    return {
+        "click_sim_on": cfg.click_sim_on if cfg.click_sim_on != "auto" else ("device" if cuda else "host"),
+        "precision": cfg.precision if cfg.precision != "auto" else ("fp16" if cuda else "fp32"),
+    }
+
+
 def _open_resume(cfg: TrainConfig, last_path: Path, world: int,
                  device_type: str = "cpu") -> tuple[Any, dict[str, Any], list[str]]:
     """(checkpoint, train_state, warnings) of the run to resume; (None, {}, []) for a new run.
@@ -745,15 +755,10 @@ def _open_resume(cfg: TrainConfig, last_path: Path, world: int,
                             "the resumed run will not match an uninterrupted one")
     if int(state.get("world_size", 1)) != world:
         warnings.append(f"world size changed from {state.get('world_size')} to {world}")
-    before = (ck.metadata or {}).get("training") or {}
-    cuda = device_type == "cuda"
-    resolved = (  # (flag, what it resolves to here, how to say it); the metadata keeps the resolved value
-        ("click_sim_on", cfg.click_sim_on if cfg.click_sim_on != "auto" else ("device" if cuda else "host"),
-         "clicks simulated on the {}"),
-        ("precision", cfg.precision if cfg.precision != "auto" else ("fp16" if cuda else "fp32"), "precision {}"),
-    )
-    for flag, value, what in resolved:
-        was = before.get(flag)
+    before = (ck.metadata or {}).get("training") or {}  # keeps the values the flags resolved to
+    said = {"click_sim_on": "clicks simulated on the {}", "precision": "precision {}"}
+    for flag, value in resolve_auto(cfg, device_type).items():
+        what, was = said[flag], before.get(flag)
         if was is not None and was != value and old.get(flag) == now.get(flag):
             warnings.append(f"--{flag.replace('_', '-')} {now.get(flag)} resolves on {device_type} to "
                             f"{what.format(value)}, not {what.format(was)} as before: "
@@ -779,17 +784,14 @@ class _Run:
         self.lr = cfg.lr if cfg.lr is not None else (5e-4 if cfg.lora_rank else 1e-4)
         self.optimizer = torch.optim.AdamW(param_groups(self.model, self.lr, cfg.weight_decay, cfg.prompt_lr_scale), betas=(0.9, 0.999))
         self.scheduler = torch.optim.lr_scheduler.CosineAnnealingWarmRestarts(self.optimizer, T_0=5, T_mult=2)
-        precision = cfg.precision
-        if precision == "auto":
-            precision = "fp16" if dist_info.device.type == "cuda" else "fp32"
+        auto = resolve_auto(cfg, dist_info.device.type)
+        precision = auto["precision"]
         if precision == "fp16" and dist_info.device.type != "cuda":
             raise BosamError("--precision fp16 needs a CUDA device (use fp32 or bf16 on CPU)")
         self.precision = precision
         self.scaler = torch.amp.GradScaler("cuda", enabled=precision == "fp16")
         autocast_dtype = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
-        self.sim_on = cfg.click_sim_on
-        if self.sim_on == "auto":
-            self.sim_on = "device" if dist_info.device.type == "cuda" else "host"
+        self.sim_on = auto["click_sim_on"]
         loop = ClickLoop(self.model, build_loss(cfg.loss), cfg.detach_mask, cfg.upsample, autocast_dtype, cfg.click_sim,
                          cfg.neighbour_weight, cfg.click_memory, self.sim_on)
         self.runner: nn.Module = loop.to(dist_info.device)
