@@ -184,6 +184,10 @@ def open_engine_for(
 ENGINE_HELP = "torch, onnxruntime, tensorrt, or auto (TensorRT, then ONNX Runtime CUDA, then ONNX Runtime CPU, then torch)."
 ISLANDS_HELP = ("clicked: keep the connected pieces of each mask that hold a positive click (drop detached blobs); "
                 "all: keep every piece.")
+REFINE_HU = 50.0  # session.REFINE_HU, written out so that the CLI starts without SciPy (a test ties them)
+REFINE_HELP = ("hu: peel the soft-tissue rim (voxels below --refine-hu reachable from outside, within one model "
+               "output voxel of the surface) off each mask; none: the model's mask as is.")
+REFINE_HU_HELP = "HU below which --refine hu peels a surface voxel."
 
 
 @app.command()
@@ -201,6 +205,8 @@ def segment(
     no_clamp: bool = typer.Option(False, "--no-clamp", help="Do not clamp HU to [-1000, 1000] before normalising."),
     max_windows: int = typer.Option(8, "--max-windows", help="Most 128^3 windows one bone may grow into."),
     islands: str = typer.Option("clicked", "--islands", help=ISLANDS_HELP),
+    refine: str = typer.Option("hu", "--refine", help=REFINE_HELP),
+    refine_hu: float = typer.Option(REFINE_HU, "--refine-hu", help=REFINE_HU_HELP),
     per_object: bool = typer.Option(False, "--per-object", help="Also write one mask file per bone."),
     overlay: bool = typer.Option(False, "--overlay", help="Also write a PNG with three slices through each bone and its clicks."),
     mesh: bool = typer.Option(False, "--mesh", help="Also write one STL surface per bone, in patient millimetres."),
@@ -217,6 +223,8 @@ def segment(
         clamp_hu=() if no_clamp else None,
         max_windows=max_windows,
         islands=islands,
+        refine=refine,
+        refine_hu=refine_hu,
         per_object=per_object,
         overlay=overlay,
         mesh=mesh,
@@ -474,6 +482,8 @@ def demo(
     points: Optional[Path] = typer.Option(None, "--points", "-p", help="Prompt file for --ct."),
     seed: int = typer.Option(0, "--seed", help="Phantom seed (anatomy, grid and noise)."),
     islands: str = typer.Option("clicked", "--islands", help=ISLANDS_HELP),
+    refine: str = typer.Option("hu", "--refine", help=REFINE_HELP),
+    refine_hu: float = typer.Option(REFINE_HU, "--refine-hu", help=REFINE_HU_HELP),
     checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", "-c", help="Model weights \\[default: the bundled model]."),
     engine: str = typer.Option("auto", "--engine", help=ENGINE_HELP),
     engine_dir: Optional[Path] = typer.Option(None, "--engine-dir", help="Folder written by 'bosam export'."),
@@ -488,7 +498,7 @@ def demo(
     if ct is not None and points is None:
         fail("--points: a prompt file is required with --ct")
     eng = open_engine_for(engine, checkpoint, engine_dir, device, "fp32", threads)
-    manifest = run_demo(out, eng, ct=ct, points=points, seed=seed, options=SegmentOptions(overlay=True, islands=islands))
+    manifest = run_demo(out, eng, ct=ct, points=points, seed=seed, options=SegmentOptions(overlay=True, islands=islands, refine=refine, refine_hu=refine_hu))
     if as_json:
         print_json(manifest)
         return
@@ -720,6 +730,8 @@ def evaluate(
     no_clamp: bool = typer.Option(False, "--no-clamp", help="Do not clamp HU before normalising."),
     max_windows: int = typer.Option(8, "--max-windows", help="Most windows one bone may grow into."),
     islands: str = typer.Option("clicked", "--islands", help="clicks protocol: " + ISLANDS_HELP),
+    refine: str = typer.Option("hu", "--refine", help="clicks protocol: " + REFINE_HELP),
+    refine_hu: float = typer.Option(REFINE_HU, "--refine-hu", help=REFINE_HU_HELP),
     cache: Optional[Path] = typer.Option(None, "--cache", help="Cache folder written by 'bosam prepare --cache'."),
     skip_bad: bool = typer.Option(False, "--skip-bad", help="Leave cases with integrity errors out instead of refusing."),
     as_json: bool = typer.Option(False, "--json", help="Print settings and summary as JSON."),
@@ -731,7 +743,8 @@ def evaluate(
     opts = EvaluateOptions(
         clicks=parse_clicks(clicks), protocol=protocol, labels=labels, labelmap=str(labelmap) if labelmap else None,
         cases=cases, splits=_splits(split), nsd_tolerance_mm=nsd_mm, seed=seed, bosam_grid=bosam_grid,
-        spacing_mm=spacing, clamp_hu=() if no_clamp else None, max_windows=max_windows, islands=islands, skip_bad=skip_bad,
+        spacing_mm=spacing, clamp_hu=() if no_clamp else None, max_windows=max_windows, islands=islands, refine=refine, refine_hu=refine_hu,
+        skip_bad=skip_bad,
         cache=str(cache) if cache else None,
     )
     for d in data:

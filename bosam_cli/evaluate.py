@@ -41,7 +41,7 @@ import numpy as np
 
 from .clicks import bosam_protocol_click, center_click, first_click
 from .data import CaseStore, ScanResult
-from .session import ClickReport
+from .session import REFINE_HU, ClickReport
 from .volume import Volume
 from .windows import WindowGeometry, normalise, resample, sample_labels, sample_window, window_at
 
@@ -547,6 +547,8 @@ class EvaluateOptions:
     clamp_hu: tuple[float, ...] | None = None
     max_windows: int = 8
     islands: str = "clicked"
+    refine: str = "hu"
+    refine_hu: float = REFINE_HU
     skip_bad: bool = False
     cache: str | None = None
 
@@ -590,7 +592,7 @@ def evaluate(
     scan = scan_dataset(data, options.labels, options.labelmap, options.splits, options.cache)
     refuse_errors(scan, options.skip_bad, "evaluation")
     seg_opts = SegmentOptions(spacing_mm=options.spacing_mm, clamp_hu=options.clamp_hu, max_windows=options.max_windows,
-                              islands=options.islands)
+                              islands=options.islands, refine=options.refine, refine_hu=options.refine_hu)
     meta = engine_metadata(engine) if engine is not None else {}
     spacing = float(options.spacing_mm or meta.get("spacing_mm") or DEFAULT_SPACING_MM)
     if options.clamp_hu is not None:
@@ -635,6 +637,8 @@ def evaluate(
         "spacing_mm": spacing,
         "clamp_hu": list(clamp) if clamp else None,
         "islands": options.islands if options.protocol == "clicks" and baseline is None else None,
+        "refine": options.refine if options.protocol == "clicks" and baseline is None else None,
+        "refine_hu": options.refine_hu if options.protocol == "clicks" and baseline is None and options.refine == "hu" else None,
         "segmenter": who,
         "checkpoint": meta.get("checkpoint_path") or getattr(getattr(engine, "model", None), "checkpoint_path", None),
         "checkpoint_sha256": who.get("checkpoint_sha256") if isinstance(who, dict) else None,

@@ -21,7 +21,7 @@ from typing import Any, Callable, Iterable, TextIO
 import numpy as np
 
 from .errors import BosamError, PromptError
-from .session import ISLANDS, Session
+from .session import ISLANDS, REFINE_HU, REFINES, Session
 from .volume import VOLUME_SUFFIXES, Volume, read_volume, write_label_map
 from .windows import DEFAULT_CLAMP_HU, DEFAULT_SPACING_MM, Intensity
 
@@ -43,6 +43,9 @@ class SegmentOptions:
         mesh: also write one STL mesh per object (patient mm).
         islands: "clicked" keeps the connected pieces of each mask that hold a positive click;
             "all" keeps every piece (``session`` module docstring).
+        refine: "hu" peels the soft-tissue rim (below ``refine_hu``) off each mask's surface;
+            "none" keeps the model's mask (``session`` module docstring).
+        refine_hu: HU threshold of ``refine="hu"``.
     """
 
     spacing_mm: float | None = None
@@ -52,6 +55,8 @@ class SegmentOptions:
     overlay: bool = False
     mesh: bool = False
     islands: str = "clicked"
+    refine: str = "hu"
+    refine_hu: float = REFINE_HU
 
 
 def bundled_checkpoint() -> Path | None:
@@ -81,6 +86,10 @@ def make_session(engine: Any, options: SegmentOptions, metadata: dict[str, Any] 
         raise BosamError(f"--spacing must be > 0 mm, got {spacing}")
     if options.islands not in ISLANDS:
         raise BosamError(f"--islands must be one of {', '.join(ISLANDS)}, not {options.islands!r}")
+    if options.refine not in REFINES:
+        raise BosamError(f"--refine must be one of {', '.join(REFINES)}, not {options.refine!r}")
+    if not np.isfinite(options.refine_hu):
+        raise BosamError(f"--refine-hu must be a finite number of HU, got {options.refine_hu}")
     return Session(
         engine,
         spacing_mm=float(spacing),
@@ -88,6 +97,8 @@ def make_session(engine: Any, options: SegmentOptions, metadata: dict[str, Any] 
         max_windows=options.max_windows,
         click_memory=str(meta.get("click_memory") or "newest"),
         islands=options.islands,
+        refine=options.refine,
+        refine_hu=float(options.refine_hu),
     )
 
 
@@ -259,6 +270,8 @@ def segment_file(
             "clamp_hu": list(session.intensity.clamp_hu) if session.intensity.clamp_hu else None,
             "max_windows_per_object": session.max_windows,
             "islands": session.islands,
+            "refine": session.refine,
+            "refine_hu": session.refine_hu if session.refine == "hu" else None,
         },
         "overlap_rule": OVERLAP_RULE,
         "objects": objects,

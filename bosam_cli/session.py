@@ -24,6 +24,15 @@ How an object is segmented:
   logits' spacing, 6 mm for 128^3 windows at 1.5 mm; at least one CT voxel); detached
   blobs elsewhere (typically on a neighbouring bone) are dropped. When no positive click is on
   or next to the mask, the mask is kept whole. ``islands="all"`` keeps every piece.
+* Surface refinement (``refine="hu"``, the default), before the islands rule: the masks come
+  from low-res logits (6 mm voxels), so their surface takes in a rim of whatever lies next to
+  the bone. Of the voxels within one model output voxel of the outside (per axis: a cube of
+  +-6 mm), those below ``refine_hu`` (50 HU: fat, fluid, most muscle; cortical bone is hundreds
+  of HU) that connect to the outside through such voxels are removed. Fatty marrow and
+  cancellous bone behind an intact cortex are not reached, deeper voxels are never touched, and
+  a piece holding a positive click stays. Where the CT does not resolve a thin cortex (3 mm
+  voxels over an iliac wing), the marrow next to it can be peeled; ``refine="none"`` keeps the
+  model's mask as it is.
 
 Overlap rule between objects: a voxel claimed by several objects goes to the one with the
 highest blended logit there; exact ties go to the object created first.
@@ -38,6 +47,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+from scipy import ndimage
 
 from .volume import Volume, label_dtype
 from .windows import (
@@ -106,6 +116,10 @@ class ClickReport:
 CLICK_MEMORIES = ("newest", "all")
 #: which connected pieces of an object's mask are kept (see the module docstring)
 ISLANDS = ("clicked", "all")
+#: surface refinement of an object's mask (see the module docstring)
+REFINES = ("hu", "none")
+#: below this HU a voxel at the mask's surface counts as soft tissue (``refine="hu"``)
+REFINE_HU = 50.0
 
 
 class Session:
@@ -129,6 +143,10 @@ class Session:
         islands: "clicked" keeps the connected pieces of each mask that hold a positive click
             (module docstring); "all" keeps every piece. The decoder's own state (the low-res
             logits fed back as mask prompts) is the same either way.
+        refine: "hu" peels the soft-tissue rim off each mask's surface (module docstring);
+            "none" keeps the thresholded logits. Like islands, it leaves the decoder's state
+            alone.
+        refine_hu: the HU below which ``refine="hu"`` peels.
     """
 
     def __init__(
@@ -144,12 +162,20 @@ class Session:
         measure_clicks: bool = True,
         click_memory: str = "newest",
         islands: str = "clicked",
+        refine: str = "hu",
+        refine_hu: float = REFINE_HU,
     ) -> None:
         if click_memory not in CLICK_MEMORIES:
             raise ValueError(f"click_memory must be one of {', '.join(CLICK_MEMORIES)}, not {click_memory!r}")
         if islands not in ISLANDS:
             raise ValueError(f"islands must be one of {', '.join(ISLANDS)}, not {islands!r}")
+        if refine not in REFINES:
+            raise ValueError(f"refine must be one of {', '.join(REFINES)}, not {refine!r}")
+        if not np.isfinite(refine_hu):
+            raise ValueError(f"refine_hu must be a finite number of HU, not {refine_hu!r}")
         self.islands = islands
+        self.refine = refine
+        self.refine_hu = float(refine_hu)
         self.engine = engine
         self.click_memory = click_memory
         self.max_points = getattr(engine, "max_points", None)
@@ -293,8 +319,12 @@ class Session:
         if state is not None and state.windows:
             t0 = time.perf_counter()
             result = self._blend(state, vol)
+            reach_mm = self.spacing_mm * self.size / self.mask_size  # one low-res logit voxel
+            if result is not None and self.refine == "hu":
+                box = result[0]
+                result = (box, peel_soft_surface(result[1], vol.array[box], vol.spacing_mm, reach_mm, self.refine_hu,
+                                                 _positive_voxels(state.clicks, box)))
             if result is not None and self.islands == "clicked":
-                reach_mm = self.spacing_mm * self.size / self.mask_size  # one low-res logit voxel
                 result = (result[0], keep_clicked_islands(result[1], result[0], state.clicks, vol.spacing_mm, reach_mm))
             self.timings["map_back_s"] += time.perf_counter() - t0
         self._grid_cache[label] = result
@@ -538,15 +568,62 @@ def keep_clicked_islands(logits: np.ndarray, box: tuple[slice, slice, slice], cl
     return logits
 
 
-def _pieces(mask: np.ndarray) -> tuple[np.ndarray, int]:
+def peel_soft_surface(logits: np.ndarray, hu: np.ndarray, spacing_mm: Any, depth_mm: float, threshold_hu: float,
+                      keep: list[tuple[int, int, int]] = ()) -> np.ndarray:
+    """``logits`` (on a CT box ``hu``, voxels of ``spacing_mm``) with the soft-tissue rim of
+    ``logits > 0`` set to -inf, in place: the voxels below ``threshold_hu`` that lie within
+    ``depth_mm`` of the mask's surface (per axis, at least one voxel; beyond the box is outside)
+    and connect to the outside through such voxels (6-connectivity). A rim piece holding one of
+    the ``keep`` voxels (box indices of positive clicks) stays."""
+    mask = logits > 0
+    if not mask.any():
+        return logits
+    depth = np.maximum(1, np.round(depth_mm / np.asarray(spacing_mm, float))).astype(int)
+    core = mask.view(np.uint8)  # voxels whose whole depth neighbourhood is mask: out of reach
+    for a in range(3):
+        core = ndimage.minimum_filter1d(core, 2 * int(depth[a]) + 1, axis=a, mode="constant", cval=0)
+    rim = mask & ~core.view(bool) & (hu < threshold_hu)
+    if not rim.any():
+        return logits
+    outside = ~mask
+    touch = np.zeros_like(rim)  # rim voxels with a face on the outside or on the box border
+    for a in range(3):
+        lo = [slice(None)] * 3
+        hi = [slice(None)] * 3
+        lo[a], hi[a] = slice(0, -1), slice(1, None)
+        touch[tuple(hi)] |= outside[tuple(lo)]
+        touch[tuple(lo)] |= outside[tuple(hi)]
+        lo[a], hi[a] = 0, -1
+        touch[tuple(lo)] = True
+        touch[tuple(hi)] = True
+    touch &= rim
+    if not touch.any():
+        return logits
+    pieces, n = _pieces(rim, connectivity=6)
+    peel = np.zeros(n + 1, bool)
+    peel[np.unique(pieces[touch])] = True
+    for v in keep:
+        if all(0 <= v[a] < rim.shape[a] for a in range(3)):
+            peel[pieces[v]] = False
+    peel[0] = False
+    logits[peel[pieces]] = -np.inf  # in place: the array is the session's own blend
+    return logits
+
+
+def _positive_voxels(clicks: list[SessionClick], box: tuple[slice, slice, slice]) -> list[tuple[int, int, int]]:
+    """Box-relative voxel indices of the positive clicks."""
+    start = np.array([sl.start for sl in box])
+    return [tuple(int(v) for v in np.rint(c.ijk).astype(int) - start) for c in clicks if c.positive]
+
+
+def _pieces(mask: np.ndarray, connectivity: int = 26) -> tuple[np.ndarray, int]:
     """(labels, count) of the 26-connected pieces of ``mask``: cc3d (5-8x faster on a
     full window's box), else SciPy."""
     try:
         import cc3d
     except ImportError:  # cc3d is a dependency; SciPy keeps installs without it working
-        from scipy import ndimage
-
-        pieces, n = ndimage.label(mask, structure=np.ones((3, 3, 3), bool))
+        structure = np.ones((3, 3, 3), bool) if connectivity == 26 else ndimage.generate_binary_structure(3, 1)
+        pieces, n = ndimage.label(mask, structure=structure)
         return pieces, int(n)
-    pieces, n = cc3d.connected_components(mask, connectivity=26, return_N=True)
+    pieces, n = cc3d.connected_components(mask, connectivity=connectivity, return_N=True)
     return pieces, int(n)

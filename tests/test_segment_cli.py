@@ -67,6 +67,7 @@ def test_real_ct_end_to_end_output_on_the_input_grid(tmp_path, random_checkpoint
     for key in ("versions", "input", "output", "checkpoint", "engine", "model_window", "overlap_rule", "objects", "timings_s"):
         assert key in manifest
     assert manifest["model_window"]["islands"] == "clicked"  # the default: detached blobs dropped
+    assert manifest["model_window"]["refine"] == "hu" and manifest["model_window"]["refine_hu"] == 50.0
     assert len(manifest["checkpoint"]["sha256"]) == 64 and manifest["engine"]["engine"] == "torch"
     assert manifest["input"]["shape"] == list(src.shape)
     for o in manifest["objects"]:
@@ -135,6 +136,10 @@ def test_bad_inputs_fail_cleanly_without_output(tmp_path, random_checkpoint, pro
     r = bosam("segment", str(ct), "--points", str(prompts_sm), "-c", str(random_checkpoint), "-o", str(out),
               "--islands", "largest")
     _expect_clean_failure(r, "--islands", out)
+    # unknown --refine rule
+    r = bosam("segment", str(ct), "--points", str(prompts_sm), "-c", str(random_checkpoint), "-o", str(out),
+              "--refine", "threshold")
+    _expect_clean_failure(r, "--refine", out)
 
 
 def test_batch_reports_and_skips_failing_cases(tmp_path, random_checkpoint, prompts_sm):

@@ -26,7 +26,7 @@ def _world_grid(vol: Volume) -> np.ndarray:
 @pytest.mark.parametrize("codes, spacing, tilt", ORIENTATIONS)
 def test_mask_is_a_ball_around_the_click_in_patient_space(codes, spacing, tilt):
     vol = _volume(codes, spacing, tilt)
-    session = Session(SphereEngine(radius_vox=12), spacing_mm=1.5)
+    session = Session(SphereEngine(radius_vox=12), spacing_mm=1.5, refine="none")  # an all-0 HU CT: nothing to refine on
     session.set_volume(vol)
     click = np.array([6.0, -4.0, 3.0])
     rep = session.add_click(1, xyz=click)
@@ -110,7 +110,7 @@ def test_negative_click_removes_and_undo_restores():
 def test_nearby_objects_share_cached_embeddings_and_overlap_rule():
     vol = _volume("LPS", (0.8, 0.8, 1.0), 0.0)
     engine = SphereEngine(radius_vox=10)
-    session = Session(engine, spacing_mm=1.5)
+    session = Session(engine, spacing_mm=1.5, refine="none")  # the overlap rule on the model's masks
     session.set_volume(vol)
     session.add_click(1, xyz=[0.0, 0.0, 0.0])
     session.add_click(2, xyz=[9.0, 0.0, 0.0])  # same snapped window, overlapping balls
@@ -278,3 +278,85 @@ def test_islands_without_cc3d_fall_back_to_scipy_with_the_same_pieces(monkeypatc
     # the same partition of the voxels (numbering may differ)
     pairs = np.unique(np.stack([fast[mask], slow[mask]]), axis=1)
     assert pairs.shape[1] == n_fast
+
+
+# ---------------------------------------------------------------------------------------------
+# surface refinement: the soft-tissue rim of a coarse mask
+
+
+def _bone_phantom(n=61, spacing=1.0):
+    """Distance (mm) from the box centre and a CT of a bone ball: cortex (900 HU) from 8 to 10 mm,
+    cancellous bone (180 HU) inside, fatty marrow (-60 HU) within 4 mm, muscle (40 HU) outside."""
+    c = (n - 1) / 2
+    g = np.indices((n, n, n)).astype(np.float32) - c
+    r = np.sqrt((g ** 2).sum(0)) * spacing
+    hu = np.select([r < 4, r < 8, r <= 10], [-60, 180, 900], 40).astype(np.int16)
+    return r, hu
+
+
+def test_peel_removes_the_soft_rim_within_reach_and_nothing_behind_the_cortex():
+    from bosam_cli.session import peel_soft_surface
+
+    r, hu = _bone_phantom()
+    sp = (1.0, 1.0, 1.0)
+    # a coarse mask 4 mm too large: the whole muscle rim goes, the bone stays whole, the fatty
+    # marrow (below the threshold but enclosed by cortex) stays
+    out = peel_soft_surface((14.0 - r).astype(np.float32), hu, sp, 6.0, 75.0)
+    np.testing.assert_array_equal(out > 0, r <= 10)
+    assert np.isneginf(out[(r > 10) & (r < 14)]).all()
+    assert (out[r < 4] > 0).all()
+    # a mask just over the bone reaches the marrow: below the threshold, in reach, but enclosed
+    out = peel_soft_surface((10.5 - r).astype(np.float32), hu, sp, 6.0, 75.0)
+    np.testing.assert_array_equal(out > 0, r <= 10)
+    # a mask 15 mm too large: only the outer part of the rim is in reach (6 mm per axis), the
+    # muscle deeper than 6 * sqrt(3) mm from the surface is never touched
+    big = (25.0 - r).astype(np.float32)
+    out = peel_soft_surface(big.copy(), hu, sp, 6.0, 75.0)
+    assert not (out[r > 19.5] > 0).any()
+    assert (out[(r > 10) & (r < 25 - 6 * np.sqrt(3) - 1)] > 0).all()
+    assert (out[r <= 10] > 0).all()
+    # a positive click in the rim keeps it (it is one piece here)
+    click = (int(30 + 12), 30, 30)
+    np.testing.assert_array_equal(peel_soft_surface((14.0 - r).astype(np.float32), hu, sp, 6.0, 75.0, [click]), 14.0 - r)
+    # nothing below the threshold at the surface: unchanged; the threshold is a parameter
+    np.testing.assert_array_equal(peel_soft_surface((14.0 - r).astype(np.float32), hu, sp, 6.0, 30.0), 14.0 - r)
+
+
+def test_peel_reach_is_per_axis_in_mm_and_the_box_border_is_outside():
+    from bosam_cli.session import peel_soft_surface
+
+    logits = np.ones((40, 40, 40), np.float32)  # the mask fills the box: its surface is the border
+    hu = np.full(logits.shape, 40, np.int16)
+    out = peel_soft_surface(logits, hu, (0.5, 1.0, 3.0), 6.0, 75.0)
+    kept = np.zeros(logits.shape, bool)
+    kept[12:28, 6:34, 2:38] = True  # 6 mm is 12, 6 and 2 voxels along the three axes
+    np.testing.assert_array_equal(out > 0, kept)
+    # at least one voxel per axis, however coarse the CT
+    out = peel_soft_surface(np.ones((5, 5, 5), np.float32), np.zeros((5, 5, 5)), (10.0, 10.0, 10.0), 6.0, 75.0)
+    np.testing.assert_array_equal(out > 0, np.pad(np.ones((3, 3, 3), bool), 1))
+
+
+def test_session_refine_peels_the_rim_of_a_too_large_mask_on_the_ct_grid():
+    n = 61
+    r, hu = _bone_phantom(n, 1.0)
+    aff = np.eye(4)
+    aff[:3, 3] = -(n - 1) / 2
+    vol = Volume(hu, aff)
+    masks = {}
+    for refine in ("hu", "none"):
+        session = Session(SphereEngine(radius_vox=9.0), spacing_mm=1.5, refine=refine)  # a 13.5 mm ball
+        session.set_volume(vol)
+        session.add_click(1, xyz=np.zeros(3))
+        masks[refine] = session.mask(1)
+        assert (session.label_map() == 1).sum() == masks[refine].sum() == session.voxel_count(1)
+    raw, refined = masks["none"], masks["hu"]
+    assert raw[(r > 10.5) & (r < 12.5)].all()  # the model's mask takes in a rim of muscle
+    np.testing.assert_array_equal(refined, raw & (r <= 10))  # the tool's mask is the bone
+    with pytest.raises(ValueError, match="refine must be one of hu, none"):
+        Session(SphereEngine(), refine="threshold")
+
+
+def test_cli_refine_default_matches_the_session():
+    from bosam_cli import cli, session
+
+    assert cli.REFINE_HU == session.REFINE_HU
