@@ -51,7 +51,7 @@ DEFAULT_CLICKS = (1, 5, 10)
 NSD_TOLERANCE_MM = 2.0
 BOSAM_SEED = 2023
 CSV_FIELDS = ["protocol", "case", "label", "label_name", "click", "positive", "voxel", "dice", "nsd",
-              "seconds", "encoder_s", "decoder_s", "gt_voxels", "pred_voxels", "note"]
+              "seconds", "encoder_s", "decoder_s", "gt_voxels", "pred_voxels", "other_voxels", "note"]
 PROTOCOL_TEXT = {
     "clicks": "bosam 'clicks' protocol: per case and label on the original CT grid through the segment Session; "
               "click 1 at the object's deepest voxel, each next click at the centre of the largest error region "
@@ -81,7 +81,13 @@ class ClickRecord:
     decoder_s: float = 0.0
     gt_voxels: int = 0
     pred_voxels: int = 0
+    other_voxels: int = 0  # predicted voxels in other labelled structures of the case (clicks protocol)
     note: str = ""
+
+    @property
+    def other_share(self) -> float:
+        """Share of the predicted voxels that lie in other labelled structures (0 when empty)."""
+        return self.other_voxels / self.pred_voxels if self.pred_voxels else 0.0
 
 
 # ---------------------------------------------------------------------------------------------
@@ -175,7 +181,10 @@ def run_clicks_protocol(
     ``mask`` and ``reset`` (a ``Session``, the threshold baseline, a test double).
 
     After the object is segmented perfectly no further click exists; the remaining rows repeat
-    the last metrics with ``note="no error left"``. ``nsd_tolerance_mm=None`` skips NSD.
+    the last metrics with ``note="no error left"``. ``nsd_tolerance_mm=None`` skips NSD. Each row
+    also counts the predicted voxels that the case's label map gives to another structure
+    (``other_voxels``: a neighbouring bone, an organ; whatever the label file holds, whether or
+    not ``--labels`` evaluates it).
     """
     store = CaseStore(scan.infos[:max_cases] if max_cases else scan.infos, cache, keep=1)
     records: list[ClickRecord] = []
@@ -183,6 +192,7 @@ def run_clicks_protocol(
         image, labels = store.load(index)
         segmenter.set_volume(image)
         spacing = [float(s) for s in image.spacing_mm]
+        labelled = np.asarray(labels.array) > 0
         for lab in _pick_labels(info.labels, labels_per_case):
             name = scan.label_names.get(lab, f"label_{lab}")
             gt = np.asarray(labels.array) == lab
@@ -206,7 +216,8 @@ def run_clicks_protocol(
                     rec = ClickRecord(
                         "clicks", info.case.key, lab, name, k, positive, [int(v) for v in ijk], dice_score(pred, gt), nsd,
                         dt, float(getattr(report, "encoder_s", 0.0)), float(getattr(report, "decoder_s", 0.0)),
-                        gt_voxels, int(pred.sum()), str(getattr(report, "note", "") or ""),
+                        gt_voxels, int(pred.sum()), int(np.count_nonzero(pred & labelled & ~gt)),
+                        str(getattr(report, "note", "") or ""),
                     )
                     click = _next_click(pred, gt, spacing) if k < n_clicks else None
                 records.append(rec)
@@ -445,14 +456,15 @@ def summarise(records: Sequence[ClickRecord], clicks: Sequence[int], protocol: s
         for n in clicks:
             at = [r for r in records if r.click == n]
             overall[str(n)] = {"dice": _mean([r.dice for r in at]),
-                               "nsd": _mean([r.nsd for r in at if r.nsd is not None]), "objects": len(at)}
+                               "nsd": _mean([r.nsd for r in at if r.nsd is not None]),
+                               "other": _mean([r.other_share for r in at]), "objects": len(at)}
             for r in at:
                 e = per_label.setdefault(f"{r.label} {r.label_name}", {})
                 e.setdefault(str(n), []).append(r)
         out["overall"] = overall
         out["per_label"] = {
             name: {n: {"dice": _mean([r.dice for r in rs]), "nsd": _mean([r.nsd for r in rs if r.nsd is not None]),
-                       "objects": len(rs)} for n, rs in d.items()}
+                       "other": _mean([r.other_share for r in rs]), "objects": len(rs)} for n, rs in d.items()}
             for name, d in sorted(per_label.items(), key=lambda kv: int(kv[0].split()[0]))
         }
         out["objects"] = len({(r.case, r.label) for r in records})
@@ -479,15 +491,19 @@ def markdown_table(summary: dict[str, Any], title: str) -> str:
         row = [_f(summary["best_of_n"][str(n)]["dice"]) for n in clicks]
         lines.append(f"| Dice, per-case best of first N, mean over {summary['cases']} cases | " + " | ".join(row) + " |")
     else:
-        head = " | ".join(f"Dice@{n} | NSD@{n}" for n in clicks)
+        head = " | ".join(f"Dice@{n} | NSD@{n} | Other@{n}" for n in clicks)
         lines.append(f"| label | objects | {head} |")
-        lines.append("|---|---:|" + "---:|---:|" * len(clicks))
+        lines.append("|---|---:|" + "---:|---:|---:|" * len(clicks))
         for name, d in summary["per_label"].items():
-            cells = " | ".join(f"{_f(d[str(n)]['dice'])} | {_f(d[str(n)]['nsd'])}" for n in clicks if str(n) in d)
+            cells = " | ".join(f"{_f(d[str(n)]['dice'])} | {_f(d[str(n)]['nsd'])} | {_pct(d[str(n)].get('other'))}"
+                               for n in clicks if str(n) in d)
             lines.append(f"| {name} | {d[str(clicks[0])]['objects']} | {cells} |")
         ov = summary["overall"]
-        cells = " | ".join(f"**{_f(ov[str(n)]['dice'])}** | **{_f(ov[str(n)]['nsd'])}**" for n in clicks)
+        cells = " | ".join(f"**{_f(ov[str(n)]['dice'])}** | **{_f(ov[str(n)]['nsd'])}** | **{_pct(ov[str(n)].get('other'))}**"
+                           for n in clicks)
         lines.append(f"| **mean** | {summary['objects']} | {cells} |")
+        lines += ["", "Other@n: share of the predicted voxels that the label map gives to another structure "
+                      "(a neighbouring bone, an organ), mean over objects."]
     t = summary["seconds_per_click"]
     lines += ["", f"Seconds per click: first {_f(t['first'], 2)}, later {_f(t['later'], 2)}."]
     return "\n".join(lines) + "\n"
@@ -495,6 +511,10 @@ def markdown_table(summary: dict[str, Any], title: str) -> str:
 
 def _f(v: float | None, digits: int = 3) -> str:
     return "n/a" if v is None else f"{v:.{digits}f}"
+
+
+def _pct(v: float | None) -> str:
+    return "n/a" if v is None else f"{100 * v:.1f} %"
 
 
 def write_outputs(out_dir: str | Path, records: Sequence[ClickRecord], summary: dict[str, Any],

@@ -9,7 +9,8 @@ resumes from its last checkpoint):
 1. data: 160 synthetic phantoms (seeds 1000-1159, ``bosam_cli.phantom``), 6 validation phantoms
    (seeds 5000-5005), and the real TotalSegmentator example CT of ../shared/data with its bone
    labels, where the held-out classes (L3, T12, femur_right, hip_right) are set to background
-   and the case is linked 16 times so that it is drawn about as often as 16 phantoms;
+   and the case is linked 16 times so that it is drawn about as often as 16 phantoms (the
+   held-out set is the same CT with its full label map: every bone, organ and muscle);
 2. ``bosam prepare --cache`` (decoded volumes, so gzip does not dominate training);
 3. ``bosam train`` eight times: the tiny preset from scratch (15 epochs x 200 steps), a second
    warm-restart schedule from those weights (15 epochs x 250 steps, another seed), then one
@@ -89,7 +90,9 @@ def make_data(work: Path, jobs: int = 1) -> None:
     lab = np.asanyarray(seg.dataobj).astype(np.uint8)
     bone = np.isin(lab, lm["bone_ids"])
     held = np.isin(lab, list(HELD_OUT))
-    for name, arr in (("real", np.where(bone & ~held, lab, 0)), ("real_heldout", np.where(held, lab, 0))):
+    # training sees the bones that are not held out; the held-out set keeps the full label map
+    # (every bone, organ and muscle) so that evaluate's Other@n counts leaks into any of them
+    for name, arr in (("real", np.where(bone & ~held, lab, 0)), ("real_heldout", lab)):
         root = work / name
         (root / "imagesTr").mkdir(parents=True, exist_ok=True)
         (root / "labelsTr").mkdir(parents=True, exist_ok=True)

@@ -126,7 +126,7 @@ def test_perfect_segmenter_scores_one_and_needs_one_click(dataset):
     seg = OracleSegmenter(scan)
     records = run_clicks_protocol(seg, scan, 3)
     assert len(records) == 2 * 2 * 3  # cases x labels x clicks
-    assert all(r.dice == 1.0 and r.nsd == 1.0 for r in records)
+    assert all(r.dice == 1.0 and r.nsd == 1.0 and r.other_voxels == 0 for r in records)
     assert [r.note for r in records[:3]] == ["", "no error left", "no error left"]
     # the first click is the deepest voxel of the object (mm distance), positive
     info = scan.infos[0]
@@ -150,6 +150,28 @@ def test_next_clicks_go_to_the_largest_error_and_are_signed(dataset):
     assert list(summary["per_label"]) == [f"{FEMUR} femur_left"]
 
 
+def test_other_voxels_count_the_mask_in_other_labelled_structures(dataset):
+    from bosam_cli.evaluate import markdown_table
+    from bosam_cli.volume import read_volume
+
+    scan = scan_dataset([dataset], labels=str(FEMUR))  # evaluates the femur; the label map holds more
+
+    class Greedy(OracleSegmenter):  # the femur plus every other labelled voxel of the case
+        def mask(self, label):
+            return self.labels > 0
+
+    records = run_clicks_protocol(Greedy(scan), scan, 1, max_cases=1)
+    lab = read_volume(scan.infos[0].case.label).array
+    (r,) = records
+    assert r.other_voxels == int(((lab > 0) & (lab != FEMUR)).sum()) > 0
+    assert r.pred_voxels == int((lab > 0).sum()) and r.other_share == pytest.approx(r.other_voxels / r.pred_voxels)
+    summary = summarise(records, [1], "clicks")
+    assert summary["overall"]["1"]["other"] == pytest.approx(r.other_share)
+    assert summary["per_label"][f"{FEMUR} femur_left"]["1"]["other"] == pytest.approx(r.other_share)
+    md = markdown_table(summary, "t")
+    assert "Other@1" in md and f"{100 * r.other_share:.1f} %" in md
+
+
 def test_tiny_random_model_through_the_segment_session_writes_outputs(phantoms, tmp_path):
     from engines.torch_engine import TorchEngine
 
@@ -171,7 +193,7 @@ def test_tiny_random_model_through_the_segment_session_writes_outputs(phantoms, 
     assert doc["settings"]["refine"] == "hu" and doc["settings"]["refine_hu"] == 50.0  # and the rim peeled
     assert set(doc["summary"]["overall"]) == {"1", "2"}
     md = (tmp_path / "out" / "evaluation.md").read_text()
-    assert "| label | objects | Dice@1 | NSD@1 | Dice@2 | NSD@2 |" in md and "**mean**" in md
+    assert "| label | objects | Dice@1 | NSD@1 | Other@1 | Dice@2 | NSD@2 | Other@2 |" in md and "**mean**" in md
 
 
 def test_threshold_baseline_segments_phantom_bones(phantoms):
