@@ -498,7 +498,8 @@ def demo(
     if ct is not None and points is None:
         fail("--points: a prompt file is required with --ct")
     eng = open_engine_for(engine, checkpoint, engine_dir, device, "fp32", threads)
-    manifest = run_demo(out, eng, ct=ct, points=points, seed=seed, options=SegmentOptions(overlay=True, islands=islands, refine=refine, refine_hu=refine_hu))
+    options = SegmentOptions(overlay=True, islands=islands, refine=refine, refine_hu=refine_hu)
+    manifest = run_demo(out, eng, ct=ct, points=points, seed=seed, options=options)
     if as_json:
         print_json(manifest)
         return
@@ -743,8 +744,8 @@ def evaluate(
     opts = EvaluateOptions(
         clicks=parse_clicks(clicks), protocol=protocol, labels=labels, labelmap=str(labelmap) if labelmap else None,
         cases=cases, splits=_splits(split), nsd_tolerance_mm=nsd_mm, seed=seed, bosam_grid=bosam_grid,
-        spacing_mm=spacing, clamp_hu=() if no_clamp else None, max_windows=max_windows, islands=islands, refine=refine, refine_hu=refine_hu,
-        skip_bad=skip_bad,
+        spacing_mm=spacing, clamp_hu=() if no_clamp else None, max_windows=max_windows, islands=islands,
+        refine=refine, refine_hu=refine_hu, skip_bad=skip_bad,
         cache=str(cache) if cache else None,
     )
     for d in data:
