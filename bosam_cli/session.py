@@ -28,11 +28,12 @@ How an object is segmented:
   from low-res logits (6 mm voxels), so their surface takes in a rim of whatever lies next to
   the bone. Of the voxels within one model output voxel of the outside (per axis: a cube of
   +-6 mm), those below ``refine_hu`` (50 HU: fat, fluid, most muscle; cortical bone is hundreds
-  of HU) that connect to the outside through such voxels are removed. Fatty marrow and
-  cancellous bone behind an intact cortex are not reached, deeper voxels are never touched, and
-  a piece holding a positive click stays. Where the CT does not resolve a thin cortex (3 mm
-  voxels over an iliac wing), the marrow next to it can be peeled; ``refine="none"`` keeps the
-  model's mask as it is.
+  of HU) that are not enclosed by bone and connect to the outside through such voxels are
+  removed. Enclosed: bone-like HU (150 or more) within 30 mm along at least five of the six
+  axis directions, which is what fatty marrow sees where a partial mask cuts through a bone or
+  a 3 mm CT does not resolve its cortex, and what a soft-tissue rim outside a bone does not.
+  Marrow behind an intact cortex is not reached anyway, deeper voxels are never touched, and a
+  piece holding a positive click stays. ``refine="none"`` keeps the model's mask as it is.
 
 Overlap rule between objects: a voxel claimed by several objects goes to the one with the
 highest blended logit there; exact ties go to the object created first.
@@ -120,6 +121,11 @@ ISLANDS = ("clicked", "all")
 REFINES = ("hu", "none")
 #: below this HU a voxel at the mask's surface counts as soft tissue (``refine="hu"``)
 REFINE_HU = 50.0
+#: a surface voxel with bone-like HU (this or more) within ENCLOSED_MM along at least
+#: ENCLOSED_DIRECTIONS of the six axis directions is enclosed by bone (marrow): never peeled
+ENCLOSED_HU = 150.0
+ENCLOSED_MM = 30.0
+ENCLOSED_DIRECTIONS = 5
 
 
 class Session:
@@ -322,8 +328,12 @@ class Session:
             reach_mm = self.spacing_mm * self.size / self.mask_size  # one low-res logit voxel
             if result is not None and self.refine == "hu":
                 box = result[0]
+                grow = np.ceil(ENCLOSED_MM / np.asarray(vol.spacing_mm, float)).astype(int)
+                around = tuple(slice(max(box[a].start - int(grow[a]), 0), min(box[a].stop + int(grow[a]), vol.shape[a]))
+                               for a in range(3))
+                pad = tuple((box[a].start - around[a].start, around[a].stop - box[a].stop) for a in range(3))
                 result = (box, peel_soft_surface(result[1], vol.array[box], vol.spacing_mm, reach_mm, self.refine_hu,
-                                                 _positive_voxels(state.clicks, box)))
+                                                 _positive_voxels(state.clicks, box), (vol.array[around], pad)))
             if result is not None and self.islands == "clicked":
                 result = (result[0], keep_clicked_islands(result[1], result[0], state.clicks, vol.spacing_mm, reach_mm))
             self.timings["map_back_s"] += time.perf_counter() - t0
@@ -569,12 +579,16 @@ def keep_clicked_islands(logits: np.ndarray, box: tuple[slice, slice, slice], cl
 
 
 def peel_soft_surface(logits: np.ndarray, hu: np.ndarray, spacing_mm: Any, depth_mm: float, threshold_hu: float,
-                      keep: list[tuple[int, int, int]] = ()) -> np.ndarray:
+                      keep: list[tuple[int, int, int]] = (),
+                      context: tuple[np.ndarray, tuple[tuple[int, int], ...]] | None = None) -> np.ndarray:
     """``logits`` (on a CT box ``hu``, voxels of ``spacing_mm``) with the soft-tissue rim of
     ``logits > 0`` set to -inf, in place: the voxels below ``threshold_hu`` that lie within
-    ``depth_mm`` of the mask's surface (per axis, at least one voxel; beyond the box is outside)
-    and connect to the outside through such voxels (6-connectivity). A rim piece holding one of
-    the ``keep`` voxels (box indices of positive clicks) stays."""
+    ``depth_mm`` of the mask's surface (per axis, at least one voxel; beyond the box is outside),
+    are not enclosed by bone (``_enclosed``: bone-like HU within ``ENCLOSED_MM`` along at least
+    ``ENCLOSED_DIRECTIONS`` of the six axis directions) and connect to the outside through such
+    voxels (6-connectivity). A rim piece holding one of the ``keep`` voxels (box indices of
+    positive clicks) stays. ``context``: the HU of the box grown by ((before, after), ...) voxels
+    per axis, so that the enclosure test sees bone beyond the box; None uses ``hu`` alone."""
     mask = logits > 0
     if not mask.any():
         return logits
@@ -583,6 +597,20 @@ def peel_soft_surface(logits: np.ndarray, hu: np.ndarray, spacing_mm: Any, depth
     for a in range(3):
         core = ndimage.minimum_filter1d(core, 2 * int(depth[a]) + 1, axis=a, mode="constant", cval=0)
     rim = mask & ~core.view(bool) & (hu < threshold_hu)
+    if not rim.any():
+        return logits
+    # marrow where the mask's surface cuts through a bone (or behind a cortex the CT does not
+    # resolve) is enclosed by bone; the rim outside a bone is not
+    around, pad = context if context is not None else (hu, ((0, 0),) * 3)
+    at = np.nonzero(rim)
+    # only the part of the context that rays from the rim can reach
+    reach = np.floor(ENCLOSED_MM / np.asarray(spacing_mm, float) + 1e-9).astype(int)
+    lo = [max(int(at[a].min()) + pad[a][0] - int(reach[a]), 0) for a in range(3)]
+    hi = [min(int(at[a].max()) + pad[a][0] + int(reach[a]) + 1, around.shape[a]) for a in range(3)]
+    crop = around[tuple(slice(lo[a], hi[a]) for a in range(3))]
+    enclosed = _enclosed_at(crop, tuple(at[a] + pad[a][0] - lo[a] for a in range(3)), spacing_mm, ENCLOSED_HU,
+                            ENCLOSED_MM, ENCLOSED_DIRECTIONS)
+    rim[tuple(c[enclosed] for c in at)] = False
     if not rim.any():
         return logits
     outside = ~mask
@@ -608,6 +636,60 @@ def peel_soft_surface(logits: np.ndarray, hu: np.ndarray, spacing_mm: Any, depth
     peel[0] = False
     logits[peel[pieces]] = -np.inf  # in place: the array is the session's own blend
     return logits
+
+
+def _enclosed_at(hu: np.ndarray, points: tuple[np.ndarray, ...], spacing_mm: Any, bright_hu: float, reach_mm: float,
+                 min_dirs: int) -> np.ndarray:
+    """For the voxels ``points`` (three index arrays into ``hu``): whether a voxel of at least
+    ``bright_hu`` lies within ``reach_mm`` (the voxel itself included) along at least
+    ``min_dirs`` of the six axis directions. One cumulative sum per axis, then two look-ups per
+    point and axis."""
+    bright = hu >= bright_hu
+    if 4 * len(points[0]) > hu.size:  # a rim filling much of the box: whole-grid sums are cheaper
+        return _enclosed_grid(bright, spacing_mm, reach_mm, min_dirs)[points]
+    count = np.zeros(len(points[0]), np.uint8)
+    for a in range(3):
+        n = hu.shape[a]
+        r = int(np.floor(reach_mm / float(np.asarray(spacing_mm, float)[a]) + 1e-9))
+        cs = np.cumsum(bright, axis=a, dtype=np.uint16 if n < 65535 else np.uint32)
+        p = points[a]
+
+        def upto(k: np.ndarray) -> np.ndarray:  # bright voxels at indices 0..k along the axis
+            idx = list(points)
+            idx[a] = np.clip(k, 0, n - 1)
+            return np.where(k >= 0, cs[tuple(idx)], 0).astype(np.int64)
+
+        count += (upto(p) - upto(p - r - 1)) > 0  # behind, within reach
+        count += (upto(np.minimum(p + r, n - 1)) - upto(p - 1)) > 0  # ahead, within reach
+    return count >= min_dirs
+
+
+def _enclosed_grid(bright: np.ndarray, spacing_mm: Any, reach_mm: float, min_dirs: int) -> np.ndarray:
+    """``_enclosed_at`` for every voxel: the same window sums as differences of shifted
+    cumulative sums over the whole grid."""
+    count = np.zeros(bright.shape, np.uint8)
+    for a in range(3):
+        n = bright.shape[a]
+        r = int(np.floor(reach_mm / float(np.asarray(spacing_mm, float)[a]) + 1e-9))
+        cs = np.cumsum(bright, axis=a, dtype=np.uint16 if n < 65535 else np.uint32)
+
+        def part(lo: int | None, hi: int | None, arr: np.ndarray = cs) -> np.ndarray:
+            idx = [slice(None)] * 3
+            idx[a] = slice(lo, hi)
+            return arr[tuple(idx)]
+
+        behind = cs.copy()  # bright voxels in [k - r, k]
+        if r + 1 < n:
+            part(r + 1, None, behind)[...] -= part(None, n - r - 1)
+        ahead = np.empty_like(cs)  # bright voxels in [k, k + r]
+        last = part(n - 1, n)
+        if r < n:
+            part(None, n - r, ahead)[...] = part(r, None)
+        part(max(n - r, 0), None, ahead)[...] = last
+        part(1, None, ahead)[...] -= part(None, n - 1)
+        count += behind > 0
+        count += ahead > 0
+    return count >= min_dirs
 
 
 def _positive_voxels(clicks: list[SessionClick], box: tuple[slice, slice, slice]) -> list[tuple[int, int, int]]:

@@ -322,6 +322,21 @@ def test_peel_removes_the_soft_rim_within_reach_and_nothing_behind_the_cortex():
     np.testing.assert_array_equal(peel_soft_surface((14.0 - r).astype(np.float32), hu, sp, 6.0, 30.0), 14.0 - r)
 
 
+def test_peel_keeps_marrow_where_the_mask_cuts_through_the_bone():
+    """A mask over half a bone (it stops at x = 0 inside the marrow, as a partial mask of a
+    femoral head does): the fatty marrow at the cut is below the threshold, within reach and
+    open to the outside of the mask, but enclosed by bone, so it stays; the muscle rim goes."""
+    from bosam_cli.session import peel_soft_surface
+
+    r, hu = _bone_phantom()
+    x = np.indices(r.shape)[0] - 30.0
+    for radius in (10.0, 14.0):
+        logits = np.where(x <= 0, radius - r, -1.0).astype(np.float32)
+        out = peel_soft_surface(logits.copy(), hu, (1.0, 1.0, 1.0), 6.0, 50.0)
+        np.testing.assert_array_equal(out > 0, (logits > 0) & (r <= 10))
+        assert (out[(r < 4) & (x <= 0)] > 0).all()
+
+
 def test_peel_reach_is_per_axis_in_mm_and_the_box_border_is_outside():
     from bosam_cli.session import peel_soft_surface
 
