@@ -185,8 +185,8 @@ ENGINE_HELP = "torch, onnxruntime, tensorrt, or auto (TensorRT, then ONNX Runtim
 ISLANDS_HELP = ("clicked: keep the connected pieces of each mask that hold a positive click (drop detached blobs); "
                 "all: keep every piece.")
 REFINE_HU = 50.0  # session.REFINE_HU, written out so that the CLI starts without SciPy (a test ties them)
-REFINE_HELP = ("hu: peel the soft-tissue rim (voxels below --refine-hu reachable from outside, within one model "
-               "output voxel of the surface) off each mask; none: the model's mask as is.")
+REFINE_HELP = ("hu: peel the soft-tissue rim off each mask (voxels below --refine-hu within one model output voxel "
+               "of the surface, reachable from outside and not enclosed by bone); none: the model's mask as is.")
 REFINE_HU_HELP = "HU below which --refine hu peels a surface voxel."
 
 
