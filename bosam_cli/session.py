@@ -584,7 +584,7 @@ def peel_soft_surface(logits: np.ndarray, hu: np.ndarray, spacing_mm: Any, depth
     """``logits`` (on a CT box ``hu``, voxels of ``spacing_mm``) with the soft-tissue rim of
     ``logits > 0`` set to -inf, in place: the voxels below ``threshold_hu`` that lie within
     ``depth_mm`` of the mask's surface (per axis, at least one voxel; beyond the box is outside),
-    are not enclosed by bone (``_enclosed``: bone-like HU within ``ENCLOSED_MM`` along at least
+    are not enclosed by bone (``_enclosed_at``: bone-like HU within ``ENCLOSED_MM`` along at least
     ``ENCLOSED_DIRECTIONS`` of the six axis directions) and connect to the outside through such
     voxels (6-connectivity). A rim piece holding one of the ``keep`` voxels (box indices of
     positive clicks) stays. ``context``: the HU of the box grown by ((before, after), ...) voxels
@@ -605,10 +605,10 @@ def peel_soft_surface(logits: np.ndarray, hu: np.ndarray, spacing_mm: Any, depth
     at = np.nonzero(rim)
     # only the part of the context that rays from the rim can reach
     reach = np.floor(ENCLOSED_MM / np.asarray(spacing_mm, float) + 1e-9).astype(int)
-    lo = [max(int(at[a].min()) + pad[a][0] - int(reach[a]), 0) for a in range(3)]
-    hi = [min(int(at[a].max()) + pad[a][0] + int(reach[a]) + 1, around.shape[a]) for a in range(3)]
-    crop = around[tuple(slice(lo[a], hi[a]) for a in range(3))]
-    enclosed = _enclosed_at(crop, tuple(at[a] + pad[a][0] - lo[a] for a in range(3)), spacing_mm, ENCLOSED_HU,
+    first = [max(int(at[a].min()) + pad[a][0] - int(reach[a]), 0) for a in range(3)]
+    stop = [min(int(at[a].max()) + pad[a][0] + int(reach[a]) + 1, around.shape[a]) for a in range(3)]
+    crop = around[tuple(slice(first[a], stop[a]) for a in range(3))]
+    enclosed = _enclosed_at(crop, tuple(at[a] + pad[a][0] - first[a] for a in range(3)), spacing_mm, ENCLOSED_HU,
                             ENCLOSED_MM, ENCLOSED_DIRECTIONS)
     rim[tuple(c[enclosed] for c in at)] = False
     if not rim.any():

@@ -375,3 +375,29 @@ def test_cli_refine_default_matches_the_session():
     from bosam_cli import cli, session
 
     assert cli.REFINE_HU == session.REFINE_HU
+
+
+def test_enclosure_test_matches_a_ray_walk_on_both_paths():
+    from bosam_cli.session import _enclosed_at, _enclosed_grid
+
+    rng = np.random.default_rng(5)
+    hu = np.where(rng.random((12, 15, 9)) < 0.08, 400, 0)
+    spacing, reach = (1.0, 2.0, 3.0), 7.0  # 7, 3 and 2 voxels along the three axes
+    steps = [int(reach // s) for s in spacing]
+    hits = np.zeros(hu.shape, int)
+    for ijk in np.ndindex(hu.shape):  # walk the six rays voxel by voxel
+        for a in range(3):
+            for sign in (-1, 1):
+                for t in range(steps[a] + 1):
+                    q = list(ijk)
+                    q[a] += sign * t
+                    if 0 <= q[a] < hu.shape[a] and hu[tuple(q)] >= 150:
+                        hits[ijk] += 1
+                        break
+    for k in (1, 3, 5, 6):
+        want = hits >= k
+        np.testing.assert_array_equal(_enclosed_grid(hu >= 150, spacing, reach, k), want)
+        few = tuple(rng.integers(0, n, 40) for n in hu.shape)  # a rim of a few points: per-point look-ups
+        np.testing.assert_array_equal(_enclosed_at(hu, few, spacing, 150, reach, k), want[few])
+        every = tuple(np.indices(hu.shape).reshape(3, -1))  # every voxel: the whole-grid path
+        np.testing.assert_array_equal(_enclosed_at(hu, every, spacing, 150, reach, k), want[every])
