@@ -184,7 +184,7 @@ def open_engine_for(
 ENGINE_HELP = "torch, onnxruntime, tensorrt, or auto (TensorRT, then ONNX Runtime CUDA, then ONNX Runtime CPU, then torch)."
 ISLANDS_HELP = ("clicked: keep the connected pieces of each mask that hold a positive click (drop detached blobs); "
                 "all: keep every piece.")
-REFINE_HU = 50.0  # session.REFINE_HU, written out so that the CLI starts without SciPy (a test ties them)
+REFINE_HU = 75.0  # session.REFINE_HU, written out so that the CLI starts without SciPy (a test ties them)
 REFINE_HELP = ("hu: peel the soft-tissue rim off each mask (voxels below --refine-hu within one model output voxel "
                "of the surface, reachable from outside and not enclosed by bone); none: the model's mask as is.")
 REFINE_HU_HELP = "HU below which --refine hu peels a surface voxel."

@@ -27,7 +27,7 @@ How an object is segmented:
 * Surface refinement (``refine="hu"``, the default), before the islands rule: the masks come
   from low-res logits (6 mm voxels), so their surface takes in a rim of whatever lies next to
   the bone. Of the voxels within one model output voxel of the outside (per axis: a cube of
-  +-6 mm), those below ``refine_hu`` (50 HU: fat, fluid, most muscle; cortical bone is hundreds
+  +-6 mm), those below ``refine_hu`` (75 HU: fat, fluid, muscle; cortical bone is hundreds
   of HU) that are not enclosed by bone and connect to the outside through such voxels are
   removed. Enclosed: bone-like HU (150 or more) within 30 mm along at least five of the six
   axis directions, which is what fatty marrow sees where a partial mask cuts through a bone or
@@ -120,7 +120,7 @@ ISLANDS = ("clicked", "all")
 #: surface refinement of an object's mask (see the module docstring)
 REFINES = ("hu", "none")
 #: below this HU a voxel at the mask's surface counts as soft tissue (``refine="hu"``)
-REFINE_HU = 50.0
+REFINE_HU = 75.0
 #: a surface voxel with bone-like HU (this or more) within ENCLOSED_MM along at least
 #: ENCLOSED_DIRECTIONS of the six axis directions is enclosed by bone (marrow): never peeled
 ENCLOSED_HU = 150.0

@@ -190,7 +190,7 @@ def test_tiny_random_model_through_the_segment_session_writes_outputs(phantoms, 
     doc = json.loads((tmp_path / "out" / "evaluation.json").read_text())
     assert doc["settings"]["segmenter"]["engine"] == "torch" and "clicks' protocol" in doc["settings"]["protocol_definition"]
     assert doc["settings"]["islands"] == "clicked"  # scored as segment runs: detached blobs dropped
-    assert doc["settings"]["refine"] == "hu" and doc["settings"]["refine_hu"] == 50.0  # and the rim peeled
+    assert doc["settings"]["refine"] == "hu" and doc["settings"]["refine_hu"] == 75.0  # and the rim peeled
     assert set(doc["summary"]["overall"]) == {"1", "2"}
     md = (tmp_path / "out" / "evaluation.md").read_text()
     assert "| label | objects | Dice@1 | NSD@1 | Other@1 | Dice@2 | NSD@2 | Other@2 |" in md and "**mean**" in md

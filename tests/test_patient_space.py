@@ -19,6 +19,7 @@ import pytest
 from scipy import ndimage
 
 from bosam_cli.segment import bundled_checkpoint
+from bosam_cli.session import REFINE_HU
 from conftest import DATA, need
 
 CT = DATA / "totalsegmentator" / "example_ct.nii.gz"
@@ -136,7 +137,8 @@ def test_oblique_resampled_ct_puts_each_mask_on_the_same_anatomy(original, tmp_p
 def test_rim_peeling_takes_soft_tissue_out_of_the_masks_and_no_bone(original, tmp_path):
     """The default ``--refine hu`` against ``--refine none`` on the real CT, scored with its full
     label map: the masks lose voxels of labelled organs and muscles, every voxel they lose is
-    below 50 HU or in a piece the peeling cut off, nothing is added, and no bone's Dice drops."""
+    below the threshold (75 HU) or in a piece the peeling cut off, nothing is added, and no bone's
+    Dice drops."""
     ct, truth, points, labels = original
     raw = _segment(need(CT), points, tmp_path / "raw", "--refine", "none")
     hu = np.asanyarray(ct.dataobj)
@@ -146,11 +148,10 @@ def test_rim_peeling_takes_soft_tissue_out_of_the_masks_and_no_bone(original, tm
     removed = (raw > 0) & (labels == 0)
     assert removed.any()
     for label in LABELS:
-        # a removed voxel of 50 HU or more was dropped with a piece that the peeling cut off
+        # a removed voxel at the threshold or above was dropped with a piece the peeling cut off
         # (islands): it cannot touch what is left of the bone
-        cut = (raw == label) & (labels == 0) & (hu >= 50)
+        cut = (raw == label) & (labels == 0) & (hu >= REFINE_HU)
         assert not (ndimage.binary_dilation(labels == label, np.ones((3, 3, 3), bool)) & cut).any(), label
-    print("removed", removed.sum(), "below 50 HU", (hu[removed] < 50).mean())
     in_soft_raw, in_soft = np.count_nonzero((raw > 0) & soft), np.count_nonzero((labels > 0) & soft)
     assert in_soft < 0.5 * in_soft_raw, (in_soft, in_soft_raw)
     for label in LABELS:

@@ -67,7 +67,7 @@ def test_real_ct_end_to_end_output_on_the_input_grid(tmp_path, random_checkpoint
     for key in ("versions", "input", "output", "checkpoint", "engine", "model_window", "overlap_rule", "objects", "timings_s"):
         assert key in manifest
     assert manifest["model_window"]["islands"] == "clicked"  # the default: detached blobs dropped
-    assert manifest["model_window"]["refine"] == "hu" and manifest["model_window"]["refine_hu"] == 50.0
+    assert manifest["model_window"]["refine"] == "hu" and manifest["model_window"]["refine_hu"] == 75.0
     assert len(manifest["checkpoint"]["sha256"]) == 64 and manifest["engine"]["engine"] == "torch"
     assert manifest["input"]["shape"] == list(src.shape)
     for o in manifest["objects"]:
