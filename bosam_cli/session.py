@@ -328,12 +328,9 @@ class Session:
             reach_mm = self.spacing_mm * self.size / self.mask_size  # one low-res logit voxel
             if result is not None and self.refine == "hu":
                 box = result[0]
-                grow = np.ceil(ENCLOSED_MM / np.asarray(vol.spacing_mm, float)).astype(int)
-                around = tuple(slice(max(box[a].start - int(grow[a]), 0), min(box[a].stop + int(grow[a]), vol.shape[a]))
-                               for a in range(3))
-                pad = tuple((box[a].start - around[a].start, around[a].stop - box[a].stop) for a in range(3))
                 result = (box, peel_soft_surface(result[1], vol.array[box], vol.spacing_mm, reach_mm, self.refine_hu,
-                                                 _positive_voxels(state.clicks, box), (vol.array[around], pad)))
+                                                 _positive_voxels(state.clicks, box),
+                                                 (vol.array, tuple(sl.start for sl in box))))
             if result is not None and self.islands == "clicked":
                 result = (result[0], keep_clicked_islands(result[1], result[0], state.clicks, vol.spacing_mm, reach_mm))
             self.timings["map_back_s"] += time.perf_counter() - t0
@@ -565,11 +562,8 @@ def keep_clicked_islands(logits: np.ndarray, box: tuple[slice, slice, slice], cl
         return logits
     keep = np.zeros(n + 1, bool)
     reach = np.maximum(1, np.round(reach_mm / np.asarray(spacing_mm, float))).astype(int)
-    for c in clicks:
-        if not c.positive:
-            continue
-        ijk = np.rint(c.ijk).astype(int) - np.array([sl.start for sl in box])
-        near = tuple(slice(max(int(v) - r, 0), max(int(v) + r + 1, 0)) for v, r in zip(ijk, reach))
+    for ijk in _positive_voxels(clicks, box):
+        near = tuple(slice(max(v - r, 0), max(v + r + 1, 0)) for v, r in zip(ijk, reach))
         hit = pieces[near]
         keep[np.unique(hit[hit > 0])] = True
     if not keep.any():
@@ -580,15 +574,15 @@ def keep_clicked_islands(logits: np.ndarray, box: tuple[slice, slice, slice], cl
 
 def peel_soft_surface(logits: np.ndarray, hu: np.ndarray, spacing_mm: Any, depth_mm: float, threshold_hu: float,
                       keep: list[tuple[int, int, int]] = (),
-                      context: tuple[np.ndarray, tuple[tuple[int, int], ...]] | None = None) -> np.ndarray:
+                      context: tuple[np.ndarray, tuple[int, ...]] | None = None) -> np.ndarray:
     """``logits`` (on a CT box ``hu``, voxels of ``spacing_mm``) with the soft-tissue rim of
     ``logits > 0`` set to -inf, in place: the voxels below ``threshold_hu`` that lie within
     ``depth_mm`` of the mask's surface (per axis, at least one voxel; beyond the box is outside),
     are not enclosed by bone (``_enclosed_at``: bone-like HU within ``ENCLOSED_MM`` along at least
     ``ENCLOSED_DIRECTIONS`` of the six axis directions) and connect to the outside through such
     voxels (6-connectivity). A rim piece holding one of the ``keep`` voxels (box indices of
-    positive clicks) stays. ``context``: the HU of the box grown by ((before, after), ...) voxels
-    per axis, so that the enclosure test sees bone beyond the box; None uses ``hu`` alone."""
+    positive clicks) stays. ``context``: (the whole CT, the box's first voxel in it), so that the
+    enclosure test sees bone beyond the box; None uses ``hu`` alone."""
     mask = logits > 0
     if not mask.any():
         return logits
@@ -601,14 +595,14 @@ def peel_soft_surface(logits: np.ndarray, hu: np.ndarray, spacing_mm: Any, depth
         return logits
     # marrow where the mask's surface cuts through a bone (or behind a cortex the CT does not
     # resolve) is enclosed by bone; the rim outside a bone is not
-    around, pad = context if context is not None else (hu, ((0, 0),) * 3)
+    around, origin = context if context is not None else (hu, (0, 0, 0))
     at = np.nonzero(rim)
     # only the part of the context that rays from the rim can reach
-    reach = np.floor(ENCLOSED_MM / np.asarray(spacing_mm, float) + 1e-9).astype(int)
-    first = [max(int(at[a].min()) + pad[a][0] - int(reach[a]), 0) for a in range(3)]
-    stop = [min(int(at[a].max()) + pad[a][0] + int(reach[a]) + 1, around.shape[a]) for a in range(3)]
+    reach = [_reach_vox(ENCLOSED_MM, spacing_mm, a) for a in range(3)]
+    first = [max(int(at[a].min()) + origin[a] - reach[a], 0) for a in range(3)]
+    stop = [min(int(at[a].max()) + origin[a] + reach[a] + 1, around.shape[a]) for a in range(3)]
     crop = around[tuple(slice(first[a], stop[a]) for a in range(3))]
-    enclosed = _enclosed_at(crop, tuple(at[a] + pad[a][0] - first[a] for a in range(3)), spacing_mm, ENCLOSED_HU,
+    enclosed = _enclosed_at(crop, tuple(at[a] + origin[a] - first[a] for a in range(3)), spacing_mm, ENCLOSED_HU,
                             ENCLOSED_MM, ENCLOSED_DIRECTIONS)
     rim[tuple(c[enclosed] for c in at)] = False
     if not rim.any():
@@ -649,9 +643,7 @@ def _enclosed_at(hu: np.ndarray, points: tuple[np.ndarray, ...], spacing_mm: Any
         return _enclosed_grid(bright, spacing_mm, reach_mm, min_dirs)[points]
     count = np.zeros(len(points[0]), np.uint8)
     for a in range(3):
-        n = hu.shape[a]
-        r = int(np.floor(reach_mm / float(np.asarray(spacing_mm, float)[a]) + 1e-9))
-        cs = np.cumsum(bright, axis=a, dtype=np.uint16 if n < 65535 else np.uint32)
+        n, r, cs = hu.shape[a], _reach_vox(reach_mm, spacing_mm, a), _running_count(bright, a)
         p = points[a]
 
         def upto(k: np.ndarray) -> np.ndarray:  # bright voxels at indices 0..k along the axis
@@ -669,9 +661,7 @@ def _enclosed_grid(bright: np.ndarray, spacing_mm: Any, reach_mm: float, min_dir
     cumulative sums over the whole grid."""
     count = np.zeros(bright.shape, np.uint8)
     for a in range(3):
-        n = bright.shape[a]
-        r = int(np.floor(reach_mm / float(np.asarray(spacing_mm, float)[a]) + 1e-9))
-        cs = np.cumsum(bright, axis=a, dtype=np.uint16 if n < 65535 else np.uint32)
+        n, r, cs = bright.shape[a], _reach_vox(reach_mm, spacing_mm, a), _running_count(bright, a)
 
         def part(lo: int | None, hi: int | None, arr: np.ndarray = cs) -> np.ndarray:
             idx = [slice(None)] * 3
@@ -690,6 +680,16 @@ def _enclosed_grid(bright: np.ndarray, spacing_mm: Any, reach_mm: float, min_dir
         count += behind > 0
         count += ahead > 0
     return count >= min_dirs
+
+
+def _reach_vox(reach_mm: float, spacing_mm: Any, axis: int) -> int:
+    """Whole voxels along ``axis`` within ``reach_mm``."""
+    return int(np.floor(reach_mm / float(np.asarray(spacing_mm, float)[axis]) + 1e-9))
+
+
+def _running_count(bright: np.ndarray, axis: int) -> np.ndarray:
+    """Bright voxels at indices 0..k along ``axis`` (a cumulative sum in the narrowest dtype)."""
+    return np.cumsum(bright, axis=axis, dtype=np.uint16 if bright.shape[axis] < 65535 else np.uint32)
 
 
 def _positive_voxels(clicks: list[SessionClick], box: tuple[slice, slice, slice]) -> list[tuple[int, int, int]]:
