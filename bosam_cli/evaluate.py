@@ -495,11 +495,11 @@ def markdown_table(summary: dict[str, Any], title: str) -> str:
         lines.append(f"| label | objects | {head} |")
         lines.append("|---|---:|" + "---:|---:|---:|" * len(clicks))
         for name, d in summary["per_label"].items():
-            cells = " | ".join(f"{_f(d[str(n)]['dice'])} | {_f(d[str(n)]['nsd'])} | {_pct(d[str(n)].get('other'))}"
+            cells = " | ".join(f"{_f(d[str(n)]['dice'])} | {_f(d[str(n)]['nsd'])} | {_pct(d[str(n)]['other'])}"
                                for n in clicks if str(n) in d)
             lines.append(f"| {name} | {d[str(clicks[0])]['objects']} | {cells} |")
         ov = summary["overall"]
-        cells = " | ".join(f"**{_f(ov[str(n)]['dice'])}** | **{_f(ov[str(n)]['nsd'])}** | **{_pct(ov[str(n)].get('other'))}**"
+        cells = " | ".join(f"**{_f(ov[str(n)]['dice'])}** | **{_f(ov[str(n)]['nsd'])}** | **{_pct(ov[str(n)]['other'])}**"
                            for n in clicks)
         lines.append(f"| **mean** | {summary['objects']} | {cells} |")
         lines += ["", "Other@n: share of the predicted voxels that the label map gives to another structure "
@@ -643,6 +643,7 @@ def evaluate(
         notes.append("protocol bosam merged every label > 0 into one mask; for bones only pass --labels bone "
                      "--labelmap FILE (or the bone ids)")
     who = baseline.describe() if baseline is not None else engine.info.as_dict()
+    in_session = options.protocol == "clicks" and baseline is None  # the model through the segment session
     settings = {
         "protocol": options.protocol,
         "protocol_definition": text,
@@ -656,9 +657,9 @@ def evaluate(
         "bosam_grid": options.bosam_grid if options.protocol == "bosam" else None,
         "spacing_mm": spacing,
         "clamp_hu": list(clamp) if clamp else None,
-        "islands": options.islands if options.protocol == "clicks" and baseline is None else None,
-        "refine": options.refine if options.protocol == "clicks" and baseline is None else None,
-        "refine_hu": options.refine_hu if options.protocol == "clicks" and baseline is None and options.refine == "hu" else None,
+        "islands": options.islands if in_session else None,
+        "refine": options.refine if in_session else None,
+        "refine_hu": options.refine_hu if in_session and options.refine == "hu" else None,
         "segmenter": who,
         "checkpoint": meta.get("checkpoint_path") or getattr(getattr(engine, "model", None), "checkpoint_path", None),
         "checkpoint_sha256": who.get("checkpoint_sha256") if isinstance(who, dict) else None,
