@@ -578,7 +578,7 @@ def peel_soft_surface(logits: np.ndarray, hu: np.ndarray, spacing_mm: Any, depth
     """``logits`` (on a CT box ``hu``, voxels of ``spacing_mm``) with the soft-tissue rim of
     ``logits > 0`` set to -inf, in place: the voxels below ``threshold_hu`` that lie within
     ``depth_mm`` of the mask's surface (per axis, at least one voxel; beyond the box is outside),
-    are not enclosed by bone (``_enclosed_at``: bone-like HU within ``ENCLOSED_MM`` along at least
+    are not enclosed by bone (``_enclosed_box``: bone-like HU within ``ENCLOSED_MM`` along at least
     ``ENCLOSED_DIRECTIONS`` of the six axis directions) and connect to the outside through such
     voxels (6-connectivity). A rim piece holding one of the ``keep`` voxels (box indices of
     positive clicks) stays. ``context``: (the whole CT, the box's first voxel in it), so that the
@@ -587,24 +587,26 @@ def peel_soft_surface(logits: np.ndarray, hu: np.ndarray, spacing_mm: Any, depth
     if not mask.any():
         return logits
     depth = np.maximum(1, np.round(depth_mm / np.asarray(spacing_mm, float))).astype(int)
-    core = mask.view(np.uint8)  # voxels whose whole depth neighbourhood is mask: out of reach
+    # rim: the voxels with a non-mask voxel (or the box border) within the depth along every
+    # axis-aligned box around them; the rest of the mask is out of reach
+    near_outside = ~mask
     for a in range(3):
-        core = ndimage.minimum_filter1d(core, 2 * int(depth[a]) + 1, axis=a, mode="constant", cval=0)
-    rim = mask & ~core.view(bool) & (hu < threshold_hu)
+        d = int(depth[a])
+        padded = _padded(near_outside.shape, a, d, d, True)
+        _axis(padded, a, d, d + mask.shape[a])[...] = near_outside
+        near_outside = _axis(_window_any(padded, 2 * d + 1, a), a, 0, mask.shape[a])
+    rim = mask & near_outside & (hu < threshold_hu)
     if not rim.any():
         return logits
     # marrow where the mask's surface cuts through a bone (or behind a cortex the CT does not
     # resolve) is enclosed by bone; the rim outside a bone is not
     around, origin = context if context is not None else (hu, (0, 0, 0))
-    at = np.nonzero(rim)
-    # only the part of the context that rays from the rim can reach
-    reach = [_reach_vox(ENCLOSED_MM, spacing_mm, a) for a in range(3)]
-    first = [max(int(at[a].min()) + origin[a] - reach[a], 0) for a in range(3)]
-    stop = [min(int(at[a].max()) + origin[a] + reach[a] + 1, around.shape[a]) for a in range(3)]
-    crop = around[tuple(slice(first[a], stop[a]) for a in range(3))]
-    enclosed = _enclosed_at(crop, tuple(at[a] + origin[a] - first[a] for a in range(3)), spacing_mm, ENCLOSED_HU,
-                            ENCLOSED_MM, ENCLOSED_DIRECTIONS)
-    rim[tuple(c[enclosed] for c in at)] = False
+    used = [np.flatnonzero(rim.any(axis=tuple(b for b in range(3) if b != a))) for a in range(3)]
+    first, last = [int(u[0]) for u in used], [int(u[-1]) + 1 for u in used]  # the rim's bounding box
+    rim_box = tuple(slice(first[a], last[a]) for a in range(3))
+    rim[rim_box] &= ~_enclosed_box(around, [first[a] + origin[a] for a in range(3)],
+                                   [last[a] + origin[a] for a in range(3)], spacing_mm, ENCLOSED_HU, ENCLOSED_MM,
+                                   ENCLOSED_DIRECTIONS)
     if not rim.any():
         return logits
     outside = ~mask
@@ -632,64 +634,62 @@ def peel_soft_surface(logits: np.ndarray, hu: np.ndarray, spacing_mm: Any, depth
     return logits
 
 
-def _enclosed_at(hu: np.ndarray, points: tuple[np.ndarray, ...], spacing_mm: Any, bright_hu: float, reach_mm: float,
-                 min_dirs: int) -> np.ndarray:
-    """For the voxels ``points`` (three index arrays into ``hu``): whether a voxel of at least
-    ``bright_hu`` lies within ``reach_mm`` (the voxel itself included) along at least
-    ``min_dirs`` of the six axis directions. One cumulative sum per axis, then two look-ups per
-    point and axis."""
-    bright = hu >= bright_hu
-    if 4 * len(points[0]) > hu.size:  # a rim filling much of the box: whole-grid sums are cheaper
-        return _enclosed_grid(bright, spacing_mm, reach_mm, min_dirs)[points]
-    count = np.zeros(len(points[0]), np.uint8)
+def _enclosed_box(hu: np.ndarray, lo: list[int], hi: list[int], spacing_mm: Any, bright_hu: float, reach_mm: float,
+                  min_dirs: int) -> np.ndarray:
+    """For every voxel of the box ``lo:hi`` of ``hu``: whether a voxel of at least ``bright_hu``
+    lies within ``reach_mm`` (the voxel itself included) along at least ``min_dirs`` of the six
+    axis directions; beyond ``hu`` nothing is bright. Per axis, one running "any" over the box and
+    the reach on either side: window k covers k - r .. k (behind), window k + r covers k .. k + r
+    (ahead)."""
+    shape = tuple(h - low for low, h in zip(lo, hi))
+    count = np.zeros(shape, np.uint8)
     for a in range(3):
-        n, r, cs = hu.shape[a], _reach_vox(reach_mm, spacing_mm, a), _running_count(bright, a)
-        p = points[a]
-
-        def upto(k: np.ndarray) -> np.ndarray:  # bright voxels at indices 0..k along the axis
-            idx = list(points)
-            idx[a] = np.clip(k, 0, n - 1)
-            return np.where(k >= 0, cs[tuple(idx)], 0).astype(np.int64)
-
-        count += (upto(p) - upto(p - r - 1)) > 0  # behind, within reach
-        count += (upto(np.minimum(p + r, n - 1)) - upto(p - 1)) > 0  # ahead, within reach
+        n, r = hu.shape[a], _reach_vox(reach_mm, spacing_mm, a)
+        start, stop = max(lo[a] - r, 0), min(hi[a] + r, n)
+        region = [slice(lo[b], hi[b]) for b in range(3)]
+        region[a] = slice(start, stop)
+        # bright voxels of lo - r .. hi + r along the axis (False beyond the CT)
+        bright = _padded(shape, a, r, r, False)
+        first = start - (lo[a] - r)
+        np.greater_equal(hu[tuple(region)], bright_hu, out=_axis(bright, a, first, first + stop - start))
+        window = _window_any(bright, r + 1, a)
+        count += _axis(window, a, 0, shape[a])
+        count += _axis(window, a, r, r + shape[a])
     return count >= min_dirs
 
 
-def _enclosed_grid(bright: np.ndarray, spacing_mm: Any, reach_mm: float, min_dirs: int) -> np.ndarray:
-    """``_enclosed_at`` for every voxel: the same window sums as differences of shifted
-    cumulative sums over the whole grid."""
-    count = np.zeros(bright.shape, np.uint8)
-    for a in range(3):
-        n, r, cs = bright.shape[a], _reach_vox(reach_mm, spacing_mm, a), _running_count(bright, a)
+def _axis(arr: np.ndarray, axis: int, first: int, stop: int) -> np.ndarray:
+    """``arr[first:stop]`` along ``axis`` (a view)."""
+    idx = [slice(None)] * arr.ndim
+    idx[axis] = slice(first, stop)
+    return arr[tuple(idx)]
 
-        def part(lo: int | None, hi: int | None, arr: np.ndarray = cs) -> np.ndarray:
-            idx = [slice(None)] * 3
-            idx[a] = slice(lo, hi)
-            return arr[tuple(idx)]
 
-        behind = cs.copy()  # bright voxels in [k - r, k]
-        if r + 1 < n:
-            part(r + 1, None, behind)[...] -= part(None, n - r - 1)
-        ahead = np.empty_like(cs)  # bright voxels in [k, k + r]
-        last = part(n - 1, n)
-        if r < n:
-            part(None, n - r, ahead)[...] = part(r, None)
-        part(max(n - r, 0), None, ahead)[...] = last
-        part(1, None, ahead)[...] -= part(None, n - 1)
-        count += behind > 0
-        count += ahead > 0
-    return count >= min_dirs
+def _padded(shape: tuple[int, ...], axis: int, before: int, after: int, value: bool) -> np.ndarray:
+    """A bool array of ``value``, ``shape`` with ``before`` + ``after`` more layers along ``axis``."""
+    shape = list(shape)
+    shape[axis] += before + after
+    return np.full(shape, value, dtype=bool)
+
+
+def _window_any(arr: np.ndarray, width: int, axis: int) -> np.ndarray:
+    """In place: ``arr[k] = any(arr[k : k + width])`` along ``axis`` (the window cut at the end).
+    Doubling spans (1, 2, 4, ...) and one last overlapping step: log2(width) ORs of shifted views,
+    a few times faster than SciPy's running maximum on bool volumes."""
+    n = arr.shape[axis]
+    span = 1
+    while 2 * span <= width and span < n:
+        _axis(arr, axis, 0, n - span)[...] |= _axis(arr, axis, span, n)
+        span *= 2
+    rest = width - span
+    if 0 < rest < n:
+        _axis(arr, axis, 0, n - rest)[...] |= _axis(arr, axis, rest, n)
+    return arr
 
 
 def _reach_vox(reach_mm: float, spacing_mm: Any, axis: int) -> int:
     """Whole voxels along ``axis`` within ``reach_mm``."""
     return int(np.floor(reach_mm / float(np.asarray(spacing_mm, float)[axis]) + 1e-9))
-
-
-def _running_count(bright: np.ndarray, axis: int) -> np.ndarray:
-    """Bright voxels at indices 0..k along ``axis`` (a cumulative sum in the narrowest dtype)."""
-    return np.cumsum(bright, axis=axis, dtype=np.uint16 if bright.shape[axis] < 65535 else np.uint32)
 
 
 def _positive_voxels(clicks: list[SessionClick], box: tuple[slice, slice, slice]) -> list[tuple[int, int, int]]:

@@ -377,12 +377,13 @@ def test_cli_refine_default_matches_the_session():
     assert cli.REFINE_HU == session.REFINE_HU
 
 
-def test_enclosure_test_matches_a_ray_walk_on_both_paths():
-    from bosam_cli.session import _enclosed_at, _enclosed_grid
+def test_enclosure_test_matches_a_ray_walk():
+    from bosam_cli.session import _enclosed_box
 
     rng = np.random.default_rng(5)
     hu = np.where(rng.random((12, 15, 9)) < 0.08, 400, 0)
-    spacing, reach = (1.0, 2.0, 3.0), 7.0  # 7, 3 and 2 voxels along the three axes
+    # 7, 3 and 14 voxels along the three axes: the last reaches past both ends of its 9
+    spacing, reach = (1.0, 2.0, 0.5), 7.0
     steps = [int(reach // s) for s in spacing]
     hits = np.zeros(hu.shape, int)
     for ijk in np.ndindex(hu.shape):  # walk the six rays voxel by voxel
@@ -394,10 +395,25 @@ def test_enclosure_test_matches_a_ray_walk_on_both_paths():
                     if 0 <= q[a] < hu.shape[a] and hu[tuple(q)] >= 150:
                         hits[ijk] += 1
                         break
+    assert len(np.unique(hits)) >= 4  # the field exercises several direction counts
     for k in (1, 3, 5, 6):
         want = hits >= k
-        np.testing.assert_array_equal(_enclosed_grid(hu >= 150, spacing, reach, k), want)
-        few = tuple(rng.integers(0, n, 40) for n in hu.shape)  # a rim of a few points: per-point look-ups
-        np.testing.assert_array_equal(_enclosed_at(hu, few, spacing, 150, reach, k), want[few])
-        every = tuple(np.indices(hu.shape).reshape(3, -1))  # every voxel: the whole-grid path
-        np.testing.assert_array_equal(_enclosed_at(hu, every, spacing, 150, reach, k), want[every])
+        np.testing.assert_array_equal(_enclosed_box(hu, [0, 0, 0], list(hu.shape), spacing, 150, reach, k), want)
+        for lo, hi in (([2, 4, 1], [9, 6, 8]), ([0, 7, 3], [12, 8, 4]), ([11, 0, 0], [12, 15, 9])):
+            # a box inside the volume sees bright voxels beyond it, up to the reach
+            got = _enclosed_box(hu, lo, hi, spacing, 150, reach, k)
+            np.testing.assert_array_equal(got, want[tuple(slice(a, b) for a, b in zip(lo, hi))])
+
+
+def test_window_any_matches_a_brute_force_window():
+    from bosam_cli.session import _window_any
+
+    rng = np.random.default_rng(11)
+    field = rng.random((13, 17, 9)) < 0.1
+    for axis in range(3):
+        n = field.shape[axis]
+        for width in (1, 2, 3, 5, 8, 9, 16, 21, 40):  # powers of two, odd widths, wider than the axis
+            got = _window_any(field.copy(), width, axis)
+            moved = np.moveaxis(field, axis, 0)
+            want = np.stack([moved[k:min(k + width, n)].any(axis=0) for k in range(n)])
+            np.testing.assert_array_equal(got, np.moveaxis(want, 0, axis), err_msg=f"axis {axis} width {width}")
