@@ -266,6 +266,8 @@ def _print_segment_summary(manifests: list) -> None:
                 str(o["windows"]), "truncated at window limit" if o["truncated"] else "",
             )
         con.print(t)
+        for w in m.get("warnings", []):
+            con.print(f"[yellow]warning:[/] {w}", soft_wrap=True)
         ts = m["timings_s"]
         con.print(
             "engine {e} on {d}; time {total:.2f} s (read {read:.2f}, windows {sample_windows:.2f}, encoder {encoder:.2f}, "
@@ -307,6 +309,9 @@ def _segment_batch_cli(cases: list, out: Optional[Path], eng, options, as_json: 
             else:
                 t.add_row(Path(r["ct"]).name, "[red]failed[/]", "", "", r["error"])
         _console().print(t)
+        for r in results:
+            for w in r["manifest"]["warnings"] if r["ok"] else []:
+                _console(stderr=True).print(f"[yellow]warning:[/] {w}", soft_wrap=True)
     for r in failed:
         _console(stderr=True).print(f"[bold red]error:[/] {r['error']}", soft_wrap=True)
     if failed:
@@ -523,6 +528,8 @@ def demo(
         f"(encoder {ts['encoder']:.2f}, decoder {ts['decoder']:.2f}, windows {ts['sample_windows']:.2f}, "
         f"read {ts['read']:.2f}, write {ts['write']:.2f}); phantom made in {d['make_input_s']:.1f} s"
     )
+    for w in manifest.get("warnings", []):
+        con.print(f"[yellow]warning:[/] {w}", soft_wrap=True)
     con.print(f"outputs in {out}/: segmentation.nii.gz, segmentation_overlay.png, segmentation.json")
 
 

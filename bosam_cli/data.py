@@ -418,7 +418,7 @@ def _read_cache_entry(cache: str | os.PathLike | None, case: Case) -> dict[str, 
 
 
 def _write_cache_entry(cache: str | os.PathLike, case: Case, image: Volume, labels: np.ndarray,
-                       present: dict[int, int], boxes: dict[int, list[list[int]]]) -> None:
+                       present: dict[int, int], boxes: dict[int, list[list[int]]], hu_note: str | None = None) -> None:
     meta_p, img_p, lab_p = _cache_paths(cache, case)
     meta_p.parent.mkdir(parents=True, exist_ok=True)
     for arr, p in ((_image_array(image.array), img_p), (labels, lab_p)):
@@ -435,6 +435,7 @@ def _write_cache_entry(cache: str | os.PathLike, case: Case, image: Volume, labe
         "affine": np.asarray(image.affine).tolist(),
         "labels": {str(k): v for k, v in present.items()},
         "bboxes": {str(k): v for k, v in boxes.items()},
+        "hu_warning": hu_note,
     }
     tmp = meta_p.with_name(meta_p.name + ".tmp")
     tmp.write_text(json.dumps(meta))
@@ -460,7 +461,7 @@ def scan_case(
     Returns (info, problems); info is None when the case has an error. With a valid cache
     entry nothing is decoded; with ``write_cache`` the decoded arrays are written to the cache.
     """
-    from .volume import read_volume
+    from .volume import hu_warning, read_volume
 
     entry = _read_cache_entry(cache, case)
     if entry is not None:
@@ -468,6 +469,7 @@ def scan_case(
         boxes = {int(k): v for k, v in entry["bboxes"].items()}
         shape = tuple(int(s) for s in entry["shape"])
         affine = entry["affine"]
+        hu_note = entry.get("hu_warning")
         cached = True
     else:
         try:
@@ -490,8 +492,9 @@ def scan_case(
         except VolumeError as exc:
             return None, [Problem(case.key, case.label, _strip_path(str(exc), case.label))]
         present, boxes = _label_stats(labels)
+        hu_note = hu_warning(image)
         if write_cache and cache is not None and present:
-            _write_cache_entry(cache, case, image, labels, present, boxes)
+            _write_cache_entry(cache, case, image, labels, present, boxes, hu_note)
         shape = image.shape
         affine = np.asarray(image.affine).tolist()
         cached = write_cache and cache is not None and bool(present)
@@ -501,7 +504,8 @@ def scan_case(
     if not sel:
         ids = ", ".join(str(i) for i in sorted(present)[:12])
         return None, [Problem(case.key, case.label, f"none of the selected labels is present (present: {ids}); case skipped", "warning")]
-    return CaseInfo(case, shape, affine, sel, sel_boxes, cached), []  # type: ignore[arg-type]
+    notes = [Problem(case.key, case.image, _strip_path(hu_note, case.image), "warning")] if hu_note else []
+    return CaseInfo(case, shape, affine, sel, sel_boxes, cached), notes  # type: ignore[arg-type]
 
 
 def _strip_path(message: str, path: Path) -> str:

@@ -22,7 +22,7 @@ import numpy as np
 
 from .errors import BosamError, PromptError
 from .session import ISLANDS, REFINE_HU, REFINES, Session
-from .volume import VOLUME_SUFFIXES, Volume, read_volume, write_label_map
+from .volume import VOLUME_SUFFIXES, Volume, hu_warning, read_volume, write_label_map
 from .windows import DEFAULT_CLAMP_HU, DEFAULT_SPACING_MM, Intensity
 
 OVERLAP_RULE = "highest blended logit wins; exact ties go to the object listed first"
@@ -238,6 +238,8 @@ def segment_file(
     t_write = time.perf_counter()
 
     timings = {k: round(session.timings[k] - before.get(k, 0.0), 4) for k in session.timings}
+    warnings = [w for w in (hu_warning(volume),) if w]
+    warnings += [f"object {o['label']} ({o['name']}): empty mask, nothing at its clicks" for o in objects if not o["voxels"]]
     manifest = {
         "tool": "bosam segment",
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
@@ -275,6 +277,7 @@ def segment_file(
         },
         "overlap_rule": OVERLAP_RULE,
         "objects": objects,
+        "warnings": warnings,
         "calls": {k: session.counts[k] - counts_before.get(k, 0) for k in session.counts},
         "timings_s": {
             "read": round(t_read - t0, 4),
@@ -458,6 +461,9 @@ def interactive(
             current = obj.label
         save()
         say(f"loaded {points}: {len(prompts.objects)} objects")
+    hu_note = hu_warning(volume)
+    if hu_note:
+        say(f"warning: {hu_note}")
     say(f"bosam interactive on {ct_path.name} {volume.shape} ({volume.axcodes}); coordinates {system}; "
         f"engine {engine.info.name}/{engine.info.device}; output {paths['label_map']}; 'help' lists commands")
     for raw in stdin:

@@ -271,6 +271,26 @@ def _nifti_affine(hdr: Any, path: Path) -> tuple[np.ndarray, str]:
 # writing
 
 
+def hu_warning(volume: Volume) -> str | None:
+    """A one-line warning when a CT's values do not look like Hounsfield units, else None.
+
+    A CT in HU holds air (-1000) or at least fat (about -100) somewhere; one without any value
+    below 0 was most likely stored as HU + 1024 without its rescale intercept (or is not a CT).
+    The model's normalisation and ``--refine hu`` both read the values as HU, so such a CT gives
+    wrong masks without any error.
+    """
+    arr = volume.array
+    if arr.size == 0 or arr.dtype.kind == "b":
+        return None
+    low = arr.min()
+    if not np.isfinite(low) or low < 0:
+        return None
+    where = f"{volume.path}: " if volume.path is not None else ""
+    return (f"{where}no voxel below 0 (lowest {float(low):g}, highest {float(arr.max()):g}): this does not look like a "
+            "CT in Hounsfield units (air -1000, fat about -100); bosam reads the values as HU, so convert it first "
+            "(e.g. subtract 1024 where the rescale intercept was dropped)")
+
+
 def label_dtype(max_label: int) -> np.dtype:
     """The smallest label dtype: uint8 up to 255, uint16 up to 65535."""
     if max_label < 0:

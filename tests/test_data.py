@@ -166,6 +166,20 @@ def test_label_filter_that_matches_nothing_in_a_case_is_a_warning(tmp_path):
         refuse_errors(scan, skip_bad=False)
 
 
+def test_a_ct_without_negative_values_is_a_warning_not_an_error(tmp_path):
+    root = make_dataset(tmp_path / "ds", 2)
+    img = sorted((root / "imagesTr").iterdir())[1]
+    vol = read_volume(img)
+    save_nifti((np.asarray(vol.array, np.int32) + 1024).astype(np.uint16), vol.affine, img)  # HU + 1024
+    for cache in (None, tmp_path / "cache", tmp_path / "cache"):  # decoded, written to the cache, read from it
+        scan = scan_dataset([root], cache=cache, write_cache=cache is not None)
+        assert len(scan.infos) == 2  # the case is kept
+        (note,) = scan.problems
+        assert note.severity == "warning" and note.path == img
+        assert "does not look like a CT in Hounsfield units" in note.message and "lowest" in note.message
+    assert all(i.cached for i in scan.infos)
+
+
 def test_a_threaded_scan_reports_what_a_serial_one_does(tmp_path):
     good = make_dataset(tmp_path / "good", 3)
     bad = _bad_dataset(tmp_path / "bad")

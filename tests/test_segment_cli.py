@@ -66,6 +66,9 @@ def test_real_ct_end_to_end_output_on_the_input_grid(tmp_path, random_checkpoint
     manifest = json.loads((out / "example_ct_sm.json").read_text())
     for key in ("versions", "input", "output", "checkpoint", "engine", "model_window", "overlap_rule", "objects", "timings_s"):
         assert key in manifest
+    assert not any("Hounsfield" in w for w in manifest["warnings"])
+    empty = [o for o in manifest["objects"] if not o["voxels"]]
+    assert len([w for w in manifest["warnings"] if "empty mask" in w]) == len(empty)
     assert manifest["model_window"]["islands"] == "clicked"  # the default: detached blobs dropped
     assert manifest["model_window"]["refine"] == "hu" and manifest["model_window"]["refine_hu"] == 75.0
     assert len(manifest["checkpoint"]["sha256"]) == 64 and manifest["engine"]["engine"] == "torch"
@@ -86,6 +89,22 @@ def test_real_ct_end_to_end_output_on_the_input_grid(tmp_path, random_checkpoint
         assert manifest["timings_s"][k] >= 0
     png = (out / "example_ct_sm_overlay.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_a_ct_stored_as_hu_plus_1024_is_segmented_with_a_warning(tmp_path, random_checkpoint, prompts_sm):
+    src = nib.load(need(CT_SM))
+    ct = tmp_path / "offset_ct.nii.gz"
+    img = nib.Nifti1Image((np.asanyarray(src.dataobj).astype(np.int32) + 1024).clip(0).astype(np.uint16), src.affine,
+                          src.header)
+    nib.save(img, str(ct))
+    out = tmp_path / "out"
+    r = bosam("segment", str(ct), "--points", str(prompts_sm), "-c", str(random_checkpoint), "--engine", "torch",
+              "-o", str(out), "--max-windows", "1")
+    assert r.returncode == 0, r.stderr
+    assert "warning:" in r.stdout and "Hounsfield" in r.stdout
+    manifest = json.loads((out / "offset_ct.json").read_text())
+    hu = [w for w in manifest["warnings"] if "Hounsfield" in w]
+    assert len(hu) == 1 and hu[0].startswith(f"{ct}: no voxel below 0 (lowest ")
 
 
 def _expect_clean_failure(r: subprocess.CompletedProcess, name: str, out_dir: Path) -> None:
