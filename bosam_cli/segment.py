@@ -22,7 +22,7 @@ import numpy as np
 
 from .errors import BosamError, PromptError
 from .session import ISLANDS, REFINE_HU, REFINES, Session
-from .volume import VOLUME_SUFFIXES, Volume, hu_warning, read_volume, write_label_map
+from .volume import VOLUME_SUFFIXES, Volume, hu_warning, read_volume, require_finite, write_label_map
 from .windows import DEFAULT_CLAMP_HU, DEFAULT_SPACING_MM, Intensity
 
 OVERLAP_RULE = "highest blended logit wins; exact ties go to the object listed first"
@@ -187,7 +187,7 @@ def segment_file(
 
     t0 = time.perf_counter()
     ct_path = Path(ct)
-    volume = read_volume(ct_path)
+    volume = require_finite(read_volume(ct_path))
     t_read = time.perf_counter()
     prompts = load_prompts(points, volume)
     t_prompts = time.perf_counter()
@@ -437,7 +437,7 @@ def interactive(
     if system not in ("RAS", "LPS", "voxel"):
         raise PromptError(f"--coords: unknown coordinate system {coordinate_system!r} (use RAS, LPS or voxel)")
     ct_path = Path(ct)
-    volume = read_volume(ct_path)
+    volume = require_finite(read_volume(ct_path))
     paths = output_paths(ct_path, out)
     session = make_session(engine, options, engine_metadata(engine))
     session.set_volume(volume)

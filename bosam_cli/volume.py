@@ -271,6 +271,19 @@ def _nifti_affine(hdr: Any, path: Path) -> tuple[np.ndarray, str]:
 # writing
 
 
+def require_finite(volume: Volume) -> Volume:
+    """``volume``, or a :class:`VolumeError` naming the file when voxels are NaN or infinite
+    (they would turn every model window they touch into NaN, and its masks into nothing)."""
+    arr = volume.array
+    if arr.dtype.kind == "f":
+        bad = arr.size - int(np.count_nonzero(np.isfinite(arr)))
+        if bad:
+            where = volume.path if volume.path is not None else "CT"
+            raise VolumeError(f"{where}: image data: {bad} voxels are NaN or infinite (fill them, e.g. with -1000 HU "
+                              "outside the scan's field of view)")
+    return volume
+
+
 def hu_warning(volume: Volume) -> str | None:
     """A one-line warning when a CT's values do not look like Hounsfield units, else None.
 

@@ -129,6 +129,14 @@ def test_bad_inputs_fail_cleanly_without_output(tmp_path, random_checkpoint, pro
     nib.save(nib.Nifti1Image(np.zeros(img.shape + (2,), np.int16), img.affine), str(four))
     r = bosam("segment", str(four), "--points", str(prompts_sm), "-c", str(random_checkpoint), "-o", str(out))
     _expect_clean_failure(r, "four_d.nii.gz", out)
+    # a float CT with NaN voxels (outside a scan's field of view, left by some resampling tools)
+    nan_ct = tmp_path / "nan_ct.nii.gz"
+    data = np.asanyarray(img.dataobj).astype(np.float32)
+    data[:5] = np.nan
+    nib.save(nib.Nifti1Image(data, img.affine), str(nan_ct))
+    r = bosam("segment", str(nan_ct), "--points", str(prompts_sm), "-c", str(random_checkpoint), "-o", str(out))
+    _expect_clean_failure(r, "nan_ct.nii.gz", out)
+    assert "image data: " in r.stderr and "NaN or infinite" in r.stderr
     # a point outside the volume
     outside = tmp_path / "outside.json"
     outside.write_text(json.dumps({"coordinate_system": "voxel", "objects": [{"label": 1, "clicks": [{"xyz": [500, 1, 1]}]}]}))
