@@ -461,7 +461,7 @@ def scan_case(
     Returns (info, problems); info is None when the case has an error. With a valid cache
     entry nothing is decoded; with ``write_cache`` the decoded arrays are written to the cache.
     """
-    from .volume import hu_warning, read_volume
+    from .volume import hu_warning, read_volume, require_finite
 
     entry = _read_cache_entry(cache, case)
     if entry is not None:
@@ -485,8 +485,10 @@ def scan_case(
         diff = float(np.abs(image.affine - label.affine).max())
         if diff > AFFINE_ATOL_MM:
             return None, [Problem(case.key, case.label, f"affine differs from the image's ({case.image.name}) by up to {diff:.4g} mm: not on the same grid")]
-        if image.array.dtype.kind == "f" and not np.all(np.isfinite(image.array)):
-            return None, [Problem(case.key, case.image, "image holds NaN or infinite values")]
+        try:
+            require_finite(image)
+        except VolumeError as exc:
+            return None, [Problem(case.key, case.image, _strip_path(str(exc), case.image))]
         try:
             labels = _label_array(label.array, case.label)
         except VolumeError as exc:

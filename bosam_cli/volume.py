@@ -268,7 +268,7 @@ def _nifti_affine(hdr: Any, path: Path) -> tuple[np.ndarray, str]:
 
 
 # ---------------------------------------------------------------------------------------------
-# writing
+# checks of a CT's values
 
 
 def require_finite(volume: Volume) -> Volume:
@@ -302,6 +302,10 @@ def hu_warning(volume: Volume) -> str | None:
     return (f"{where}no voxel below 0 (lowest {float(low):g}, highest {float(arr.max()):g}): this does not look like a "
             "CT in Hounsfield units (air -1000, fat about -100); bosam reads the values as HU, so convert it first "
             "(e.g. subtract 1024 where the rescale intercept was dropped)")
+
+
+# ---------------------------------------------------------------------------------------------
+# writing
 
 
 def label_dtype(max_label: int) -> np.dtype:

@@ -180,6 +180,19 @@ def test_a_ct_without_negative_values_is_a_warning_not_an_error(tmp_path):
     assert all(i.cached for i in scan.infos)
 
 
+def test_an_image_with_nan_voxels_is_an_error_naming_it(tmp_path):
+    root = make_dataset(tmp_path / "ds", 1)
+    img = next((root / "imagesTr").iterdir())
+    vol = read_volume(img)
+    data = np.asarray(vol.array, np.float32)
+    data[0, 0, :3] = np.nan
+    save_nifti(data, vol.affine, img)
+    scan = scan_dataset([root])
+    (err,) = scan.problems
+    assert not scan.infos and err.severity == "error" and err.path == img
+    assert err.message.startswith("image data: 3 voxels are NaN or infinite")
+
+
 def test_a_threaded_scan_reports_what_a_serial_one_does(tmp_path):
     good = make_dataset(tmp_path / "good", 3)
     bad = _bad_dataset(tmp_path / "bad")
