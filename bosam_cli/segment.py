@@ -239,7 +239,11 @@ def segment_file(
 
     timings = {k: round(session.timings[k] - before.get(k, 0.0), 4) for k in session.timings}
     warnings = [w for w in (hu_warning(volume),) if w]
-    warnings += [f"object {o['label']} ({o['name']}): empty mask, nothing at its clicks" for o in objects if not o["voxels"]]
+    for o in objects:
+        if not o["voxels"]:
+            why = ("every voxel went to other objects by the overlap rule" if o["voxels_before_overlap_rule"]
+                   else "the model found nothing at its clicks")
+            warnings.append(f"object {o['label']} ({o['name']}): empty mask: {why}")
     manifest = {
         "tool": "bosam segment",
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),

@@ -245,3 +245,27 @@ def test_interactive_session_is_scriptable(tmp_path, random_checkpoint):
     assert any("unknown command" in l for l in lines)
     assert out.exists() and (tmp_path / "snap.nii.gz").exists()
     assert nib.load(str(out)).shape == nib.load(str(ct)).shape
+
+
+def test_manifest_warns_about_empty_masks_and_says_why(tmp_path):
+    from fake_engines import SphereEngine
+
+    from bosam_cli.segment import SegmentOptions, segment_file
+
+    ct = tmp_path / "ct.nii.gz"
+    nib.save(nib.Nifti1Image(np.full((40, 40, 40), -1000, np.int16), np.diag([2.0, 2.0, 2.0, 1.0])), str(ct))
+    click = {"xyz": [20, 20, 20], "positive": True}
+    prompts = tmp_path / "ct.json"
+    prompts.write_text(json.dumps({"coordinate_system": "voxel", "objects": [
+        {"label": 1, "name": "first", "clicks": [click]},
+        {"label": 2, "name": "same_place", "clicks": [click]},  # same logits: the tie goes to the first
+        {"label": 3, "name": "erased", "clicks": [click, {**click, "positive": False}]},
+    ]}))
+    m = segment_file(ct, prompts, tmp_path / "out" / "ct.nii.gz", SphereEngine(radius_vox=4.0),
+                     SegmentOptions(refine="none"))
+    voxels = {o["label"]: o["voxels"] for o in m["objects"]}
+    assert voxels[1] > 0 and voxels[2] == voxels[3] == 0
+    assert m["warnings"] == [
+        "object 2 (same_place): empty mask: every voxel went to other objects by the overlap rule",
+        "object 3 (erased): empty mask: the model found nothing at its clicks",
+    ]
