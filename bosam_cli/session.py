@@ -561,7 +561,7 @@ def keep_clicked_islands(logits: np.ndarray, box: tuple[slice, slice, slice], cl
     if n <= 1:
         return logits
     keep = np.zeros(n + 1, bool)
-    reach = np.maximum(1, np.round(reach_mm / np.asarray(spacing_mm, float))).astype(int)
+    reach = _vox_within(reach_mm, spacing_mm)
     for ijk in _positive_voxels(clicks, box):
         near = tuple(slice(max(v - r, 0), max(v + r + 1, 0)) for v, r in zip(ijk, reach))
         hit = pieces[near]
@@ -586,7 +586,7 @@ def peel_soft_surface(logits: np.ndarray, hu: np.ndarray, spacing_mm: Any, depth
     mask = logits > 0
     if not mask.any():
         return logits
-    depth = np.maximum(1, np.round(depth_mm / np.asarray(spacing_mm, float))).astype(int)
+    depth = _vox_within(depth_mm, spacing_mm)
     # rim: the voxels with a non-mask voxel (or the box border) within the depth along every
     # axis-aligned box around them; the rest of the mask is out of reach
     near_outside = ~mask
@@ -687,6 +687,11 @@ def _window_any(arr: np.ndarray, width: int, axis: int) -> np.ndarray:
     return arr
 
 
+def _vox_within(mm: float, spacing_mm: Any) -> np.ndarray:
+    """``mm`` in CT voxels per axis, rounded, at least one (the islands' and the peeling's reach)."""
+    return np.maximum(1, np.round(mm / np.asarray(spacing_mm, float))).astype(int)
+
+
 def _reach_vox(reach_mm: float, spacing_mm: Any, axis: int) -> int:
     """Whole voxels along ``axis`` within ``reach_mm``."""
     return int(np.floor(reach_mm / float(np.asarray(spacing_mm, float)[axis]) + 1e-9))
@@ -699,8 +704,8 @@ def _positive_voxels(clicks: list[SessionClick], box: tuple[slice, slice, slice]
 
 
 def _pieces(mask: np.ndarray, connectivity: int = 26) -> tuple[np.ndarray, int]:
-    """(labels, count) of the 26-connected pieces of ``mask``: cc3d (5-8x faster on a
-    full window's box), else SciPy."""
+    """(labels, count) of the connected pieces of ``mask`` (26- or 6-connectivity): cc3d
+    (5-8x faster on a full window's box), else SciPy."""
     try:
         import cc3d
     except ImportError:  # cc3d is a dependency; SciPy keeps installs without it working
