@@ -252,6 +252,12 @@ def segment(
     _print_segment_summary([manifest])
 
 
+def _print_warnings(con, warnings: list) -> None:
+    """One yellow line per warning, never cut at the terminal width."""
+    for w in warnings:
+        con.print(f"[yellow]warning:[/] {w}", soft_wrap=True)
+
+
 def _print_segment_summary(manifests: list) -> None:
     from rich.table import Table
 
@@ -266,8 +272,7 @@ def _print_segment_summary(manifests: list) -> None:
                 str(o["windows"]), "truncated at window limit" if o["truncated"] else "",
             )
         con.print(t)
-        for w in m.get("warnings", []):
-            con.print(f"[yellow]warning:[/] {w}", soft_wrap=True)
+        _print_warnings(con, m["warnings"])
         ts = m["timings_s"]
         con.print(
             "engine {e} on {d}; time {total:.2f} s (read {read:.2f}, windows {sample_windows:.2f}, encoder {encoder:.2f}, "
@@ -310,8 +315,8 @@ def _segment_batch_cli(cases: list, out: Optional[Path], eng, options, as_json: 
                 t.add_row(Path(r["ct"]).name, "[red]failed[/]", "", "", r["error"])
         _console().print(t)
         for r in results:
-            for w in r["manifest"]["warnings"] if r["ok"] else []:
-                _console(stderr=True).print(f"[yellow]warning:[/] {w}", soft_wrap=True)
+            if r["ok"]:
+                _print_warnings(_console(stderr=True), r["manifest"]["warnings"])
     for r in failed:
         _console(stderr=True).print(f"[bold red]error:[/] {r['error']}", soft_wrap=True)
     if failed:
@@ -528,8 +533,7 @@ def demo(
         f"(encoder {ts['encoder']:.2f}, decoder {ts['decoder']:.2f}, windows {ts['sample_windows']:.2f}, "
         f"read {ts['read']:.2f}, write {ts['write']:.2f}); phantom made in {d['make_input_s']:.1f} s"
     )
-    for w in manifest.get("warnings", []):
-        con.print(f"[yellow]warning:[/] {w}", soft_wrap=True)
+    _print_warnings(con, manifest["warnings"])
     con.print(f"outputs in {out}/: segmentation.nii.gz, segmentation_overlay.png, segmentation.json")
 
 
@@ -786,8 +790,7 @@ def evaluate(
         print_json({"settings": result["settings"], "summary": result["summary"],
                     "paths": {k: str(v) for k, v in result["paths"].items()}})
         return
-    for w in result["settings"]["warnings"]:
-        con.print(f"[yellow]warning:[/] {w}", soft_wrap=True)
+    _print_warnings(con, result["settings"]["warnings"])
     from rich.markdown import Markdown
 
     c = _console()
