@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import os
 import struct
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
@@ -76,26 +77,59 @@ def write_stl(vertices: np.ndarray, faces: np.ndarray, path: str | os.PathLike, 
 # overlays
 
 
-def _canonical(volume: Volume) -> tuple[np.ndarray, np.ndarray]:
-    """Transform taking voxel indices to closest-RAS display indices, and that orientation."""
+@dataclass
+class OverlayView:
+    """One display slice of an overlay: ``ct`` and ``labels`` (rows, cols), the spacing of its
+    rows and columns in mm, and the clicks lying on it as (row, col, positive)."""
+
+    ct: np.ndarray
+    labels: np.ndarray
+    spacing_mm: tuple[float, float]
+    clicks: list[tuple[float, float, bool]]
+
+
+def overlay_views(ct: Volume, labels: np.ndarray, clicks: Sequence[dict[str, Any]],
+                  max_click_offset_vox: float = 3.0) -> list[OverlayView]:
+    """Axial, coronal and sagittal slices through an object's first click (the volume's centre
+    without clicks), with anterior/superior up and patient right on the image left
+    (radiological). The CT is shown in its closest-RAS storage order (no resampling); a click is
+    drawn on a slice it lies within ``max_click_offset_vox`` display voxels of. ``clicks``: dicts
+    with ``voxel`` (CT indices) and ``positive``, as in the manifest."""
     import nibabel as nib
 
-    ornt = nib.orientations.io_orientation(volume.affine)
-    return ornt, nib.orientations.inv_ornt_aff(ornt, volume.shape)
+    ornt = nib.orientations.io_orientation(ct.affine)
+    # inv_ornt_aff maps display indices back to stored ones; its inverse takes stored to display
+    to_display = np.linalg.inv(nib.orientations.inv_ornt_aff(ornt, ct.shape))
+    ras_ct = nib.orientations.apply_orientation(np.asarray(ct.array), ornt)  # views, no copies
+    ras_lab = nib.orientations.apply_orientation(labels, ornt)
+    spacing = np.empty(3)
+    spacing[ornt[:, 0].astype(int)] = ct.spacing_mm
+    nx, ny, nz = ras_ct.shape
 
+    def display(ijk: Any) -> np.ndarray:
+        return (to_display @ np.append(np.asarray(ijk, dtype=np.float64), 1.0))[:3]
 
-def _display_slices(arr: np.ndarray, ornt: np.ndarray, centre_ras_idx: np.ndarray) -> list[np.ndarray]:
-    """Axial, coronal, sagittal slices of a closest-RAS view, each (rows, cols) ready to show
-    with anterior/superior up and patient right on the image left (radiological)."""
-    import nibabel as nib
-
-    ras = nib.orientations.apply_orientation(arr, ornt)
-    x, y, z = (int(np.clip(round(c), 0, s - 1)) for c, s in zip(centre_ras_idx, ras.shape))
-    axial = ras[:, :, z].T[::-1, :]  # rows: anterior at top; cols: R..L? index x increases to right (R)
-    coronal = ras[:, y, :].T[::-1, :]
-    sagittal = ras[x, :, :].T[::-1, :]
-    # radiological convention: patient right on image left; x increases towards R, so flip cols
-    return [axial[:, ::-1], coronal[:, ::-1], sagittal]
+    centre = display(clicks[0]["voxel"]) if clicks else (np.asarray(ras_ct.shape) - 1) / 2
+    cut_at = [int(np.clip(round(c), 0, n - 1)) for c, n in zip(centre, ras_ct.shape)]
+    x, y, z = cut_at
+    # display index x grows towards the patient's right (shown on the left), y towards anterior
+    # and z towards superior (both shown up)
+    cuts = [
+        (lambda a: a[:, :, z].T[::-1, ::-1], (spacing[1], spacing[0]), 2, lambda p: (ny - 1 - p[1], nx - 1 - p[0])),
+        (lambda a: a[:, y, :].T[::-1, ::-1], (spacing[2], spacing[0]), 1, lambda p: (nz - 1 - p[2], nx - 1 - p[0])),
+        (lambda a: a[x, :, :].T[::-1, :], (spacing[2], spacing[1]), 0, lambda p: (nz - 1 - p[2], p[1])),
+    ]
+    views = []
+    for cut, sp, normal, project in cuts:
+        shown = []
+        for c in clicks:
+            p = display(c["voxel"])
+            if abs(p[normal] - cut_at[normal]) <= max_click_offset_vox:
+                row, col = project(p)
+                shown.append((float(row), float(col), bool(c["positive"])))
+        views.append(OverlayView(np.asarray(cut(ras_ct), dtype=np.float32), np.asarray(cut(ras_lab)),
+                                 (float(sp[0]), float(sp[1])), shown))
+    return views
 
 
 def write_overlay(
@@ -107,59 +141,38 @@ def write_overlay(
     max_side: int = 320,
 ) -> Path:
     """One PNG: a row per object with axial, coronal and sagittal slices through its first
-    click, the object's mask tinted in its colour and its clicks drawn (+ green, - red)."""
+    click (``overlay_views``), the object's mask tinted in its colour and its clicks drawn
+    (+ green, - red)."""
     from PIL import Image, ImageDraw
-
-    ornt, to_ras_idx = _canonical(ct)
-    spacing = ct.spacing_mm
-    # spacing and shape along display axes (closest-RAS order)
-    order = [int(o) for o in ornt[:, 0]]
-    ras_sp = np.empty(3)
-    for src_axis, dst_axis in enumerate(order):
-        ras_sp[dst_axis] = spacing[src_axis]
-    shape_ras = np.empty(3, dtype=int)
-    for src_axis, dst_axis in enumerate(order):
-        shape_ras[dst_axis] = ct.shape[src_axis]
 
     rows = []
     lo, hi = window_hu
     for k, obj in enumerate(objects):
-        clicks = obj.get("clicks", [])
-        centre_ijk = np.asarray(clicks[0]["voxel"]) if clicks else np.asarray(ct.shape) / 2
-        c_ras = (to_ras_idx @ np.append(centre_ijk, 1.0))[:3]
-        cts = _display_slices(np.asarray(ct.array, dtype=np.float32), ornt, c_ras)
-        labs = _display_slices(labels, ornt, c_ras)
-        # physical aspect: (rows, cols) spacings per view
-        view_sp = [(ras_sp[1], ras_sp[0]), (ras_sp[2], ras_sp[0]), (ras_sp[2], ras_sp[1])]
         tiles = []
-        for v, (img, lab) in enumerate(zip(cts, labs)):
-            grey = np.clip((img - lo) / (hi - lo), 0, 1)
+        for view in overlay_views(ct, labels, obj.get("clicks", [])):
+            grey = np.clip((view.ct - lo) / (hi - lo), 0, 1)
             rgb = np.repeat((grey * 255).astype(np.uint8)[..., None], 3, axis=2)
             for j, o in enumerate(objects):
-                m = lab == o["label"]
+                m = view.labels == o["label"]
                 if m.any():
                     col = np.asarray(colour(j), dtype=np.float32)
                     alpha = 0.55 if j == k else 0.25
                     rgb[m] = (rgb[m] * (1 - alpha) + col * alpha).astype(np.uint8)
             tile = Image.fromarray(rgb)
-            sr, sc = view_sp[v]
-            h_mm, w_mm = img.shape[0] * sr, img.shape[1] * sc
+            sr, sc = view.spacing_mm
+            h_mm, w_mm = rgb.shape[0] * sr, rgb.shape[1] * sc
             scale = max_side / max(h_mm, w_mm)
             size = (max(1, int(round(w_mm * scale))), max(1, int(round(h_mm * scale))))
             tile = tile.resize(size, Image.NEAREST)
             draw = ImageDraw.Draw(tile)
-            for c in clicks:
-                p = (to_ras_idx @ np.append(np.asarray(c["voxel"], float), 1.0))[:3]
-                pt = _project(p, v, shape_ras)
-                if pt is None or abs(p[[2, 1, 0][v]] - c_ras[[2, 1, 0][v]]) > 3:
-                    continue
-                r_px, c_px = pt
-                yx = (c_px * size[0] / img.shape[1], r_px * size[1] / img.shape[0])
-                fill = (0, 255, 0) if c["positive"] else (255, 40, 40)
+            for r_px, c_px, positive in view.clicks:
+                # pixel centres: index i spans [i, i + 1) before scaling
+                px, py = (c_px + 0.5) * size[0] / rgb.shape[1], (r_px + 0.5) * size[1] / rgb.shape[0]
+                fill = (0, 255, 0) if positive else (255, 40, 40)
                 s = 5
-                draw.line([(yx[0] - s, yx[1]), (yx[0] + s, yx[1])], fill=fill, width=2)
-                if c["positive"]:
-                    draw.line([(yx[0], yx[1] - s), (yx[0], yx[1] + s)], fill=fill, width=2)
+                draw.line([(px - s, py), (px + s, py)], fill=fill, width=2)
+                if positive:
+                    draw.line([(px, py - s), (px, py + s)], fill=fill, width=2)
             tiles.append(tile)
         row_h = max(t.size[1] for t in tiles)
         row = Image.new("RGB", (sum(t.size[0] for t in tiles) + 8 * (len(tiles) - 1), row_h + 18), (0, 0, 0))
@@ -181,17 +194,6 @@ def write_overlay(
     canvas.save(buf, format="PNG")
     atomic_write_bytes(path, buf.getvalue())
     return Path(path)
-
-
-def _project(p_ras_idx: np.ndarray, view: int, shape_ras: np.ndarray) -> tuple[float, float] | None:
-    """(row, col) of a closest-RAS index point in display slice ``view`` (see _display_slices)."""
-    x, y, z = p_ras_idx
-    nx, ny, nz = shape_ras
-    if view == 0:  # axial: rows = reversed y, cols = reversed x
-        return (ny - 1 - y, nx - 1 - x)
-    if view == 1:  # coronal: rows = reversed z, cols = reversed x
-        return (nz - 1 - z, nx - 1 - x)
-    return (nz - 1 - z, y)  # sagittal: rows = reversed z, cols = y
 
 
 def object_stats(mask_voxels: int, volume: Volume) -> dict[str, float]:
