@@ -50,7 +50,9 @@ def mask_to_mesh(mask: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, np.n
     verts, faces, _, _ = marching_cubes(sub, level=0.5)
     verts = verts - 1 + np.asarray(lo, dtype=np.float64)
     world = verts @ affine[:3, :3].T + affine[:3, 3]
-    if np.linalg.det(affine[:3, :3]) < 0:
+    # scikit-image winds the faces of a mask (object above the level) so that the right-hand
+    # normals point into it on the voxel grid; a left-handed affine mirrors that once more
+    if np.linalg.det(affine[:3, :3]) > 0:
         faces = faces[:, ::-1]
     return world, faces.astype(np.int64)
 

@@ -100,3 +100,25 @@ def test_overlay_png_is_the_same_for_every_storage_order(tmp_path) -> None:
     tinted = (rgb[..., 0] != rgb[..., 1]) | (rgb[..., 1] != rgb[..., 2])  # the mask; the CT is grey
     assert green.sum() >= 3 * 10
     assert (tinted & ~green).sum() > 300
+
+
+@pytest.mark.parametrize("codes", ["RAS", "LPS", "LAS", "PIR"])
+def test_stl_normals_point_out_of_the_bone_in_world_space(codes: str, tmp_path) -> None:
+    """STL readers (viewers, 3-D printing slicers) take the right-hand normals as pointing out
+    of the solid: the signed volume must be positive and match the mask, for either handedness."""
+    from bosam_cli.report import mask_to_mesh, write_stl
+
+    g = np.indices(SHAPE) - np.array([10, 12, 14])[:, None, None, None]
+    ball = ((g * np.array(SPACING)[:, None, None, None]) ** 2).sum(0) < 8.0**2
+    _, _, affine, _ = ras_case()
+    _, mask, affine2, _ = stored_as(codes, ball.astype(np.uint8), ball.astype(np.uint8), affine, np.zeros(3))
+    path = write_stl(*mask_to_mesh(mask.astype(bool), affine2), tmp_path / "ball.stl")
+    raw = path.read_bytes()
+    n = int(np.frombuffer(raw[80:84], "<u4")[0])
+    rec = np.frombuffer(raw[84:], dtype=[("n", "<f4", 3), ("v", "<f4", (3, 3)), ("attr", "<u2")], count=n)
+    tri = rec["v"].astype(np.float64)
+    signed = np.einsum("ij,ij->i", tri[:, 0], np.cross(tri[:, 1], tri[:, 2])).sum() / 6
+    assert signed == pytest.approx(ball.sum() * np.prod(SPACING), rel=0.05)
+    centre = (affine @ np.array([10, 12, 14, 1.0]))[:3]
+    outward = np.einsum("ij,ij->i", rec["n"], tri.mean(axis=1) - centre)
+    assert (outward > 0).mean() > 0.99
