@@ -4,6 +4,8 @@ cache, and the training patch sampler.
 A dataset root holds ``imagesTr/`` (``X_0000.nii.gz`` or ``X.nii.gz``) and ``labelsTr/``
 (``X.nii.gz``), optionally ``imagesVal/labelsVal`` and ``imagesTs/labelsTs``, and optionally a
 ``dataset.json`` naming the labels (nnU-Net v1 ``{"1": "femur"}`` or v2 ``{"femur": 1}``).
+Like nnU-Net v2's ``file_ending``, the files may also be NRRD (``.nrrd``/``.nhdr``) or
+MetaImage (``.mha``/``.mhd``); the data files beside a detached header are passed over.
 Several roots can be used at once.
 
 Training patches are model windows cut with the same ``windows.py`` code that ``bosam
@@ -101,13 +103,27 @@ class Problem:
                 "severity": self.severity}
 
 
-def _nifti_stem(name: str) -> str | None:
+#: data files that a detached header (.mhd, .nhdr) names; they lie beside it in the folder
+_DETACHED_DATA = (".raw", ".zraw", ".raw.gz", ".raw.bz2")
+
+
+def _volume_stem(name: str) -> tuple[str, str] | None:
+    """(case stem, file ending) of a file ``read_volume`` reads; None for any other file."""
+    from .volume import VOLUME_SUFFIXES
+
     low = name.lower()
-    if low.endswith(".nii.gz"):
-        return name[: -len(".nii.gz")]
-    if low.endswith(".nii"):
-        return name[: -len(".nii")]
+    for ending in sorted(VOLUME_SUFFIXES, key=len, reverse=True):  # .nii.gz before .nii
+        if low.endswith(ending) and len(name) > len(ending):
+            return name[: -len(ending)], name[len(name) - len(ending):]
     return None
+
+
+def _not_a_volume(p: Path) -> list[Problem]:
+    if p.name.lower().endswith(_DETACHED_DATA):
+        return []
+    from .volume import VOLUME_SUFFIXES
+
+    return [Problem(p.name, p, f"not a volume file ({', '.join(VOLUME_SUFFIXES)}); ignored", "warning")]
 
 
 def _listing(folder: Path) -> list[Path]:
@@ -158,10 +174,11 @@ def _pair_folder(root: Path, split: str, img_dir: Path, lab_dir: Path) -> tuple[
     problems: list[Problem] = []
     images: dict[str, list[Path]] = {}
     for p in _listing(img_dir):
-        stem = _nifti_stem(p.name)
-        if stem is None:
-            problems.append(Problem(p.name, p, "not a NIfTI file (.nii/.nii.gz); ignored", "warning"))
+        parts = _volume_stem(p.name)
+        if parts is None:
+            problems += _not_a_volume(p)
             continue
+        stem = parts[0]
         m = _CHANNEL.match(stem)
         name = stem
         if m:
@@ -172,11 +189,11 @@ def _pair_folder(root: Path, split: str, img_dir: Path, lab_dir: Path) -> tuple[
         images.setdefault(name, []).append(p)
     labels: dict[str, list[Path]] = {}
     for p in _listing(lab_dir):
-        stem = _nifti_stem(p.name)
-        if stem is None:
-            problems.append(Problem(p.name, p, "not a NIfTI file (.nii/.nii.gz); ignored", "warning"))
+        parts = _volume_stem(p.name)
+        if parts is None:
+            problems += _not_a_volume(p)
             continue
-        labels.setdefault(stem, []).append(p)
+        labels.setdefault(parts[0], []).append(p)
     cases = []
     for name in sorted(set(images) | set(labels)):
         key = f"{root.name}/{split}/{name}"
@@ -188,9 +205,11 @@ def _pair_folder(root: Path, split: str, img_dir: Path, lab_dir: Path) -> tuple[
         if len(imgs) > 1 or len(labs) > 1:
             continue
         if not labs:
-            problems.append(Problem(key, imgs[0], f"unpaired image: no label file {lab_dir.name}/{name}.nii.gz"))
+            ending = _volume_stem(imgs[0].name)[1]  # type: ignore[index]
+            problems.append(Problem(key, imgs[0], f"unpaired image: no label file {lab_dir.name}/{name}{ending}"))
         elif not imgs:
-            problems.append(Problem(key, labs[0], f"unpaired label: no image {img_dir.name}/{name}_0000.nii.gz"))
+            ending = _volume_stem(labs[0].name)[1]  # type: ignore[index]
+            problems.append(Problem(key, labs[0], f"unpaired label: no image {img_dir.name}/{name}_0000{ending}"))
         else:
             cases.append(Case(name, imgs[0], labs[0], root, split))
     return cases, problems

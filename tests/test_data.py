@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import gzip
 import json
 import os
@@ -54,6 +55,63 @@ def test_cases_pair_channel_suffix_plain_names_and_nii(tmp_path):
     assert [(c.name, c.image.name, c.label.name) for c in cases] == [
         ("a", "a_0000.nii.gz", "a.nii.gz"), ("b", "b.nii", "b.nii")]
     assert len(problems) == 1 and problems[0].severity == "warning" and "channel 0001" in problems[0].message
+
+
+def _as_other_format(src: Path, dst: Path) -> Path:
+    """``src`` (NIfTI) written as NRRD (RAS space) or MetaImage (ITK's LPS) by the usual writers."""
+    vol = read_volume(src)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    if dst.name.endswith(".nrrd"):
+        nrrd = pytest.importorskip("nrrd")
+        nrrd.write(str(dst), np.asarray(vol.array), {"space": "right-anterior-superior",
+                   "space directions": vol.affine[:3, :3].T, "space origin": vol.affine[:3, 3]})
+        return dst
+    sitk = pytest.importorskip("SimpleITK")
+    lps = np.diag([-1.0, -1.0, 1.0])
+    spacing = np.linalg.norm(vol.affine[:3, :3], axis=0)
+    img = sitk.GetImageFromArray(np.ascontiguousarray(np.asarray(vol.array).transpose(2, 1, 0)))
+    img.SetSpacing([float(v) for v in spacing])
+    img.SetDirection([float(v) for v in (lps @ vol.affine[:3, :3] / spacing).ravel()])
+    img.SetOrigin([float(v) for v in lps @ vol.affine[:3, 3]])
+    sitk.WriteImage(img, str(dst))  # .mhd also writes its .raw beside it
+    return dst
+
+
+def test_nrrd_and_metaimage_cases_read_as_their_nifti_originals(tmp_path):
+    """nnU-Net v2 datasets may store .nrrd or .mha (dataset.json's file_ending): the same cases in
+    those formats scan to the same grids and labels, give the same training windows, and the
+    .raw data files beside .mhd headers are no cases of their own."""
+    nifti = make_dataset(tmp_path / "nifti", 3)
+    other = tmp_path / "other"
+    for i, ending in enumerate((".mha", ".nrrd", ".mhd")):
+        _as_other_format(nifti / "imagesTr" / f"case_{i:03d}_0000.nii.gz", other / "imagesTr" / f"case_{i:03d}_0000{ending}")
+        _as_other_format(nifti / "labelsTr" / f"case_{i:03d}.nii.gz", other / "labelsTr" / f"case_{i:03d}{ending}")
+    (other / "imagesTr" / "notes.txt").write_text("not a volume")
+    assert (other / "imagesTr" / "case_002_0000.raw").exists() or (other / "imagesTr" / "case_002_0000.zraw").exists()
+    a, b = scan_dataset([nifti]), scan_dataset([other])
+    assert [p.message for p in b.problems] == ["not a volume file (.nii, .nii.gz, .nrrd, .nhdr, .mha, .mhd); ignored"]
+    assert [i.case.image.name for i in b.infos] == ["case_000_0000.mha", "case_001_0000.nrrd", "case_002_0000.mhd"]
+    for x, y in zip(a.infos, b.infos):
+        assert x.shape == y.shape and x.labels == y.labels and x.bboxes == y.bboxes
+        np.testing.assert_allclose(y.affine, x.affine, atol=1e-4)
+    sa, sb = PatchSampler(CaseStore(a.infos)), PatchSampler(CaseStore(b.infos))
+    for seed in range(3):
+        pa, pb = sa.sample(np.random.default_rng(seed)), sb.sample(np.random.default_rng(seed))
+        assert (pa.case.split("/")[-1], pa.label) == (pb.case.split("/")[-1], pb.label)
+        np.testing.assert_array_equal(pa.target, pb.target)
+        np.testing.assert_allclose(pa.image, pb.image, atol=1e-4)
+    # the real CLI: the threshold baseline scores both datasets alike
+    dice = []
+    for root in (nifti, other):
+        out = tmp_path / f"eval_{root.name}"
+        res = _bosam("evaluate", "--data", str(root), "--baseline", "threshold", "--clicks", "1,3", "--out", str(out))
+        assert res.returncode == 0, res.stderr
+        with open(out / "evaluation.csv") as f:
+            dice.append([(r["case"].split("/")[-1], r["label"], r["click"], r["dice"], r["nsd"]) for r in csv.DictReader(f)])
+    assert len(dice[1]) == 3 * 2 * 3 and dice[1] == dice[0]
+    (other / "labelsTr" / "case_001.nrrd").unlink()
+    msgs = [p.message for p in scan_dataset([other]).errors]
+    assert msgs == ["unpaired image: no label file labelsTr/case_001.nrrd"]
 
 
 def test_several_roots_and_splits(tmp_path):
