@@ -57,13 +57,22 @@ def mask_to_mesh(mask: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, np.n
     return world, faces.astype(np.int64)
 
 
+#: RAS -> LPS: mesh files are written in LPS millimetres, as DICOM, ITK and 3D Slicer (which
+#: assumes LPS for a mesh file that does not say otherwise) place them
+RAS_TO_LPS = np.array([-1.0, -1.0, 1.0])
+
+
 def write_stl(vertices: np.ndarray, faces: np.ndarray, path: str | os.PathLike, name: str = "bosam") -> Path:
-    """Binary STL, atomically. Normals from the winding (right-hand rule)."""
-    tri = vertices[faces].astype(np.float32)  # (F, 3, 3)
+    """Binary STL of a mesh with ``vertices`` in RAS mm, atomically. The file holds LPS mm and
+    says so in its header (``SPACE=LPS``, the tag 3D Slicer reads and writes). Normals from the
+    winding (right-hand rule); the two mirrored axes leave the winding as it is."""
+    tri = (vertices * RAS_TO_LPS)[faces].astype(np.float32)  # (F, 3, 3)
     normals = np.cross(tri[:, 1] - tri[:, 0], tri[:, 2] - tri[:, 0])
     norm = np.linalg.norm(normals, axis=1, keepdims=True)
     normals = np.where(norm > 0, normals / np.maximum(norm, 1e-12), 0).astype(np.float32)
-    header = name.encode()[:80].ljust(80, b" ")
+    tag = b" SPACE=LPS"
+    # "bosam " first: a binary STL header must not start with "solid" (that marks ASCII STL)
+    header = (b"bosam " + name.encode("ascii", "replace")[: 80 - 6 - len(tag)] + tag).ljust(80, b" ")
     rec = np.zeros(len(faces), dtype=[("n", "<f4", 3), ("v", "<f4", (3, 3)), ("attr", "<u2")])
     rec["n"] = normals
     rec["v"] = tri

@@ -40,7 +40,7 @@ class SegmentOptions:
         max_windows: windows per object at most.
         per_object: also write one mask file per object.
         overlay: also write an overlay PNG.
-        mesh: also write one STL mesh per object (patient mm).
+        mesh: also write one STL mesh per object (patient mm, LPS as 3D Slicer reads meshes).
         islands: "clicked" keeps the connected pieces of each mask that hold a positive click;
             "all" keeps every piece (``session`` module docstring).
         refine: "hu" peels the soft-tissue rim (below ``refine_hu``) off each mask's surface;

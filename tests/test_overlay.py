@@ -105,7 +105,8 @@ def test_overlay_png_is_the_same_for_every_storage_order(tmp_path) -> None:
 @pytest.mark.parametrize("codes", ["RAS", "LPS", "LAS", "PIR"])
 def test_stl_normals_point_out_of_the_bone_in_world_space(codes: str, tmp_path) -> None:
     """STL readers (viewers, 3-D printing slicers) take the right-hand normals as pointing out
-    of the solid: the signed volume must be positive and match the mask, for either handedness."""
+    of the solid: the signed volume must be positive and match the mask, for either handedness.
+    The file holds LPS mm and says so (3D Slicer assumes LPS for a mesh without the tag)."""
     from bosam_cli.report import mask_to_mesh, write_stl
 
     g = np.indices(SHAPE) - np.array([10, 12, 14])[:, None, None, None]
@@ -119,6 +120,8 @@ def test_stl_normals_point_out_of_the_bone_in_world_space(codes: str, tmp_path) 
     tri = rec["v"].astype(np.float64)
     signed = np.einsum("ij,ij->i", tri[:, 0], np.cross(tri[:, 1], tri[:, 2])).sum() / 6
     assert signed == pytest.approx(ball.sum() * np.prod(SPACING), rel=0.05)
-    centre = (affine @ np.array([10, 12, 14, 1.0]))[:3]
-    outward = np.einsum("ij,ij->i", rec["n"], tri.mean(axis=1) - centre)
+    assert raw[:80].rstrip().endswith(b"SPACE=LPS") and not raw[:5].lower() == b"solid"
+    centre_lps = (affine @ np.array([10, 12, 14, 1.0]))[:3] * np.array([-1, -1, 1])
+    np.testing.assert_allclose(tri.reshape(-1, 3).mean(axis=0), centre_lps, atol=0.3)
+    outward = np.einsum("ij,ij->i", rec["n"], tri.mean(axis=1) - centre_lps)
     assert (outward > 0).mean() > 0.99

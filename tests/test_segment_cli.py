@@ -85,6 +85,13 @@ def test_real_ct_end_to_end_output_on_the_input_grid(tmp_path, random_checkpoint
         assert mask.shape == src.shape and int(mask.sum()) == o["voxels"]
         stl = Path(o["mesh_file"]).read_bytes()
         assert struct.unpack("<I", stl[80:84])[0] == o["mesh_faces"] == (len(stl) - 84) // 50
+        # the mesh lies on the mask in patient space: LPS mm in the file -> RAS -> voxels
+        rec = np.frombuffer(stl[84:], dtype=[("n", "<f4", 3), ("v", "<f4", (3, 3)), ("a", "<u2")])
+        ras = rec["v"].reshape(-1, 3).astype(np.float64) * np.array([-1, -1, 1])
+        ijk = (np.linalg.inv(src.affine) @ np.c_[ras, np.ones(len(ras))].T)[:3].T
+        nz = np.argwhere(mask)
+        assert (ijk >= nz.min(0) - 1).all() and (ijk <= nz.max(0) + 1).all()
+        np.testing.assert_allclose(ijk.min(0), nz.min(0) - 0.5, atol=0.51)
     for k in ("read", "sample_windows", "encoder", "decoder", "map_back", "write", "total"):
         assert manifest["timings_s"][k] >= 0
     png = (out / "example_ct_sm_overlay.png").read_bytes()
