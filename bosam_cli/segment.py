@@ -133,6 +133,7 @@ def output_paths(ct_path: Path, out: str | os.PathLike | None) -> dict[str, Path
         "objects_dir": parent / f"{base}_objects",
         "overlay": parent / f"{base}_overlay.png",
         "meshes_dir": parent / f"{base}_meshes",
+        "points": parent / f"{base}_points.json",
     }
 
 
@@ -414,9 +415,21 @@ INTERACTIVE_HELP = """commands (coordinates in the session's system):
   + x y z            positive click          - x y z     negative click
   object N [name]    switch to (or create) object label N
   undo               undo the last click     reset       clear the current object
-  save [path]        write the label map now (it is also rewritten after every click)
+  save [path]        write the label map and the clicks (<name>_points.json) now;
+                     both are also rewritten after every click
   list               objects, clicks, voxels
   help               this text               quit        save and leave"""
+
+
+def session_prompts(session: Session) -> dict[str, Any]:
+    """The session's clicks as a prompt file (RAS mm, full precision): ``bosam segment --points``
+    on it gives the same label map, and ``--interactive --points`` continues the session."""
+    objects = [
+        {"label": lab, "name": st.name,
+         "clicks": [{"xyz": [float(v) for v in c.ras], "positive": c.positive} for c in st.clicks]}
+        for lab, st in session.objects.items() if st.clicks
+    ]
+    return {"_source": "bosam segment --interactive", "coordinate_system": "RAS", "objects": objects}
 
 
 def interactive(
@@ -433,7 +446,8 @@ def interactive(
 
     Returns the number of commands that failed (the CLI exits non-zero if any did).
     """
-    from .prompts import click_from, load_prompts
+    from .atomic import write_json
+    from .prompts import MAX_LABEL, MIN_LABEL, click_from, load_prompts
 
     stdin = stdin or sys.stdin
     stdout = stdout or sys.stdout
@@ -455,6 +469,7 @@ def interactive(
     def save(path: Path | None = None) -> None:
         target = path or paths["label_map"]
         write_label_map(session.label_map(), volume, target)
+        write_json(session_prompts(session), output_paths(ct_path, target)["points"])
 
     if points is not None:
         prompts = load_prompts(points, volume)
@@ -482,6 +497,9 @@ def interactive(
                     raise ValueError(f"'{cmd}' needs three coordinates")
                 coords = [float(v) for v in parts[1:]]
                 click = click_from(volume, coords, system, cmd == "+")
+                state = session.objects.get(current)
+                if cmd == "-" and not (state and any(c.positive for c in state.clicks)):
+                    raise ValueError(f"object {current} has no positive click yet: the first click of an object must be positive")
                 rep = session.add_click(current, xyz=np.asarray(click.ras), positive=click.positive)
                 save()
                 new = f", {rep.new_windows} new window(s), encoder {rep.encoder_s * 1000:.0f} ms" if rep.encoder_calls else ", no new window"
@@ -493,7 +511,10 @@ def interactive(
             elif cmd == "object":
                 if len(parts) < 2:
                     raise ValueError("'object' needs a label number")
-                current = int(parts[1])
+                label = int(parts[1])
+                if not MIN_LABEL <= label <= MAX_LABEL:
+                    raise ValueError(f"object label must be {MIN_LABEL}..{MAX_LABEL} (0 is background), not {label}")
+                current = label
                 session.add_object(current, " ".join(parts[2:]) or None)
                 say(f"object {current} ({session.objects[current].name}) selected")
             elif cmd == "undo":

@@ -232,26 +232,44 @@ def test_interactive_session_is_scriptable(tmp_path, random_checkpoint):
     a, b = idx[len(idx) // 2], idx[len(idx) // 3]
     script = "\n".join([
         "object 31 vertebrae_L1",
+        f"- {b[0]} {b[1]} {b[2]}",  # refused: an object starts with a positive click
         f"+ {a[0]} {a[1]} {a[2]}",
         f"- {b[0]} {b[1]} {b[2]}",
         "undo",
+        f"- {b[0]} {b[1]} {b[2] + 0.5}",
+        "object 0 background",  # refused: 0 is background
+        "object 70000",  # refused: above 65535
         "list",
         "bogus",
         f"save {tmp_path / 'snap.nii.gz'}",
         "quit",
     ])
     out = tmp_path / "inter.nii.gz"
-    r = bosam("segment", str(ct), "--interactive", "--coords", "voxel", "-c", str(random_checkpoint),
-              "--engine", "torch", "-o", str(out), "--max-windows", "1", stdin=script)
-    assert r.returncode == 1  # one failing command ('bogus')
+    options = ["-c", str(random_checkpoint), "--engine", "torch", "--max-windows", "1"]
+    r = bosam("segment", str(ct), "--interactive", "--coords", "voxel", "-o", str(out), *options, stdin=script)
+    assert r.returncode == 1  # failing commands (the refused ones and 'bogus')
     lines = r.stdout.splitlines()
     clicks = [l for l in lines if "decoder" in l and "ms" in l]
-    assert len(clicks) == 2
+    assert len(clicks) == 3
     assert "encoder" in clicks[0] and "no new window" in clicks[1]
     assert any(l.startswith("undone") for l in lines)
     assert any("unknown command" in l for l in lines)
-    assert out.exists() and (tmp_path / "snap.nii.gz").exists()
+    assert sum("error:" in l for l in lines) == 4
+    assert any("first click of an object must be positive" in l for l in lines)
+    assert any("1..65535 (0 is background), not 0" in l for l in lines)
+    assert out.exists() and (tmp_path / "snap.nii.gz").exists() and (tmp_path / "snap_points.json").exists()
     assert nib.load(str(out)).shape == nib.load(str(ct)).shape
+    # the clicks left after undo, saved beside the label map, replay to the same label map
+    points = tmp_path / "inter_points.json"
+    doc = json.loads(points.read_text())
+    assert [(o["label"], o["name"], [c["positive"] for c in o["clicks"]]) for o in doc["objects"]] == [
+        (31, "vertebrae_L1", [True, False])]
+    replay = tmp_path / "replay.nii.gz"
+    r = bosam("segment", str(ct), "--points", str(points), "-o", str(replay), *options)
+    assert r.returncode == 0, r.stderr
+    inter_map = np.asanyarray(nib.load(str(out)).dataobj)
+    assert inter_map.any()
+    np.testing.assert_array_equal(np.asanyarray(nib.load(str(replay)).dataobj), inter_map)
 
 
 def test_manifest_warns_about_empty_masks_and_says_why(tmp_path):
