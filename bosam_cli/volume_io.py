@@ -161,8 +161,11 @@ def _assemble_series(folder: Path, uid: str, items: list[tuple[Path, Any]]) -> V
         try:
             pixels = ds.pixel_array
         except Exception as exc:  # noqa: BLE001 - missing decoder plugin, bad data
-            ts = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", "unknown")
-            raise VolumeError(f"{f}: PixelData: cannot decode (TransferSyntaxUID {ts}; {_one_line(exc)})") from None
+            ts = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
+            name = f"{ts} {ts.name}" if ts is not None and getattr(ts, "name", "") not in ("", str(ts)) else str(ts)
+            hint = ("; compressed DICOM needs the decoders that pip install -e '.[io]' adds"
+                    if getattr(ts, "is_compressed", False) else "")
+            raise VolumeError(f"{f}: PixelData: cannot decode (TransferSyntaxUID {name}; {_one_line(exc)}){hint}") from None
         if pixels.shape != (rows, cols):
             raise VolumeError(f"{f}: PixelData: shape {pixels.shape} does not match Rows x Columns {rows}x{cols}")
         # pixel_array is indexed [row, column]; the volume is [column i, row j, slice k].

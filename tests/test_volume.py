@@ -473,6 +473,73 @@ def test_dicom_oblique_series_geometry_and_values(tmp_path):
     assert vol.meta["n_slices"] == g["n"]
 
 
+@pytest.mark.parametrize("syntax, plugin", [("RLELossless", None), ("JPEG2000Lossless", "openjpeg")])
+def test_dicom_compressed_series_reads_as_the_uncompressed_one(tmp_path, syntax, plugin):
+    """PACS exports are often compressed; RLE decodes in pydicom itself, JPEG 2000 through
+    pylibjpeg-openjpeg (the io and test extras)."""
+    pydicom = pytest.importorskip("pydicom")
+    if plugin:
+        pytest.importorskip(plugin)
+    from pydicom import uid as uids
+
+    write_dicom_series(tmp_path / "plain", rows=40, cols=36, n=5)
+    (tmp_path / "packed").mkdir()
+    for f in (tmp_path / "plain").iterdir():
+        ds = pydicom.dcmread(f)
+        ds.compress(getattr(uids, syntax))
+        ds.save_as(tmp_path / "packed" / f.name, enforce_file_format=True)
+    assert pydicom.dcmread(next((tmp_path / "packed").iterdir())).file_meta.TransferSyntaxUID == getattr(uids, syntax)
+    plain, packed = read_volume(tmp_path / "plain"), read_volume(tmp_path / "packed")
+    np.testing.assert_array_equal(packed.array, plain.array)
+    np.testing.assert_array_equal(packed.affine, plain.affine)
+
+
+def test_dicom_undecodable_pixel_data_is_one_line_naming_the_file(tmp_path):
+    pydicom = pytest.importorskip("pydicom")
+    from pydicom.uid import RLELossless
+
+    write_dicom_series(tmp_path / "s", rows=40, cols=36, n=3)
+    bad = sorted((tmp_path / "s").iterdir())[1]
+    ds = pydicom.dcmread(bad)
+    ds.compress(RLELossless)
+    ds.PixelData = ds.PixelData[:64]  # cut short
+    ds.save_as(bad, enforce_file_format=True)
+    with pytest.raises(VolumeError) as exc:
+        read_volume(tmp_path / "s")
+    assert_one_line_naming(exc, bad, "PixelData: cannot decode")
+    assert "RLE Lossless" in str(exc.value) and "pip install -e '.[io]'" in str(exc.value)
+
+
+def test_dicom_jpeg_ls_series_decodes(tmp_path):
+    """JPEG-LS (decoded by pylibjpeg-libjpeg, which also reads JPEG Lossless): pydicom's own
+    JPEG-LS frame of its MR_small test image, as the slices of a series, reads as the
+    uncompressed image."""
+    pydicom = pytest.importorskip("pydicom")
+    pytest.importorskip("libjpeg")
+    from pydicom.data import get_testdata_file
+    from pydicom.uid import generate_uid
+
+    packed, plain = get_testdata_file("MR_small_jpeg_ls_lossless.dcm"), get_testdata_file("MR_small.dcm")
+    if packed is None or plain is None:
+        pytest.skip("pydicom's bundled MR_small test files are absent")
+    expected = pydicom.dcmread(plain).pixel_array
+    uid = generate_uid()
+    (tmp_path / "s").mkdir()
+    for k in range(3):
+        ds = pydicom.dcmread(packed)
+        ds.SeriesInstanceUID = uid
+        ds.SOPInstanceUID = generate_uid()
+        ds.ImageOrientationPatient = [1.0, 0.0, 0.0, 0.0, 1.0, 0.0]
+        ds.ImagePositionPatient = [0.0, 0.0, 2.0 * k]
+        ds.PixelSpacing = [0.8, 0.8]
+        ds.RescaleSlope, ds.RescaleIntercept = 1, -1024
+        ds.save_as(tmp_path / "s" / f"{k}.dcm", enforce_file_format=True)
+    vol = read_volume(tmp_path / "s")
+    assert vol.shape == (expected.shape[1], expected.shape[0], 3)
+    for k in range(3):
+        np.testing.assert_array_equal(vol.array[:, :, k], expected.T.astype(np.int64) - 1024)
+
+
 def test_dicom_fractional_rescale_gives_float32(tmp_path):
     pytest.importorskip("pydicom")
     write_dicom_series(tmp_path / "s", slope="0.5", intercept="-1000.25")
