@@ -123,7 +123,7 @@ app.add_typer(points_app, name="points")
 @points_app.command("check")
 @handle_errors
 def points_check(
-    ct: Path = typer.Argument(..., help="CT: .nii/.nii.gz, .nrrd/.nhdr, .mha/.mhd or a DICOM series folder."),
+    ct: Path = typer.Argument(..., help="CT: .nii/.nii.gz, .nrrd/.nhdr, .mha/.mhd, a DICOM series folder or one file of the series."),
     prompts: Path = typer.Argument(..., help="Prompt file: bosam JSON, Slicer .mrk.json or MONAI Label JSON."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON for machines."),
 ) -> None:
@@ -193,7 +193,7 @@ REFINE_HU_HELP = "HU below which --refine hu peels a surface voxel."
 @app.command()
 @handle_errors
 def segment(
-    ct: Path = typer.Argument(..., help="CT (.nii, .nii.gz, .nrrd, .nhdr, .mha, .mhd, DICOM series folder); for a batch a folder of CTs or a CSV/JSON manifest (columns ct, points, out)."),
+    ct: Path = typer.Argument(..., help="CT (.nii, .nii.gz, .nrrd, .nhdr, .mha, .mhd, DICOM series folder or one file of the series); for a batch a folder of CTs or a CSV/JSON manifest (columns ct, points, out)."),
     points: Optional[Path] = typer.Option(None, "--points", "-p", help="Prompt file with the clicks (bosam JSON, Slicer .mrk.json, MONAI Label); for a batch a folder of them matched by CT name."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Label map path (.nii.gz) or output folder \\[default: ./<ct>_bosam.nii.gz]."),
     checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", "-c", help="Model weights (SAM-Med3D, turbo, BoSAM, BoSAM-LoRA or bosam) \\[default: the bundled model]."),

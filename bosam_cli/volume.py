@@ -116,8 +116,9 @@ def is_nifti(path: Path) -> bool:
 
 
 def read_volume(path: str | os.PathLike) -> Volume:
-    """Read a CT or label volume: NIfTI (.nii/.nii.gz), a DICOM series folder, NRRD or
-    MetaImage (.mha/.mhd)."""
+    """Read a CT or label volume: NIfTI (.nii/.nii.gz), a DICOM series folder (or one file of
+    a series: the series it belongs to, from the files of its folder), NRRD or MetaImage
+    (.mha/.mhd)."""
     path = Path(path)
     if not path.exists():
         raise VolumeError(f"{path}: no such file or folder")
@@ -126,6 +127,10 @@ def read_volume(path: str | os.PathLike) -> Volume:
 
         return read_dicom_series(path)
     name = path.name.lower()
+    if name.endswith(".dcm") or (not name.endswith(VOLUME_SUFFIXES) and _has_dicom_preamble(path)):
+        from .volume_io import read_dicom_series_of
+
+        return read_dicom_series_of(path)
     if name.endswith(".nrrd") or name.endswith(".nhdr"):
         from .volume_io import read_nrrd
 
@@ -136,7 +141,17 @@ def read_volume(path: str | os.PathLike) -> Volume:
         return read_metaimage(path)
     if is_nifti(path):
         return read_nifti(path)
-    raise VolumeError(f"{path}: unsupported file type (expected {', '.join(VOLUME_SUFFIXES)} or a DICOM folder)")
+    raise VolumeError(f"{path}: unsupported file type (expected {', '.join(VOLUME_SUFFIXES)}, a DICOM folder or file)")
+
+
+def _has_dicom_preamble(path: Path) -> bool:
+    """A DICOM Part 10 file: "DICM" after the 128-byte preamble."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(132)
+    except OSError:
+        return False
+    return len(head) == 132 and head[128:] == b"DICM"
 
 
 def _one_line(exc: BaseException) -> str:

@@ -29,12 +29,31 @@ _COSINE_TOL = 1e-3
 # DICOM
 
 
-def read_dicom_series(folder: str | os.PathLike) -> Volume:
+def read_dicom_series_of(file: str | os.PathLike) -> Volume:
+    """The DICOM series that ``file`` belongs to, from the files of its folder (searched
+    recursively): how a series is picked out of a folder that holds several."""
+    try:
+        import pydicom
+    except ImportError:  # pragma: no cover - depends on the install
+        raise VolumeError(f"{file}: reading DICOM needs pydicom (pip install 'bosam[io]')") from None
+    file = Path(file)
+    try:
+        ds = pydicom.dcmread(file, stop_before_pixels=True, force=True)
+    except Exception as exc:  # noqa: BLE001 - not DICOM, truncated
+        raise VolumeError(f"{file}: not a readable DICOM file ({_one_line(exc)})") from None
+    uid = ds.get("SeriesInstanceUID")
+    if not uid:
+        raise VolumeError(f"{file}: SeriesInstanceUID: missing, so its series cannot be told apart; pass its folder")
+    return read_dicom_series(file.parent, series_uid=str(uid))
+
+
+def read_dicom_series(folder: str | os.PathLike, series_uid: str | None = None) -> Volume:
     """Read one DICOM image series from a folder (searched recursively) into a RAS volume.
 
     * Files that are not DICOM, or DICOM objects without ``ImagePositionPatient`` (reports,
       presentation states, DICOMDIR), are skipped. Several ``SeriesInstanceUID`` values are
-      refused with a message listing them; pass a folder with one series.
+      refused with a message listing them, unless ``series_uid`` picks one (give one file of
+      the series to ``read_volume`` for that).
     * Slices are sorted along the slice normal ``row x column`` of ``ImageOrientationPatient``;
       the slice step is the mean difference of ``ImagePositionPatient`` (so a gantry tilt
       becomes a sheared affine, not a wrong one). Non-uniform gaps (a missing slice), duplicate
@@ -68,6 +87,10 @@ def read_dicom_series(folder: str | os.PathLike) -> Volume:
         if "ImagePositionPatient" not in ds or "PixelData" not in ds:
             continue
         slices.setdefault(str(ds.get("SeriesInstanceUID", "")), []).append((f, ds))
+    if series_uid is not None:
+        if series_uid not in slices:
+            raise VolumeError(f"{folder}: SeriesInstanceUID: no image slices of series {series_uid} in this folder")
+        slices = {series_uid: slices[series_uid]}
     if not slices:
         raise VolumeError(f"{folder}: ImagePositionPatient: no DICOM image slices found in this folder")
     if len(slices) > 1:
@@ -75,7 +98,8 @@ def read_dicom_series(folder: str | os.PathLike) -> Volume:
             f"{uid or '<none>'} ({len(v)} files, {str(v[0][1].get('SeriesDescription', '')).strip() or 'no description'})"
             for uid, v in sorted(slices.items())
         )
-        raise VolumeError(f"{folder}: SeriesInstanceUID: {len(slices)} series found, pass a folder holding one: {listing}")
+        raise VolumeError(f"{folder}: SeriesInstanceUID: {len(slices)} series found; pass a folder holding one, "
+                          f"or one file of the series to read: {listing}")
     (uid, items), = slices.items()
     return _assemble_series(folder, uid, items)
 

@@ -554,7 +554,18 @@ def test_dicom_several_series_refused_with_their_uids(tmp_path):
     write_dicom_series(tmp_path / "mix" / "sub", series_uid="1.2.3.4.2", seed=2)
     with pytest.raises(VolumeError) as exc:
         read_volume(tmp_path / "mix")
-    assert_one_line_naming(exc, tmp_path / "mix", "SeriesInstanceUID", "1.2.3.4.1", "1.2.3.4.2")
+    assert_one_line_naming(exc, tmp_path / "mix", "SeriesInstanceUID", "1.2.3.4.1", "1.2.3.4.2", "one file of the series")
+    # one file picks its series out of the folder (as viewers open a series from one file)
+    in_sub = read_volume(next(p for p in (tmp_path / "mix" / "sub").iterdir()))
+    np.testing.assert_array_equal(in_sub.array, read_volume(tmp_path / "mix" / "sub").array)
+    assert in_sub.meta["series_instance_uid"] == "1.2.3.4.2"
+    top = read_volume(next(p for p in (tmp_path / "mix").iterdir() if p.is_file()))
+    assert top.meta["series_instance_uid"] == "1.2.3.4.1" and top.meta["n_slices"] == 4
+    assert all(Path(f).parent == tmp_path / "mix" for f in top.meta["files"])
+    (tmp_path / "notes.dcm").write_bytes(b"not dicom")
+    with pytest.raises(VolumeError) as exc:
+        read_volume(tmp_path / "notes.dcm")
+    assert_one_line_naming(exc, tmp_path / "notes.dcm")
 
 
 def test_dicom_missing_slice_refused(tmp_path):
