@@ -264,6 +264,10 @@ def test_interactive_session_is_scriptable(tmp_path, random_checkpoint):
     doc = json.loads(points.read_text())
     assert [(o["label"], o["name"], [c["positive"] for c in o["clicks"]]) for o in doc["objects"]] == [
         (31, "vertebrae_L1", [True, False])]
+    jsonschema = pytest.importorskip("jsonschema")
+    from bosam_cli.prompts import schema_path
+
+    jsonschema.validate(doc, json.loads(schema_path().read_text()))
     replay = tmp_path / "replay.nii.gz"
     r = bosam("segment", str(ct), "--points", str(points), "-o", str(replay), *options)
     assert r.returncode == 0, r.stderr
