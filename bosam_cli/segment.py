@@ -22,7 +22,17 @@ import numpy as np
 
 from .errors import BosamError, PromptError
 from .session import ISLANDS, REFINE_HU, REFINES, Session
-from .volume import VOLUME_SUFFIXES, Volume, hu_warning, read_volume, require_finite, write_label_map
+from .volume import (
+    LABEL_MAP_SUFFIXES,
+    VOLUME_SUFFIXES,
+    Volume,
+    check_label_map_path,
+    hu_warning,
+    label_map_ending,
+    read_volume,
+    require_finite,
+    write_label_map,
+)
 from .windows import DEFAULT_CLAMP_HU, DEFAULT_SPACING_MM, Intensity
 
 OVERLAP_RULE = "highest blended logit wins; exact ties go to the object listed first"
@@ -114,18 +124,20 @@ def engine_metadata(engine: Any) -> dict[str, Any]:
 
 
 def output_paths(ct_path: Path, out: str | os.PathLike | None) -> dict[str, Path]:
-    """Where the outputs of one CT go. ``out`` may be a .nii/.nii.gz path or a folder."""
+    """Where the outputs of one CT go. ``out`` may be a label map path (.nii.gz, .nii, .nrrd or
+    .mha: per-object masks take the same format) or a folder (NIfTI there)."""
     stem = case_name(ct_path)
     if out is None:
         label_map = Path.cwd() / f"{stem}_bosam.nii.gz"
     else:
         out = Path(out)
         name = out.name.lower()
-        if name.endswith(".nii") or name.endswith(".nii.gz"):
+        if name.endswith((*LABEL_MAP_SUFFIXES, ".mhd", ".nhdr")):
             label_map = out
         else:
             label_map = out / f"{stem}.nii.gz"
-    base = label_map.name[: -len(".nii.gz")] if label_map.name.lower().endswith(".nii.gz") else label_map.stem
+    check_label_map_path(label_map)  # refuses .mhd/.nhdr (detached data) before any work
+    base = label_map.name[: -len(label_map_ending(label_map))]
     parent = label_map.parent
     return {
         "label_map": label_map,
@@ -220,7 +232,7 @@ def segment_file(
             "decoder_calls": sum(r["decoder_calls"] for r in result["reports"][obj.label]),
         }
         if options.per_object:
-            p = paths["objects_dir"] / f"{obj.label}_{_safe_name(obj.name)}.nii.gz"
+            p = paths["objects_dir"] / f"{obj.label}_{_safe_name(obj.name)}{label_map_ending(paths['label_map'])}"
             written.append(write_label_map(mask.astype(np.uint8), volume, p))
             entry["mask_file"] = str(p)
         if options.mesh:

@@ -342,8 +342,7 @@ def write_label_map(labels: np.ndarray, like: Volume, path: str | os.PathLike) -
     appears complete or not at all (temp file in the same folder + rename).
     """
     path = Path(path)
-    if not is_nifti(path):
-        raise VolumeError(f"{path}: output must end in .nii or .nii.gz")
+    check_label_map_path(path)
     labels = np.asarray(labels)
     if tuple(labels.shape) != like.shape:
         raise VolumeError(f"{path}: label map shape {tuple(labels.shape)} differs from the CT grid {like.shape}")
@@ -359,7 +358,30 @@ def write_label_map(labels: np.ndarray, like: Volume, path: str | os.PathLike) -
     if lo < 0 or hi > 65535:
         raise VolumeError(f"{path}: labels: values must be in 0..65535, got {lo}..{hi}")
     data = labels.astype(label_dtype(hi), copy=False)
+    if not is_nifti(path):
+        from .volume_io import write_label_map_other
+
+        return write_label_map_other(data, like.affine, path)
     return _atomic_nifti_save(_nifti_like(data, like), path)
+
+
+#: file endings write_label_map writes: NIfTI, or single-file NRRD / MetaImage (a detached
+#: .nhdr/.mhd header would name a data file that the atomic rename cannot carry along)
+LABEL_MAP_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".mha")
+
+
+def check_label_map_path(path: str | os.PathLike) -> None:
+    """Refuse an output path write_label_map cannot write, before any work is done."""
+    label_map_ending(path)
+
+
+def label_map_ending(path: str | os.PathLike) -> str:
+    """The file ending of a label map path (one of ``LABEL_MAP_SUFFIXES``); VolumeError else."""
+    path = Path(path)
+    for ending in LABEL_MAP_SUFFIXES:
+        if path.name.lower().endswith(ending):
+            return ending
+    raise VolumeError(f"{path}: a label map is written as {', '.join(LABEL_MAP_SUFFIXES)}")
 
 
 def write_volume(array: np.ndarray, like: Volume, path: str | os.PathLike) -> Path:

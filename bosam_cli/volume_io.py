@@ -324,3 +324,44 @@ def read_metaimage(path: str | os.PathLike) -> Volume:
     affine_lps[:3, 3] = origin
     meta = {"format": "metaimage"}
     return Volume(data, LPS_TO_RAS @ affine_lps, None, path, meta)
+
+
+# ---------------------------------------------------------------------------------------------
+# label maps in NRRD / MetaImage
+
+
+def write_label_map_other(data: np.ndarray, affine_ras: np.ndarray, path: str | os.PathLike) -> Path:
+    """``data`` (i, j, k) with the RAS ``affine_ras`` as a gzip-compressed .nrrd (pynrrd, space
+    left-posterior-superior) or .mha (SimpleITK, ITK's LPS geometry), atomically. Both keep the
+    voxel order and geometry exactly (oblique grids included): ``read_volume`` gives back the
+    same array and affine."""
+    from .atomic import atomic_path
+
+    path = Path(path)
+    lps = LPS_TO_RAS @ np.asarray(affine_ras, dtype=np.float64)  # the sign flip is its own inverse
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise VolumeError(f"{path}: cannot create the output folder ({_one_line(exc)})") from None
+    if path.name.lower().endswith(".nrrd"):
+        try:
+            import nrrd
+        except ImportError:  # pragma: no cover - depends on the install
+            raise VolumeError(f"{path}: writing NRRD needs pynrrd (pip install 'bosam[io]')") from None
+        header = {"space": "left-posterior-superior", "space directions": lps[:3, :3].T,
+                  "space origin": lps[:3, 3], "encoding": "gzip", "kinds": ["domain"] * 3}
+        with atomic_path(path, suffix=".nrrd") as tmp:
+            nrrd.write(str(tmp), np.asfortranarray(data), header, index_order="F")
+        return path
+    try:
+        import SimpleITK as sitk
+    except ImportError:  # pragma: no cover - depends on the install
+        raise VolumeError(f"{path}: writing MetaImage needs SimpleITK (pip install 'bosam[io]')") from None
+    spacing = np.linalg.norm(lps[:3, :3], axis=0)
+    img = sitk.GetImageFromArray(np.ascontiguousarray(np.asarray(data).transpose(2, 1, 0)))  # sitk: (k, j, i)
+    img.SetSpacing([float(v) for v in spacing])
+    img.SetDirection([float(v) for v in (lps[:3, :3] / spacing).ravel()])
+    img.SetOrigin([float(v) for v in lps[:3, 3]])
+    with atomic_path(path, suffix=".mha") as tmp:
+        sitk.WriteImage(img, str(tmp), True)
+    return path

@@ -298,3 +298,32 @@ def test_manifest_warns_about_empty_masks_and_says_why(tmp_path):
         "object 2 (same_place): empty mask: every voxel went to other objects by the overlap rule",
         "object 3 (erased): empty mask: the model found nothing at its clicks",
     ]
+
+
+def test_label_map_as_metaimage_with_per_object_masks(tmp_path, random_checkpoint):
+    """``-o x.mha`` (or .nrrd): the label map and the per-object masks in that format, on the
+    CT's grid; a detached .mhd header is refused up front with nothing written."""
+    pytest.importorskip("SimpleITK")
+    from bosam_cli.volume import read_volume
+
+    ct = need(CT_SM)
+    seg = np.asanyarray(nib.load(need(SEG_SM)).dataobj)
+    a = np.argwhere(seg == 31)[len(np.argwhere(seg == 31)) // 2]
+    prompts = tmp_path / "p.json"
+    prompts.write_text(json.dumps({"coordinate_system": "voxel", "objects": [
+        {"label": 31, "name": "vertebrae_L1", "clicks": [{"xyz": [int(v) for v in a]}]}]}))
+    options = ["-c", str(random_checkpoint), "--engine", "torch", "--max-windows", "1"]
+    r = bosam("segment", str(ct), "--points", str(prompts), "-o", str(tmp_path / "bad" / "x.mhd"), *options)
+    assert r.returncode == 2 and "x.mhd: a label map is written as" in r.stderr and not (tmp_path / "bad").exists()
+    nii, mha = tmp_path / "a" / "seg.nii.gz", tmp_path / "b" / "seg.mha"
+    for out in (nii, mha):
+        r = bosam("segment", str(ct), "--points", str(prompts), "-o", str(out), "--per-object", *options)
+        assert r.returncode == 0, r.stderr
+    manifest = json.loads((tmp_path / "b" / "seg.json").read_text())
+    assert manifest["output"]["label_map"] == str(mha)
+    mask_file = Path(manifest["objects"][0]["mask_file"])
+    assert mask_file.name == "31_vertebrae_L1.mha" and mask_file.exists()
+    src, got, ref = read_volume(ct), read_volume(mha), read_volume(nii)
+    np.testing.assert_allclose(got.affine, src.affine, atol=1e-4)
+    np.testing.assert_array_equal(got.array, ref.array)
+    assert int(np.count_nonzero(read_volume(mask_file).array)) == manifest["objects"][0]["voxels"]

@@ -281,9 +281,30 @@ def test_label_map_shape_and_suffix_refused(tmp_path):
     ct = read_nifti(save_nifti(tmp_path / "ct.nii", ct_like(), np.eye(4)))
     with pytest.raises(VolumeError, match="differs from the CT grid"):
         write_label_map(np.zeros((7, 6, 4), np.uint8), ct, tmp_path / "x.nii.gz")
-    with pytest.raises(VolumeError, match=r"\.nii or \.nii\.gz"):
-        write_label_map(np.zeros(ct.shape, np.uint8), ct, tmp_path / "x.nrrd")
+    for name in ("x.mhd", "x.nhdr", "x.png"):  # detached headers cannot be renamed atomically
+        with pytest.raises(VolumeError, match=r"written as \.nii\.gz, \.nii, \.nrrd, \.mha"):
+            write_label_map(np.zeros(ct.shape, np.uint8), ct, tmp_path / name)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ct.nii"]
+
+
+@pytest.mark.parametrize("name, module", [("labels.nrrd", "nrrd"), ("labels.mha", "SimpleITK")])
+def test_label_map_as_nrrd_or_metaimage_keeps_the_grid(tmp_path, name, module):
+    """Grand-challenge pipelines read and write .mha, Slicer users .nrrd: an oblique LPS-stored
+    CT's label map reads back with the same voxels and affine, written atomically."""
+    pytest.importorskip(module)
+    affine = np.eye(4)
+    affine[:3, :3] = rotation([1, -2, 0.5], 19.0) @ np.diag([-0.7, -0.8, 2.5])
+    affine[:3, 3] = [120.0, -33.5, 610.25]
+    ct = Volume(ct_like((9, 8, 7)), affine)
+    labels = np.zeros(ct.shape, np.uint16)
+    labels[2:5, 1:6, 3] = 7
+    labels[6, 7, 6] = 300  # above 255: uint16
+    write_label_map(labels, ct, tmp_path / name)
+    back = read_volume(tmp_path / name)
+    assert back.array.dtype == np.uint16
+    np.testing.assert_array_equal(back.array, labels)
+    np.testing.assert_allclose(back.affine, affine, atol=1e-5)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [name]  # no temp file left behind
 
 
 @pytest.mark.parametrize("name", ["labels.nii.gz", "labels.nii"])
