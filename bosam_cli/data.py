@@ -33,7 +33,7 @@ from typing import Any, Callable, Iterable, Sequence
 import numpy as np
 
 from .errors import BosamError, VolumeError
-from .volume import Volume
+from .volume import VOLUME_SUFFIXES, Volume
 from .windows import (
     DEFAULT_CLAMP_HU,
     DEFAULT_SIZE,
@@ -109,8 +109,6 @@ _DETACHED_DATA = (".raw", ".zraw", ".raw.gz", ".raw.bz2")
 
 def _volume_stem(name: str) -> tuple[str, str] | None:
     """(case stem, file ending) of a file ``read_volume`` reads; None for any other file."""
-    from .volume import VOLUME_SUFFIXES
-
     low = name.lower()
     for ending in sorted(VOLUME_SUFFIXES, key=len, reverse=True):  # .nii.gz before .nii
         if low.endswith(ending) and len(name) > len(ending):
@@ -121,8 +119,6 @@ def _volume_stem(name: str) -> tuple[str, str] | None:
 def _not_a_volume(p: Path) -> list[Problem]:
     if p.name.lower().endswith(_DETACHED_DATA):
         return []
-    from .volume import VOLUME_SUFFIXES
-
     return [Problem(p.name, p, f"not a volume file ({', '.join(VOLUME_SUFFIXES)}); ignored", "warning")]
 
 

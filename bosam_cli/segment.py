@@ -26,7 +26,6 @@ from .volume import (
     LABEL_MAP_SUFFIXES,
     VOLUME_SUFFIXES,
     Volume,
-    check_label_map_path,
     hu_warning,
     label_map_ending,
     read_volume,
@@ -136,8 +135,7 @@ def output_paths(ct_path: Path, out: str | os.PathLike | None) -> dict[str, Path
             label_map = out
         else:
             label_map = out / f"{stem}.nii.gz"
-    check_label_map_path(label_map)  # refuses .mhd/.nhdr (detached data) before any work
-    base = label_map.name[: -len(label_map_ending(label_map))]
+    base = label_map.name[: -len(label_map_ending(label_map))]  # refuses .mhd/.nhdr before any work
     parent = label_map.parent
     return {
         "label_map": label_map,

@@ -342,7 +342,7 @@ def write_label_map(labels: np.ndarray, like: Volume, path: str | os.PathLike) -
     appears complete or not at all (temp file in the same folder + rename).
     """
     path = Path(path)
-    check_label_map_path(path)
+    label_map_ending(path)
     labels = np.asarray(labels)
     if tuple(labels.shape) != like.shape:
         raise VolumeError(f"{path}: label map shape {tuple(labels.shape)} differs from the CT grid {like.shape}")
@@ -370,13 +370,9 @@ def write_label_map(labels: np.ndarray, like: Volume, path: str | os.PathLike) -
 LABEL_MAP_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".mha")
 
 
-def check_label_map_path(path: str | os.PathLike) -> None:
-    """Refuse an output path write_label_map cannot write, before any work is done."""
-    label_map_ending(path)
-
-
 def label_map_ending(path: str | os.PathLike) -> str:
-    """The file ending of a label map path (one of ``LABEL_MAP_SUFFIXES``); VolumeError else."""
+    """The file ending of a label map path (one of ``LABEL_MAP_SUFFIXES``); a VolumeError for a
+    path write_label_map cannot write, so callers can refuse it before any work is done."""
     path = Path(path)
     for ending in LABEL_MAP_SUFFIXES:
         if path.name.lower().endswith(ending):
@@ -434,6 +430,14 @@ def _nifti_like(data: np.ndarray, like: Volume) -> Any:
     return img
 
 
+def make_output_folder(path: Path) -> None:
+    """Create ``path``'s folder, or a one-line VolumeError naming ``path``."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise VolumeError(f"{path}: cannot create the output folder ({_one_line(exc)})") from None
+
+
 def _atomic_nifti_save(img: Any, path: Path) -> Path:
     """Save through a temp file in the target folder, fsync, then rename over ``path``.
 
@@ -442,10 +446,7 @@ def _atomic_nifti_save(img: Any, path: Path) -> Path:
     """
     import nibabel as nib
 
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise VolumeError(f"{path}: cannot create the output folder ({_one_line(exc)})") from None
+    make_output_folder(path)
     gz = path.name.lower().endswith(".gz")
     igzip = _igzip() if gz else None
     with atomic_path(path, suffix=".nii.gz" if gz else ".nii") as tmp:

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from .errors import VolumeError
-from .volume import LPS_TO_RAS, Volume, _one_line
+from .volume import LPS_TO_RAS, Volume, _one_line, make_output_folder
 
 # Relative tolerance on slice gaps and on direction cosines. Scanners write positions with ~6
 # significant digits; a missing slice doubles a gap, far beyond this.
@@ -339,10 +339,7 @@ def write_label_map_other(data: np.ndarray, affine_ras: np.ndarray, path: str | 
 
     path = Path(path)
     lps = LPS_TO_RAS @ np.asarray(affine_ras, dtype=np.float64)  # the sign flip is its own inverse
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise VolumeError(f"{path}: cannot create the output folder ({_one_line(exc)})") from None
+    make_output_folder(path)
     if path.name.lower().endswith(".nrrd"):
         try:
             import nrrd
