@@ -195,7 +195,7 @@ REFINE_HU_HELP = "HU below which --refine hu peels a surface voxel."
 def segment(
     ct: Path = typer.Argument(..., help="CT (.nii, .nii.gz, .nrrd, .nhdr, .mha, .mhd, DICOM series folder or one file of the series); for a batch a folder of CTs or a CSV/JSON manifest (columns ct, points, out)."),
     points: Optional[Path] = typer.Option(None, "--points", "-p", help="Prompt file with the clicks (bosam JSON, Slicer .mrk.json, MONAI Label); for a batch a folder of them matched by CT name."),
-    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Label map path (.nii.gz, .nii, .nrrd or .mha) or output folder \\[default: ./<ct>_bosam.nii.gz]."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Label map path (.nii.gz, .nii, .nrrd, .mha, or .dcm: a DICOM SEG, for a DICOM CT) or output folder \\[default: ./<ct>_bosam.nii.gz]."),
     checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", "-c", help="Model weights (SAM-Med3D, turbo, BoSAM, BoSAM-LoRA or bosam) \\[default: the bundled model]."),
     engine: str = typer.Option("auto", "--engine", help=ENGINE_HELP),
     engine_dir: Optional[Path] = typer.Option(None, "--engine-dir", help="Folder written by 'bosam export' (ONNX / TensorRT engines)."),

@@ -123,8 +123,9 @@ def engine_metadata(engine: Any) -> dict[str, Any]:
 
 
 def output_paths(ct_path: Path, out: str | os.PathLike | None) -> dict[str, Path]:
-    """Where the outputs of one CT go. ``out`` may be a label map path (.nii.gz, .nii, .nrrd or
-    .mha: per-object masks take the same format) or a folder (NIfTI there)."""
+    """Where the outputs of one CT go. ``out`` may be a label map path (.nii.gz, .nii, .nrrd,
+    .mha, or .dcm for a DICOM SEG: per-object masks take the same format) or a folder (NIfTI
+    there)."""
     stem = case_name(ct_path)
     if out is None:
         label_map = Path.cwd() / f"{stem}_bosam.nii.gz"
@@ -203,6 +204,7 @@ def segment_file(
     prompts = load_prompts(points, volume)
     t_prompts = time.perf_counter()
     paths = output_paths(ct_path, out)
+    check_output_format(paths["label_map"], volume)
     session = session or make_session(engine, options, engine_metadata(engine))
     before = dict(session.timings)
     counts_before = dict(session.counts)
@@ -210,7 +212,8 @@ def segment_file(
     labels = result["labels"]
     t_seg = time.perf_counter()
 
-    written: list[Path] = [write_label_map(labels, volume, paths["label_map"])]
+    names = {obj.label: obj.name for obj in prompts.objects}
+    written: list[Path] = [write_label_map(labels, volume, paths["label_map"], names)]
     objects = []
     for i, obj in enumerate(prompts.objects):
         state = session.objects[obj.label]
@@ -231,7 +234,7 @@ def segment_file(
         }
         if options.per_object:
             p = paths["objects_dir"] / f"{obj.label}_{_safe_name(obj.name)}{label_map_ending(paths['label_map'])}"
-            written.append(write_label_map(mask.astype(np.uint8), volume, p))
+            written.append(write_label_map(mask.astype(np.uint8), volume, p, {1: obj.name}))
             entry["mask_file"] = str(p)
         if options.mesh:
             from .report import mask_to_mesh, write_stl
@@ -271,6 +274,7 @@ def segment_file(
         "output": {
             "label_map": str(paths["label_map"]),
             "dtype": str(labels.dtype),
+            **_seg_segments(paths["label_map"], labels, names),
             "files": [str(p) for p in written] + [str(paths["manifest"])],
         },
         "checkpoint": {
@@ -308,6 +312,25 @@ def segment_file(
     }
     write_json(manifest, paths["manifest"])
     return manifest
+
+
+def check_output_format(label_map: Path, volume: Volume) -> None:
+    """Refuse, before any work, a label map format this CT cannot have: a DICOM SEG needs a CT
+    read from a DICOM series with the UIDs a SEG references."""
+    if label_map_ending(label_map) == ".dcm":
+        from .dicom_seg import check_source
+
+        check_source(volume, label_map)
+
+
+def _seg_segments(label_map: Path, labels: np.ndarray, names: dict[int, str]) -> dict[str, Any]:
+    """For a DICOM SEG output, which segment number holds which label (the manifest's record)."""
+    if label_map_ending(label_map) != ".dcm":
+        return {}
+    from .dicom_seg import segment_map
+
+    return {"dicom_seg_segments": [{"segment_number": n, "label": lab, "name": name}
+                                   for n, lab, name in segment_map(labels, names)]}
 
 
 def _r(v: Any, nd: int = 3) -> list[float]:
@@ -467,6 +490,7 @@ def interactive(
     ct_path = Path(ct)
     volume = require_finite(read_volume(ct_path))
     paths = output_paths(ct_path, out)
+    check_output_format(paths["label_map"], volume)
     session = make_session(engine, options, engine_metadata(engine))
     session.set_volume(volume)
     current = 1
@@ -478,7 +502,11 @@ def interactive(
 
     def save(path: Path | None = None) -> None:
         target = path or paths["label_map"]
-        write_label_map(session.label_map(), volume, target)
+        names = {lab: st.name for lab, st in session.objects.items() if st.clicks}
+        if not names and label_map_ending(target) == ".dcm":
+            say(f"nothing to write to {target} yet: a DICOM SEG needs an object with clicks")
+            return
+        write_label_map(session.label_map(), volume, target, names)
         write_json(session_prompts(session), output_paths(ct_path, target)["points"])
 
     if points is not None:

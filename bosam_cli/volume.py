@@ -7,6 +7,7 @@ One coordinate rule everywhere: ``affine @ [i, j, k, 1] = [x, y, z, 1]`` in RAS 
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -334,12 +335,15 @@ def label_dtype(max_label: int) -> np.dtype:
     raise VolumeError(f"label {max_label} does not fit uint16")
 
 
-def write_label_map(labels: np.ndarray, like: Volume, path: str | os.PathLike) -> Path:
+def write_label_map(labels: np.ndarray, like: Volume, path: str | os.PathLike,
+                    names: Mapping[int, str] | None = None) -> Path:
     """Write ``labels`` on exactly ``like``'s grid (shape, affine, qform/sform codes), atomically.
 
     The dtype is uint8 when every label is <= 255, else uint16; float label arrays are accepted
     when every value is a whole number (label maps are often stored as float64). The file
-    appears complete or not at all (temp file in the same folder + rename).
+    appears complete or not at all (temp file in the same folder + rename). A ``.dcm`` path
+    writes a DICOM SEG referencing ``like``'s DICOM slices, one segment per entry of ``names``
+    (label value -> name, in segment order).
     """
     path = Path(path)
     label_map_ending(path)
@@ -358,6 +362,10 @@ def write_label_map(labels: np.ndarray, like: Volume, path: str | os.PathLike) -
     if lo < 0 or hi > 65535:
         raise VolumeError(f"{path}: labels: values must be in 0..65535, got {lo}..{hi}")
     data = labels.astype(label_dtype(hi), copy=False)
+    if path.name.lower().endswith(".dcm"):
+        from .dicom_seg import write_dicom_seg
+
+        return write_dicom_seg(data, like, path, names)
     if not is_nifti(path):
         from .volume_io import write_label_map_other
 
@@ -365,9 +373,10 @@ def write_label_map(labels: np.ndarray, like: Volume, path: str | os.PathLike) -
     return _atomic_nifti_save(_nifti_like(data, like), path)
 
 
-#: file endings write_label_map writes: NIfTI, or single-file NRRD / MetaImage (a detached
-#: .nhdr/.mhd header would name a data file that the atomic rename cannot carry along)
-LABEL_MAP_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".mha")
+#: file endings write_label_map writes: NIfTI, single-file NRRD / MetaImage (a detached
+#: .nhdr/.mhd header would name a data file that the atomic rename cannot carry along), or a
+#: DICOM SEG (only for a CT read from a DICOM series)
+LABEL_MAP_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".mha", ".dcm")
 
 
 def label_map_ending(path: str | os.PathLike) -> str:

@@ -1,0 +1,207 @@
+"""Label maps written as DICOM SEG for a CT read from a DICOM series (``-o x.dcm``).
+
+The SEG is read back with highdicom, and every segmented voxel is placed in patient space from
+the SEG's own per-frame geometry (plane position, orientation, pixel spacing), independently of
+bosam's affines, then compared with the label map bosam writes as NIfTI.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from conftest import DATA, need
+from test_segment_cli import bosam, random_checkpoint  # noqa: F401 - the fixture is used by name
+from test_volume import write_dicom_series
+
+hd = pytest.importorskip("highdicom", reason="DICOM SEG needs highdicom (the io and test extras)")
+pydicom = pytest.importorskip("pydicom")
+
+from bosam_cli.errors import VolumeError  # noqa: E402
+from bosam_cli.volume import read_volume, write_label_map  # noqa: E402
+
+CT_SM = DATA / "totalsegmentator" / "example_ct_sm.nii.gz"
+SEG_SM = DATA / "totalsegmentator" / "example_seg.nii.gz"
+LPS = np.array([-1.0, -1.0, 1.0])
+
+
+def add_study(folder: Path, *, frame_of_reference: bool = True) -> None:
+    """The UIDs any CT from a scanner has (the bare test series lacks them). Type 2 patient and
+    study attributes (birth date, sex, accession number ...) stay absent, as anonymisers drop
+    them."""
+    for f in folder.iterdir():
+        ds = pydicom.dcmread(f)
+        ds.PatientID, ds.PatientName = "BOSAM-TEST", "Test^Patient"
+        ds.StudyInstanceUID = "1.2.826.0.1.3680043.8.498.1"
+        if frame_of_reference:
+            ds.FrameOfReferenceUID = "1.2.826.0.1.3680043.8.498.2"
+        ds.SeriesNumber = 3
+        ds.save_as(f)
+
+
+def seg_voxels_lps(path: Path) -> dict[str, np.ndarray]:
+    """Segment label -> (n, 3) LPS mm centres of its voxels, from the SEG's own geometry."""
+    seg = pydicom.dcmread(path)
+    bits = np.asarray(seg.pixel_array).reshape(int(seg.NumberOfFrames), seg.Rows, seg.Columns)
+    shared = seg.SharedFunctionalGroupsSequence[0]
+    iop = np.asarray(shared.PlaneOrientationSequence[0].ImageOrientationPatient, dtype=float)
+    d_row, d_col = (float(v) for v in shared.PixelMeasuresSequence[0].PixelSpacing)
+    names = {int(s.SegmentNumber): str(s.SegmentLabel) for s in seg.SegmentSequence}
+    out: dict[str, list[np.ndarray]] = {name: [] for name in names.values()}
+    for frame, fg in zip(bits, seg.PerFrameFunctionalGroupsSequence):
+        ident = fg if "SegmentIdentificationSequence" in fg else shared  # shared when there is one segment
+        number = int(ident.SegmentIdentificationSequence[0].ReferencedSegmentNumber)
+        ipp = np.asarray(fg.PlanePositionSequence[0].ImagePositionPatient, dtype=float)
+        r, c = np.nonzero(frame)
+        out[names[number]].append(ipp + c[:, None] * d_col * iop[:3] + r[:, None] * d_row * iop[3:])
+    return {k: np.concatenate(v) if v else np.zeros((0, 3)) for k, v in out.items()}
+
+
+def test_seg_of_an_oblique_series_lies_on_the_labelled_voxels(tmp_path):
+    """Two objects with TotalSegmentator-style ids (not 1, 2) on an oblique, shuffled series:
+    segments named and numbered in object order, every voxel where the label map has it, the
+    CT's files untouched, type 2 attributes the export lacked filled in empty."""
+    folder = tmp_path / "series"
+    write_dicom_series(folder, rows=9, cols=8, n=6)
+    add_study(folder)
+    before = {f.name: hashlib.sha256(f.read_bytes()).hexdigest() for f in folder.iterdir()}
+    vol = read_volume(folder)
+    labels = np.zeros(vol.shape, np.uint8)
+    labels[1:4, 2:7, 1:3] = 76  # femur_right
+    labels[5:8, 0:2, 3:6] = 75  # femur_left
+    out = write_label_map(labels, vol, tmp_path / "out" / "seg.dcm", {76: "femur_right", 75: "femur_left", 9: "empty"})
+    assert {f.name: hashlib.sha256(f.read_bytes()).hexdigest() for f in folder.iterdir()} == before
+    assert [p.name for p in out.parent.iterdir()] == ["seg.dcm"]  # no temp file left
+
+    seg = hd.seg.segread(out)
+    assert [(int(s.SegmentNumber), str(s.SegmentLabel)) for s in seg.SegmentSequence] == [
+        (1, "femur_right"), (2, "femur_left"), (3, "empty")]
+    assert seg.StudyInstanceUID == "1.2.826.0.1.3680043.8.498.1"
+    assert seg.FrameOfReferenceUID == "1.2.826.0.1.3680043.8.498.2"
+    assert seg.SeriesInstanceUID != pydicom.dcmread(next(folder.iterdir())).SeriesInstanceUID
+    assert int(seg.SeriesNumber) == 1003 and seg.PatientBirthDate == ""
+    cat = seg.SegmentSequence[0].SegmentedPropertyTypeCodeSequence[0]
+    assert (cat.CodeValue, cat.CodingSchemeDesignator) == ("272673000", "SCT")
+
+    # frames name the slices they segment: highdicom's own lookup by source instance
+    uids = [str(pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID) for f in vol.meta["files"]]
+    by_instance = seg.get_pixels_by_source_instance(source_sop_instance_uids=uids, combine_segments=True)
+    expected = np.select([labels == 76, labels == 75], [1, 2], 0).transpose(2, 1, 0)
+    np.testing.assert_array_equal(by_instance, expected)
+
+    # and the SEG's own geometry puts every voxel where the CT's voxel is
+    got = seg_voxels_lps(out)
+    for name, lab in (("femur_right", 76), ("femur_left", 75)):
+        want = vol.voxel_to_world(np.argwhere(labels == lab).astype(float)) * LPS
+        np.testing.assert_allclose(np.array(sorted(map(tuple, np.round(got[name], 3)))),
+                                   np.array(sorted(map(tuple, np.round(want, 3)))), atol=2e-3)
+    assert len(got["empty"]) == 0
+
+
+def test_seg_refused_without_a_dicom_series_or_its_uids(tmp_path):
+    folder = tmp_path / "series"
+    write_dicom_series(folder)
+    vol = read_volume(folder)
+    labels = np.ones(vol.shape, np.uint8)
+    with pytest.raises(VolumeError, match=r"StudyInstanceUID: missing, so a DICOM SEG cannot reference"):
+        write_label_map(labels, vol, tmp_path / "a.dcm", {1: "bone"})
+    add_study(folder, frame_of_reference=False)
+    with pytest.raises(VolumeError, match=r"FrameOfReferenceUID: missing"):
+        write_label_map(labels, read_volume(folder), tmp_path / "a.dcm", {1: "bone"})
+    nifti = vol.with_array(vol.array)
+    nifti.meta = {}
+    with pytest.raises(VolumeError, match=r"a\.dcm: a DICOM SEG references the CT's DICOM slices, but .* is not a DICOM series"):
+        write_label_map(labels, nifti, tmp_path / "a.dcm", {1: "bone"})
+    add_study(folder)
+    with pytest.raises(VolumeError, match=r"labels: values \[2\] have no segment name"):
+        write_label_map(labels * 2, read_volume(folder), tmp_path / "a.dcm", {1: "bone"})
+    assert not list(tmp_path.glob("*.dcm"))
+
+
+def write_nifti_as_dicom(nifti: Path, folder: Path) -> None:
+    """The CT as a DICOM series: column i, row j, slice k of the NIfTI array, same patient
+    positions (LPS), HU stored as int16, files named in no particular order."""
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
+
+    img = nib.load(str(nifti))
+    arr = np.asanyarray(img.dataobj).astype(np.int16)
+    a = img.affine
+    row_dir, col_dir = a[:3, 0] * LPS, a[:3, 1] * LPS
+    d_col, d_row = np.linalg.norm(row_dir), np.linalg.norm(col_dir)
+    folder.mkdir(parents=True)
+    series = generate_uid()
+    for k in range(arr.shape[2]):
+        meta = FileMetaDataset()
+        meta.MediaStorageSOPClassUID = CTImageStorage
+        meta.MediaStorageSOPInstanceUID = generate_uid()
+        meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        ds = Dataset()
+        ds.file_meta = meta
+        ds.SOPClassUID, ds.SOPInstanceUID = CTImageStorage, meta.MediaStorageSOPInstanceUID
+        ds.Modality, ds.SeriesInstanceUID, ds.InstanceNumber = "CT", series, k + 1
+        ds.Rows, ds.Columns = arr.shape[1], arr.shape[0]
+        ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 1
+        ds.PixelSpacing = [float(d_row), float(d_col)]
+        ds.ImageOrientationPatient = [float(v) for v in (*(row_dir / d_col), *(col_dir / d_row))]
+        ds.ImagePositionPatient = [float(f"{v:.6f}") for v in (a @ [0, 0, k, 1])[:3] * LPS]
+        ds.RescaleSlope, ds.RescaleIntercept = 1, 0
+        ds.PixelData = np.ascontiguousarray(arr[:, :, k].T).tobytes()
+        ds.save_as(folder / f"{(k * 7919) % 1000:04d}.dcm", enforce_file_format=True)
+    add_study(folder)
+
+
+def test_segment_dicom_ct_to_dicom_seg_cli(tmp_path, random_checkpoint):  # noqa: F811
+    """bosam segment on a DICOM series with ``-o x.dcm --per-object``: the SEG holds, voxel for
+    voxel in patient space, the label map the same run writes as NIfTI; the manifest lists the
+    segments; a NIfTI CT asked for a SEG fails before any work, with nothing written."""
+    ct = need(CT_SM)
+    seg_truth = np.asanyarray(nib.load(need(SEG_SM)).dataobj)
+    series = tmp_path / "series"
+    write_nifti_as_dicom(ct, series)
+    objects = []
+    for label, name in [(31, "vertebrae_L1"), (30, "vertebrae_L2")]:
+        idx = np.argwhere(seg_truth == label)
+        ras = nib.load(str(ct)).affine @ [*idx[len(idx) // 2], 1]
+        objects.append({"label": label, "name": name, "clicks": [{"xyz": ras[:3].tolist()}]})
+    prompts = tmp_path / "p.json"
+    prompts.write_text(json.dumps({"coordinate_system": "RAS", "objects": objects}))
+    options = ["--points", str(prompts), "-c", str(random_checkpoint), "--engine", "torch", "--max-windows", "1"]
+
+    r = bosam("segment", str(ct), "-o", str(tmp_path / "bad" / "x.dcm"), *options)
+    assert r.returncode != 0 and "x.dcm: a DICOM SEG references the CT's DICOM slices" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and not (tmp_path / "bad").exists()
+
+    r = bosam("segment", str(series), "-o", str(tmp_path / "a" / "ct.nii.gz"), *options)
+    assert r.returncode == 0, r.stderr
+    r = bosam("segment", str(series), "-o", str(tmp_path / "b" / "ct.dcm"), "--per-object", *options)
+    assert r.returncode == 0, r.stderr
+    manifest = json.loads((tmp_path / "b" / "ct.json").read_text())
+    assert manifest["output"]["dicom_seg_segments"] == [
+        {"segment_number": 1, "label": 31, "name": "vertebrae_L1"},
+        {"segment_number": 2, "label": 30, "name": "vertebrae_L2"}]
+    ref = nib.load(str(tmp_path / "a" / "ct.nii.gz"))
+    ref_labels = np.asanyarray(ref.dataobj)
+    got = seg_voxels_lps(tmp_path / "b" / "ct.dcm")
+    for obj in objects:
+        want = nib.affines.apply_affine(ref.affine, np.argwhere(ref_labels == obj["label"])) * LPS
+        assert len(want) > 0
+        np.testing.assert_allclose(np.array(sorted(map(tuple, np.round(got[obj["name"]], 2)))),
+                                   np.array(sorted(map(tuple, np.round(want, 2)))), atol=0.02)
+        mask = Path(next(o for o in manifest["objects"] if o["label"] == obj["label"])["mask_file"])
+        assert mask.suffix == ".dcm"
+        one = seg_voxels_lps(mask)
+        assert list(one) == [obj["name"]] and len(one[obj["name"]]) == len(want)
+
+    # an interactive session writes the SEG at every click, with the object's name
+    ras = objects[0]["clicks"][0]["xyz"]
+    r = bosam("segment", str(series), "--interactive", "-o", str(tmp_path / "c" / "ct.dcm"), *options[2:],
+              stdin=f"object 31 vertebrae_L1\n+ {ras[0]} {ras[1]} {ras[2]}\nquit\n")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert [str(s.SegmentLabel) for s in hd.seg.segread(tmp_path / "c" / "ct.dcm").SegmentSequence] == ["vertebrae_L1"]
