@@ -724,6 +724,16 @@ def resolve_auto(cfg: TrainConfig, device_type: str) -> dict[str, str]:
     }
 
 
+#: flags that may change on --resume without changing the weights: where the run goes and how it
+#: is reported, how long it runs (more epochs continue the same schedule), validation, the device
+#: (its ``auto`` settings are compared by what they resolve to)
+_RESUME_FREE = frozenset({"out_dir", "resume", "checkpoint_every", "stop_after_steps", "workers", "threads",
+                          "tensorboard", "cache", "skip_bad", "safetensors", "device", "epochs", "merge_lora",
+                          "val_data", "val_cases", "val_clicks", "val_labels_per_case"})
+#: optimiser settings restored from the checkpoint's optimiser state whatever the flags say
+_KEPT_ON_RESUME = frozenset({"lr", "prompt_lr_scale", "weight_decay"})
+
+
 def _open_resume(cfg: TrainConfig, last_path: Path, world: int,
                  device_type: str = "cpu") -> tuple[Any, dict[str, Any], list[str]]:
     """(checkpoint, train_state, warnings) of the run to resume; (None, {}, []) for a new run.
@@ -748,10 +758,14 @@ def _open_resume(cfg: TrainConfig, last_path: Path, world: int,
         raise BosamError(f"{last_path}: was trained with --lora-rank {old.get('lora_rank', 0)}, not {cfg.lora_rank}")
     warnings = []
     now = cfg.plain()
-    for k in ("seed", "batch_size", "accumulation", "clicks", "click_sim", "neighbour_weight", "click_memory",
-              "click_sim_on", "precision", "steps_per_epoch", "loss", "labels"):
-        if k in old and old[k] != now.get(k):
-            warnings.append(f"--{k.replace('_', '-')} changed from {old[k]!r} to {now.get(k)!r}: "
+    for k in sorted(now):
+        if k in _RESUME_FREE or k not in old or old[k] == now[k]:
+            continue
+        if k in _KEPT_ON_RESUME:
+            warnings.append(f"--{k.replace('_', '-')} changed from {old[k]!r} to {now[k]!r}: ignored, a resumed "
+                            "run keeps the learning rates and weight decay of its optimiser state")
+        else:
+            warnings.append(f"--{k.replace('_', '-')} changed from {old[k]!r} to {now[k]!r}: "
                             "the resumed run will not match an uninterrupted one")
     if int(state.get("world_size", 1)) != world:
         warnings.append(f"world size changed from {state.get('world_size')} to {world}")
@@ -807,6 +821,8 @@ class _Run:
             c = resume_ck.container
             self.optimizer.load_state_dict(c["optimizer"])
             self.scheduler.load_state_dict(c["scheduler"])
+            old_lr = (state.get("config") or {}).get("lr")  # the rate the restored optimiser runs at
+            self.lr = old_lr if old_lr is not None else (5e-4 if cfg.lora_rank else 1e-4)
             if c.get("scaler"):
                 self.scaler.load_state_dict(c["scaler"])
             states = c.get("rng") or []

@@ -273,6 +273,18 @@ def test_resume_warns_when_auto_settings_resolve_differently_on_another_device(p
     warnings = _open_resume(pinned, tmp_path / "run" / LAST, 1, "cuda")[2]
     assert len(warnings) == 2 and all("changed from 'auto'" in w for w in warnings)
 
+    # any flag that changes the windows is told; the optimiser's own settings are kept, and said
+    # so; more epochs, other threads or validation settings change nothing and are not told
+    changed = dataclasses.replace(cfg, resume=True, flip=False, lr=5e-3, epochs=2, threads=2, val_cases=1)
+    warnings = _open_resume(changed, tmp_path / "run" / LAST, 1, "cpu")[2]
+    assert len(warnings) == 2, warnings
+    assert warnings[0].startswith("--flip changed from True to False: the resumed run will not match")
+    assert warnings[1].startswith("--lr changed from None to 0.005: ignored, a resumed run keeps the learning rates")
+    resumed = dataclasses.replace(changed, flip=True)
+    train(resumed)
+    meta = load_model(tmp_path / "run" / "final.pth").checkpoint_metadata
+    assert meta["training"]["lr"] == 1e-4 and meta["training"]["global_step"] == 2  # the rate it really ran at
+
 
 def test_resume_refusals(phantoms, tmp_path):
     with pytest.raises(BosamError, match="nothing to resume"):
