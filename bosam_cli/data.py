@@ -75,11 +75,13 @@ class Case:
     label: Path
     root: Path
     split: str = "Tr"
+    root_tag: str | None = None
 
     @property
     def key(self) -> str:
-        """Unique across roots: ``<root name>/<split>/<case>``."""
-        return f"{self.root.name}/{self.split}/{self.name}"
+        """Unique across roots: ``<root name>/<split>/<case>`` (the root's tag from find_cases
+        instead of its name when two roots share a folder name)."""
+        return f"{self.root_tag or self.root.name}/{self.split}/{self.name}"
 
 
 @dataclass(frozen=True)
@@ -138,6 +140,7 @@ def find_cases(roots: Sequence[str | os.PathLike], splits: Sequence[str] = ("Tr"
     cases: list[Case] = []
     problems: list[Problem] = []
     seen_roots: set[Path] = set()
+    tags = _root_tags([Path(r) for r in roots])
     for r in roots:
         root = Path(r)
         if not root.exists():
@@ -148,26 +151,60 @@ def find_cases(roots: Sequence[str | os.PathLike], splits: Sequence[str] = ("Tr"
             raise BosamError(f"{root}: dataset given twice")
         seen_roots.add(root.resolve())
         found_any = False
+        half: list[tuple[Path, str]] = []  # images without labels (nnU-Net's unlabelled imagesTs/), or the reverse
         for split in splits:
             img_dir, lab_dir = root / f"images{split}", root / f"labels{split}"
             if not img_dir.is_dir() and not lab_dir.is_dir():
                 continue
             if not img_dir.is_dir():
-                raise BosamError(f"{img_dir}: missing (found {lab_dir.name}/ but no {img_dir.name}/)")
+                half.append((img_dir, f"missing (found {lab_dir.name}/ but no {img_dir.name}/)"))
+                continue
             if not lab_dir.is_dir():
-                raise BosamError(f"{lab_dir}: missing (found {img_dir.name}/ but no {lab_dir.name}/)")
+                half.append((lab_dir, f"missing (found {img_dir.name}/ but no {lab_dir.name}/)"))
+                continue
             found_any = True
-            c, p = _pair_folder(root, split, img_dir, lab_dir)
+            c, p = _pair_folder(root, split, img_dir, lab_dir, tags.get(root))
             cases += c
             problems += p
         if not found_any:
+            if half:
+                raise BosamError(f"{half[0][0]}: {half[0][1]}")
             want = " or ".join(f"images{s}/+labels{s}/" for s in splits)
             raise BosamError(f"{root}: not an nnU-Net-style dataset (no {want})")
+        problems += [Problem(str(root), folder, f"{msg}: that split is skipped", "warning") for folder, msg in half]
     return cases, problems
 
 
-def _pair_folder(root: Path, split: str, img_dir: Path, lab_dir: Path) -> tuple[list[Case], list[Problem]]:
+def _root_tags(roots: list[Path]) -> dict[Path, str]:
+    """Names for roots that share a folder name (``siteA/Dataset001``, ``siteB/Dataset001``), so
+    that case keys stay unique: the shortest distinguishing tail of their paths."""
+    by_name: dict[str, list[Path]] = {}
+    for r in roots:
+        by_name.setdefault(r.name, []).append(r)
+    tags: dict[Path, str] = {}
+    for same in by_name.values():
+        if len(same) < 2:
+            continue
+        full = [r.resolve().parts for r in same]
+        for depth in range(2, max(len(p) for p in full) + 1):
+            tails = ["/".join(p[-depth:]) for p in full]
+            if len(set(tails)) == len(tails):
+                break
+        for r, tail in zip(same, tails):
+            tags[r] = tail
+    return tags
+
+
+def _pair_folder(root: Path, split: str, img_dir: Path, lab_dir: Path,
+                 root_tag: str | None = None) -> tuple[list[Case], list[Problem]]:
     problems: list[Problem] = []
+    labels: dict[str, list[Path]] = {}
+    for p in _listing(lab_dir):
+        parts = _volume_stem(p.name)
+        if parts is None:
+            problems += _not_a_volume(p)
+            continue
+        labels.setdefault(parts[0], []).append(p)
     images: dict[str, list[Path]] = {}
     for p in _listing(img_dir):
         parts = _volume_stem(p.name)
@@ -177,22 +214,17 @@ def _pair_folder(root: Path, split: str, img_dir: Path, lab_dir: Path) -> tuple[
         stem = parts[0]
         m = _CHANNEL.match(stem)
         name = stem
-        if m:
+        # "<case>_0000" is channel 0 of <case>, unless the label is named after the whole stem
+        # (a case id that itself ends in four digits, such as BONE_0001, without a channel suffix)
+        if m and not (stem in labels and m.group("case") not in labels):
             name = m.group("case")
             if m.group("channel") != "0000":
                 problems.append(Problem(name, p, f"channel {m.group('channel')} ignored: bosam reads one CT channel (_0000)", "warning"))
                 continue
         images.setdefault(name, []).append(p)
-    labels: dict[str, list[Path]] = {}
-    for p in _listing(lab_dir):
-        parts = _volume_stem(p.name)
-        if parts is None:
-            problems += _not_a_volume(p)
-            continue
-        labels.setdefault(parts[0], []).append(p)
     cases = []
     for name in sorted(set(images) | set(labels)):
-        key = f"{root.name}/{split}/{name}"
+        key = f"{root_tag or root.name}/{split}/{name}"
         imgs, labs = images.get(name, []), labels.get(name, [])
         if len(imgs) > 1:
             problems.append(Problem(key, imgs[0], f"{len(imgs)} image files for case '{name}' ({', '.join(p.name for p in imgs)}): ambiguous"))
@@ -207,7 +239,7 @@ def _pair_folder(root: Path, split: str, img_dir: Path, lab_dir: Path) -> tuple[
             ending = _volume_stem(labs[0].name)[1]  # type: ignore[index]
             problems.append(Problem(key, labs[0], f"unpaired label: no image {img_dir.name}/{name}_0000{ending}"))
         else:
-            cases.append(Case(name, imgs[0], labs[0], root, split))
+            cases.append(Case(name, imgs[0], labs[0], root, split, root_tag))
     return cases, problems
 
 
@@ -218,8 +250,8 @@ def _pair_folder(root: Path, split: str, img_dir: Path, lab_dir: Path) -> tuple[
 def read_label_names(root: str | os.PathLike) -> dict[int, str]:
     """Label names from a root's ``dataset.json`` (nnU-Net v1 or v2 form); {} when absent.
 
-    v2 region entries (a name mapped to a list of ids) are skipped: bosam segments one label id
-    per object.
+    v2 region entries (a name mapped to a list of several ids) are skipped: bosam segments one
+    label id per object; a one-id list, or an id written as text, is that id.
     """
     path = Path(root) / "dataset.json"
     if not path.exists():
@@ -233,10 +265,14 @@ def read_label_names(root: str | os.PathLike) -> dict[int, str]:
         return {}
     out: dict[int, str] = {}
     for k, v in labels.items():
-        if isinstance(v, int) and not isinstance(v, bool):  # v2: name -> id
-            out[int(v)] = str(k)
-        elif isinstance(k, str) and k.strip().lstrip("-").isdigit():  # v1: "id" -> name
+        if isinstance(v, list) and len(v) == 1:  # v2: a one-id region is that id
+            v = v[0]
+        if isinstance(k, str) and k.strip().lstrip("-").isdigit():  # v1: "id" -> name
             out[int(k)] = str(v)
+        elif isinstance(v, int) and not isinstance(v, bool):  # v2: name -> id
+            out[int(v)] = str(k)
+        elif isinstance(v, str) and v.strip().isdigit():  # v2 with the id written as text
+            out[int(v)] = str(k)
     out.pop(0, None)
     return out
 
@@ -304,7 +340,7 @@ def resolve_labels(
             if b < a:
                 raise BosamError(f"{where}: empty range '{item}'")
             out.update(range(a, b + 1))
-        elif low in ("bone", "bones"):
+        elif low in ("bone", "bones") and (labelmap is not None or low not in by_name):
             if labelmap is None:
                 raise BosamError(f"{where}: 'bone' needs a label map (--labelmap FILE.json with bone ids)")
             out.update(labelmap_bone_ids(labelmap))
@@ -583,13 +619,9 @@ def scan_dataset(
     ``jobs`` > 1 reads that many cases at once in threads (decoding and cache writes release
     the GIL); results and ``on_case`` calls keep the case order."""
     cases, problems = find_cases(roots, splits)
-    names: dict[int, str] = {}
     lm = read_labelmap(labelmap) if labelmap else None
-    if lm:
-        names.update(labelmap_names(lm))
-    for r in roots:
-        names.update(read_label_names(r))
-    label_ids = resolve_labels(labels, names, lm)
+    label_ids, names, name_problems = _labels_over_roots(roots, labels, lm)
+    problems += name_problems
     infos: list[CaseInfo] = []
     if jobs > 1 and max_cases is None and len(cases) > 1:
         pool = ThreadPoolExecutor(max_workers=jobs)
@@ -610,6 +642,41 @@ def scan_dataset(
         if pool is not None:
             pool.shutdown(cancel_futures=True)
     return ScanResult(infos, problems, names, label_ids, [str(r) for r in roots])
+
+
+def _labels_over_roots(roots: Sequence[str | os.PathLike], labels: str | Sequence[str] | None,
+                       lm: dict[str, Any] | None) -> tuple[list[int] | None, dict[int, str], list[Problem]]:
+    """(selected ids, id -> name, problems) for several roots. Roots may number their labels
+    differently: a ``--labels`` selection must mean the same ids in every root whose
+    dataset.json names its labels (else a one-line BosamError naming both roots), and an id
+    named differently in two roots is a warning (reports use the first root's name)."""
+    lm_names = labelmap_names(lm) if lm else {}
+    per_root = [(str(r), read_label_names(r)) for r in roots]
+    from_roots: dict[int, str] = {}
+    problems: list[Problem] = []
+    for root, rn in per_root:
+        for i, n in rn.items():
+            if i in from_roots and from_roots[i] != n:
+                problems.append(Problem(root, Path(root) / "dataset.json", f"label {i} is '{n}' here but "
+                                        f"'{from_roots[i]}' in an earlier root; reports use '{from_roots[i]}'", "warning"))
+            from_roots.setdefault(i, n)
+    names = {**lm_names, **from_roots}  # a dataset's own names before the label map's
+    label_ids = resolve_labels(labels, names, lm)
+    named = [(root, rn) for root, rn in per_root if rn]
+    if labels is not None and len(named) > 1:
+        chosen = []
+        for root, rn in named:
+            try:
+                chosen.append((root, resolve_labels(labels, {**lm_names, **rn}, lm)))
+            except BosamError as exc:
+                raise BosamError(f"{root}/dataset.json: {exc}") from None
+        (root_a, ids_a), = chosen[:1]
+        for root_b, ids_b in chosen[1:]:
+            if ids_b != ids_a:
+                raise BosamError(f"--labels: selects ids {ids_a} in {root_a} but {ids_b} in {root_b} (their "
+                                 "dataset.json files number the labels differently); give label ids, or train on "
+                                 "roots that agree")
+    return label_ids, names, problems
 
 
 def refuse_errors(scan: ScanResult, skip_bad: bool, what: str = "training") -> None:

@@ -123,6 +123,55 @@ def test_several_roots_and_splits(tmp_path):
         find_cases([tmp_path / "two"], splits=("Tr",))
 
 
+def test_case_ids_ending_in_four_digits_without_a_channel_suffix(tmp_path):
+    """Images named like their labels pair even when the case id itself ends in _NNNN."""
+    root = tmp_path / "ds"
+    ct, lab, aff = paint_case(2)
+    for name in ("BONE_0001", "ct_0000"):
+        save_nifti(ct, aff, root / "imagesTr" / f"{name}.nii.gz")
+        save_nifti(lab, aff, root / "labelsTr" / f"{name}.nii.gz")
+    cases, problems = find_cases([root])
+    assert [(c.name, c.image.name) for c in cases] == [("BONE_0001", "BONE_0001.nii.gz"), ("ct_0000", "ct_0000.nii.gz")]
+    assert problems == []
+
+
+def test_roots_with_the_same_folder_name_keep_distinct_case_keys(tmp_path):
+    make_dataset(tmp_path / "siteA" / "Dataset001", 1)
+    make_dataset(tmp_path / "siteB" / "Dataset001", 1, seed=1)
+    make_dataset(tmp_path / "Other", 1)
+    cases, _ = find_cases([tmp_path / "siteA" / "Dataset001", tmp_path / "siteB" / "Dataset001", tmp_path / "Other"])
+    assert [c.key for c in cases] == ["siteA/Dataset001/Tr/case_000", "siteB/Dataset001/Tr/case_000", "Other/Tr/case_000"]
+
+
+def test_an_unlabelled_test_split_is_skipped_with_a_warning(tmp_path):
+    """nnU-Net datasets often hold imagesTs/ without labelsTs/: the labelled splits are used."""
+    root = make_dataset(tmp_path / "ds", 1)
+    (root / "imagesTs").mkdir()
+    cases, problems = find_cases([root], splits=("Tr", "Val", "Ts"))
+    assert [c.key for c in cases] == ["ds/Tr/case_000"]
+    assert len(problems) == 1 and problems[0].severity == "warning"
+    assert str(problems[0]) == f"{root / 'labelsTs'}: missing (found imagesTs/ but no labelsTs/): that split is skipped"
+    with pytest.raises(BosamError, match=r"labelsTs: missing"):
+        find_cases([root], splits=("Ts",))
+
+
+def test_label_names_that_differ_between_roots(tmp_path):
+    """Two roots numbering their labels differently: a name that selects different ids is
+    refused (it would train on another bone in one of them); ids are fine; an id named
+    differently is a warning."""
+    a, b = make_dataset(tmp_path / "a", 1), make_dataset(tmp_path / "b", 1, seed=1)
+    (a / "dataset.json").write_text(json.dumps({"labels": {"background": 0, "femur_left": FEMUR, "vertebrae_L3": L3}}))
+    (b / "dataset.json").write_text(json.dumps({"labels": {"background": 0, "femur_left": L3, "vertebrae_L3": FEMUR}}))
+    with pytest.raises(BosamError, match=rf"--labels: selects ids \[{FEMUR}\] in {a} but \[{L3}\] in {b}"):
+        scan_dataset([a, b], labels="femur_left")
+    scan = scan_dataset([a, b], labels=str(FEMUR))
+    assert scan.label_ids == [FEMUR] and scan.label_names[FEMUR] == "femur_left"
+    told = [str(p) for p in scan.warnings if "dataset.json" in str(p)]
+    assert told == [f"{b / 'dataset.json'}: label {L3} is 'femur_left' here but 'vertebrae_L3' in an earlier root; "
+                    "reports use 'vertebrae_L3'", f"{b / 'dataset.json'}: label {FEMUR} is 'vertebrae_L3' here but "
+                    "'femur_left' in an earlier root; reports use 'femur_left'"]
+
+
 def test_missing_root_and_half_dataset_are_one_line_errors(tmp_path):
     with pytest.raises(BosamError, match="no such dataset folder"):
         find_cases([tmp_path / "nope"])
@@ -137,6 +186,8 @@ def test_label_names_from_dataset_json_v1_and_v2(tmp_path):
     (tmp_path / "v1").mkdir()
     (tmp_path / "v1" / "dataset.json").write_text(json.dumps({"labels": {"0": "background", "5": "sacrum"}}))
     assert read_label_names(tmp_path / "v2") == {3: "femur"}
+    (tmp_path / "v2" / "dataset.json").write_text(json.dumps({"labels": {"background": 0, "femur": [3], "hip": "4"}}))
+    assert read_label_names(tmp_path / "v2") == {3: "femur", 4: "hip"}  # a one-id region, an id as text
     assert read_label_names(tmp_path / "v1") == {5: "sacrum"}
     assert read_label_names(tmp_path) == {}
 
@@ -153,6 +204,7 @@ def test_label_filter_ids_ranges_names_bone_and_groups(tmp_path):
     assert resolve_labels("spine", None, lm) == [L3]
     with pytest.raises(BosamError, match="'bone' needs a label map"):
         resolve_labels("bone", names)
+    assert resolve_labels("bone", {7: "bone"}) == [7]  # a dataset's own label called "bone"
     with pytest.raises(BosamError, match="unknown label 'tibia'"):
         resolve_labels("tibia", names)
 
