@@ -259,8 +259,9 @@ def training_schedule(num_clicks: int, rng: RngLike) -> list[bool]:
     The published iterative loop (FACTS.md section 5; SAM-Med3D 11 steps, BoSAM 10) calls the
     decoder ``num_clicks`` times with the previous low-res logits as mask prompt. Each step feeds
     one new simulated point (True), except two mask-prompt-only steps (False) that teach the
-    model to refine from its own mask: one random step drawn uniformly from
-    [2, num_clicks - 2] (inclusive) and the last step. Step 0 always has a point.
+    model to refine from its own mask: one random step drawn uniformly from 2..8 (the published
+    ``randint(2, 9)``, whatever the loop length; 2..num_clicks - 2 in loops shorter than 10)
+    and the last step. Step 0 always has a point.
 
     Short loops: 1 step -> [True]; 2 or 3 steps -> only the last step is point-free (the random
     range is empty). Note the published code still samples (and discards) a click on the
@@ -273,5 +274,5 @@ def training_schedule(num_clicks: int, rng: RngLike) -> list[bool]:
         return schedule
     schedule[-1] = False
     if num_clicks >= 4:
-        schedule[int(_as_rng(rng).integers(2, num_clicks - 1))] = False
+        schedule[int(_as_rng(rng).integers(2, min(9, num_clicks - 1)))] = False
     return schedule

@@ -198,8 +198,10 @@ def test_training_schedule():
             assert len(s) == n and s[0] and s[1] and not s[-1]
             off = [i for i, has_point in enumerate(s) if not has_point]
             assert len(off) == 2 and 2 <= off[0] <= n - 2
-    drawn = {training_schedule(11, np.random.default_rng(s)).index(False) for s in range(200)}
-    assert drawn == set(range(2, 10))
+    for n in (10, 11, 14):  # the published randint(2, 9): steps 2..8 whatever the loop length
+        drawn = {training_schedule(n, np.random.default_rng(s)).index(False) for s in range(200)}
+        assert drawn == set(range(2, 9))
+    assert {training_schedule(6, np.random.default_rng(s)).index(False) for s in range(100)} == {2, 3, 4}
     assert training_schedule(1, 0) == [True]
     assert training_schedule(3, 0) == [True, True, False]
     with pytest.raises(ValueError):
