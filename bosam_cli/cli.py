@@ -50,6 +50,9 @@ def handle_errors(func: Callable[..., Any]) -> Callable[..., Any]:
             fail(str(exc))
         except FileNotFoundError as exc:
             fail(f"{exc.filename}: no such file")
+        except OSError as exc:  # a folder where a file goes, no permission, disk full ...
+            where = exc.filename2 or exc.filename
+            fail(f"{where}: {exc.strerror or exc}" if where else f"cannot write or read a file: {exc}")
         except KeyboardInterrupt:
             fail("interrupted", code=130)
 

@@ -149,8 +149,9 @@ def output_paths(ct_path: Path, out: str | os.PathLike | None) -> dict[str, Path
 
 
 def case_name(path: Path) -> str:
-    name = path.name
-    for suffix in (*VOLUME_SUFFIXES, ".mrk.json", ".json"):
+    """A CT's or prompt file's name without its file ending (a folder's own name for ``.``)."""
+    name = path.name or Path.cwd().joinpath(path).resolve().name
+    for suffix in (*VOLUME_SUFFIXES, ".dcm", ".mrk.json", ".json"):
         if name.lower().endswith(suffix):
             return name[: -len(suffix)]
     return name

@@ -174,6 +174,25 @@ def test_bad_inputs_fail_cleanly_without_output(tmp_path, random_checkpoint, pro
     r = bosam("segment", str(ct), "--points", str(prompts_sm), "-c", str(random_checkpoint), "-o", str(out),
               "--refine", "threshold")
     _expect_clean_failure(r, "--refine", out)
+    # the label map's path is taken by a folder: one line naming it, nothing else written
+    taken = tmp_path / "taken" / "x.nii.gz"
+    taken.mkdir(parents=True)
+    r = bosam("segment", str(ct), "--points", str(prompts_sm), "-c", str(random_checkpoint), "-o", str(taken),
+              "--max-windows", "1")
+    assert r.returncode == 2 and r.stderr.strip() == f"error: {taken}: Is a directory", r.stderr
+    assert [p.name for p in taken.parent.iterdir()] == ["x.nii.gz"] and not any(taken.iterdir())
+
+
+def test_outputs_are_named_after_the_ct(tmp_path, monkeypatch):
+    """A DICOM folder given as '.', or one file of a series, names the outputs sensibly."""
+    from bosam_cli.segment import output_paths
+
+    series = tmp_path / "CT_series"
+    series.mkdir()
+    monkeypatch.chdir(series)
+    assert output_paths(Path("."), "out")["label_map"] == Path("out") / "CT_series.nii.gz"
+    assert output_paths(Path("IM0001.dcm"), "out")["manifest"] == Path("out") / "IM0001.json"
+    assert output_paths(Path("ct.nii.gz"), None)["label_map"] == series / "ct_bosam.nii.gz"
 
 
 def test_batch_reports_and_skips_failing_cases(tmp_path, random_checkpoint, prompts_sm):
