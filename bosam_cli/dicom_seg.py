@@ -56,6 +56,9 @@ def check_source(like: Volume, path: str | os.PathLike) -> list[Any]:
 
     _highdicom()
     path = Path(path)
+    if like.meta.get("format") == "dicom-multiframe":
+        raise VolumeError(f"{path}: a DICOM SEG on a multi-frame (enhanced) CT is not supported yet; write the "
+                          "label map as .nii.gz, .nrrd or .mha")
     files = like.meta.get("files") if like.meta.get("format") == "dicom" else None
     if not files:
         raise VolumeError(f"{path}: a DICOM SEG references the CT's DICOM slices, but {like.name} is not a DICOM "

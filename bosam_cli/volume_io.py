@@ -41,6 +41,8 @@ def read_dicom_series_of(file: str | os.PathLike) -> Volume:
         ds = pydicom.dcmread(file, stop_before_pixels=True, force=True)
     except Exception as exc:  # noqa: BLE001 - not DICOM, truncated
         raise VolumeError(f"{file}: not a readable DICOM file ({_one_line(exc)})") from None
+    if _is_multiframe(ds):
+        return read_enhanced_dicom(file)
     uid = ds.get("SeriesInstanceUID")
     if not uid:
         raise VolumeError(f"{file}: SeriesInstanceUID: missing, so its series cannot be told apart; pass its folder")
@@ -72,6 +74,7 @@ def read_dicom_series(folder: str | os.PathLike, series_uid: str | None = None) 
     if not folder.is_dir():
         raise VolumeError(f"{folder}: not a folder (a DICOM series is read from a folder)")
     slices: dict[str, list[tuple[Path, Any]]] = {}
+    multiframe: dict[str, list[Path]] = {}
     for f in sorted(p for p in folder.rglob("*") if p.is_file()):
         if f.name.startswith(".") or f.name.upper() == "DICOMDIR":
             continue
@@ -84,9 +87,17 @@ def read_dicom_series(folder: str | os.PathLike, series_uid: str | None = None) 
                 continue
         except Exception:  # noqa: BLE001 - unreadable file: skip, like any non-DICOM file
             continue
-        if "ImagePositionPatient" not in ds or "PixelData" not in ds:
+        if "PixelData" not in ds:
+            continue
+        if _is_multiframe(ds):
+            multiframe.setdefault(str(ds.get("SeriesInstanceUID", "")), []).append(f)
+            continue
+        if "ImagePositionPatient" not in ds:
             continue
         slices.setdefault(str(ds.get("SeriesInstanceUID", "")), []).append((f, ds))
+    for uid, files in multiframe.items():  # an enhanced CT: the whole volume in one file
+        if uid not in slices:
+            slices[uid] = [(f, None) for f in files]
     if series_uid is not None:
         if series_uid not in slices:
             raise VolumeError(f"{folder}: SeriesInstanceUID: no image slices of series {series_uid} in this folder")
@@ -95,13 +106,69 @@ def read_dicom_series(folder: str | os.PathLike, series_uid: str | None = None) 
         raise VolumeError(f"{folder}: ImagePositionPatient: no DICOM image slices found in this folder")
     if len(slices) > 1:
         listing = "; ".join(
-            f"{uid or '<none>'} ({len(v)} files, {str(v[0][1].get('SeriesDescription', '')).strip() or 'no description'})"
+            f"{uid or '<none>'} ({len(v)} files, "
+            f"{str(v[0][1].get('SeriesDescription', '') if v[0][1] is not None else 'multi-frame').strip() or 'no description'})"
             for uid, v in sorted(slices.items())
         )
         raise VolumeError(f"{folder}: SeriesInstanceUID: {len(slices)} series found; pass a folder holding one, "
                           f"or one file of the series to read: {listing}")
     (uid, items), = slices.items()
+    if items[0][1] is None:
+        if len(items) > 1:
+            raise VolumeError(f"{folder}: NumberOfFrames: series {uid} is split over {len(items)} multi-frame files; "
+                              "give the file to read")
+        return read_enhanced_dicom(items[0][0])
     return _assemble_series(folder, uid, items)
+
+
+def _is_multiframe(ds: Any) -> bool:
+    try:
+        frames = int(ds.get("NumberOfFrames", 1) or 1)
+    except (TypeError, ValueError):
+        frames = 1
+    return frames > 1 or "PerFrameFunctionalGroupsSequence" in ds
+
+
+def read_enhanced_dicom(file: str | os.PathLike) -> Volume:
+    """An enhanced (multi-frame) CT, the whole volume in one file, through highdicom: frames
+    sorted in space from their per-frame plane positions, the shared or per-frame rescale
+    applied. The array is (column i, row j, slice k) as for a series of single slices; the slice
+    axis runs in the order highdicom sorts the frames, and the affine says which way that is.
+    A file whose frames do not form one regular 3-D grid (several stacks, uneven gaps) is
+    refused with highdicom's reason."""
+    file = Path(file)
+    try:
+        import highdicom as hd
+    except ImportError:  # pragma: no cover - depends on the install
+        raise VolumeError(f"{file}: reading a multi-frame (enhanced) DICOM needs highdicom (pip install 'bosam[io]')") from None
+    try:
+        image = hd.imread(str(file))
+        grid = image.get_volume(dtype=np.float32)
+    except Exception as exc:  # noqa: BLE001 - not one regular volume, undecodable frames
+        raise VolumeError(f"{file}: multi-frame DICOM: not one regular 3-D volume ({_one_line(exc)})") from None
+    values = np.asarray(grid.array)
+    if values.ndim != 3:
+        raise VolumeError(f"{file}: multi-frame DICOM: expected one grey value per voxel, got shape {values.shape}")
+    affine_lps = np.eye(4)
+    affine_lps[:3, 0] = grid.affine[:3, 2]  # highdicom's array is (slice, row, column)
+    affine_lps[:3, 1] = grid.affine[:3, 1]
+    affine_lps[:3, 2] = grid.affine[:3, 0]
+    affine_lps[:3, 3] = grid.affine[:3, 3]
+    array = values.transpose(2, 1, 0)
+    if np.all(np.isfinite(array)) and np.array_equal(array, np.round(array)) and array.size \
+            and array.min() >= -32768 and array.max() <= 32767:
+        array = array.astype(np.int16)
+    else:
+        array = np.ascontiguousarray(array)
+    meta = {
+        "format": "dicom-multiframe",
+        "series_instance_uid": str(image.get("SeriesInstanceUID", "")),
+        "modality": str(image.get("Modality", "")),
+        "series_description": str(image.get("SeriesDescription", "")),
+        "n_slices": int(array.shape[2]),
+        "files": [str(file)],
+    }
+    return Volume(array, LPS_TO_RAS @ affine_lps, None, file, meta)
 
 
 def _floats(ds: Any, keyword: str, n: int, f: Path) -> np.ndarray:
@@ -117,8 +184,6 @@ def _floats(ds: Any, keyword: str, n: int, f: Path) -> np.ndarray:
 
 def _assemble_series(folder: Path, uid: str, items: list[tuple[Path, Any]]) -> Volume:
     f0, ds0 = items[0]
-    if int(ds0.get("NumberOfFrames", 1) or 1) > 1:
-        raise VolumeError(f"{f0}: NumberOfFrames: multi-frame (enhanced) DICOM is not supported; convert to NIfTI first")
     if int(ds0.get("SamplesPerPixel", 1)) != 1:
         raise VolumeError(f"{f0}: SamplesPerPixel: colour images are not CT ({ds0.SamplesPerPixel} samples)")
     iop = _floats(ds0, "ImageOrientationPatient", 6, f0)

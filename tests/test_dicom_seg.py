@@ -117,6 +117,9 @@ def test_seg_refused_without_a_dicom_series_or_its_uids(tmp_path):
     nifti.meta = {}
     with pytest.raises(VolumeError, match=r"a\.dcm: a DICOM SEG references the CT's DICOM slices, but .* is not a DICOM series"):
         write_label_map(labels, nifti, tmp_path / "a.dcm", {1: "bone"})
+    nifti.meta = {"format": "dicom-multiframe", "files": ["x"]}
+    with pytest.raises(VolumeError, match=r"a DICOM SEG on a multi-frame \(enhanced\) CT is not supported yet"):
+        write_label_map(labels, nifti, tmp_path / "a.dcm", {1: "bone"})
     add_study(folder)
     with pytest.raises(VolumeError, match=r"labels: values \[2\] have no segment name"):
         write_label_map(labels * 2, read_volume(folder), tmp_path / "a.dcm", {1: "bone"})

@@ -561,6 +561,75 @@ def test_dicom_jpeg_ls_series_decodes(tmp_path):
         np.testing.assert_array_equal(vol.array[:, :, k], expected.T.astype(np.int64) - 1024)
 
 
+def write_enhanced_ct(series: Path, path: Path, *, order: list[int]) -> None:
+    """The single-slice series at ``series`` as one enhanced (multi-frame) CT file: frames in
+    ``order``, orientation and spacing shared, positions per frame, the rescale shared."""
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.sequence import Sequence
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    import pydicom
+
+    slices = sorted((pydicom.dcmread(f) for f in series.iterdir()), key=lambda d: int(d.pixel_array[0, 0]))
+    first = slices[0]
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.2.1"  # Enhanced CT Image Storage
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
+    ds.Modality, ds.SeriesInstanceUID, ds.SeriesDescription = "CT", generate_uid(), "enhanced test"
+    ds.StudyInstanceUID, ds.FrameOfReferenceUID = generate_uid(), generate_uid()
+    ds.Rows, ds.Columns, ds.NumberOfFrames = first.Rows, first.Columns, len(order)
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
+    shared, orient, measures, rescale = Dataset(), Dataset(), Dataset(), Dataset()
+    orient.ImageOrientationPatient = first.ImageOrientationPatient
+    measures.PixelSpacing, measures.SliceThickness = first.PixelSpacing, 2.5
+    rescale.RescaleSlope, rescale.RescaleIntercept, rescale.RescaleType = first.RescaleSlope, first.RescaleIntercept, "HU"
+    shared.PlaneOrientationSequence = Sequence([orient])
+    shared.PixelMeasuresSequence = Sequence([measures])
+    shared.PixelValueTransformationSequence = Sequence([rescale])
+    ds.SharedFunctionalGroupsSequence = Sequence([shared])
+    frames = []
+    for k in order:
+        fg, pos = Dataset(), Dataset()
+        pos.ImagePositionPatient = slices[k].ImagePositionPatient
+        fg.PlanePositionSequence = Sequence([pos])
+        frames.append(fg)
+    ds.PerFrameFunctionalGroupsSequence = Sequence(frames)
+    ds.PixelData = b"".join(slices[k].PixelData for k in order)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ds.save_as(path, enforce_file_format=True)
+
+
+def test_dicom_enhanced_multiframe_ct_reads_as_its_single_slice_series(tmp_path):
+    """Newer scanners export one enhanced CT file per series: every voxel comes out at the
+    world position, with the HU value, of the same voxel of the single-slice series."""
+    pytest.importorskip("highdicom")
+    g = write_dicom_series(tmp_path / "series", rows=6, cols=5, n=5)
+    classic = read_volume(tmp_path / "series")
+    enhanced_file = tmp_path / "enh" / "sub" / "ENHANCED"
+    write_enhanced_ct(tmp_path / "series", enhanced_file, order=[3, 0, 4, 1, 2])
+    for source in (enhanced_file, tmp_path / "enh"):  # the file, or its folder
+        vol = read_volume(source)
+        assert vol.shape == classic.shape and vol.array.dtype == np.int16
+        assert vol.meta["format"] == "dicom-multiframe" and vol.meta["n_slices"] == g["n"]
+        ijk = np.argwhere(np.ones(vol.shape, bool)).astype(float)
+        world = vol.voxel_to_world(ijk)
+        back = classic.world_to_voxel(world)
+        np.testing.assert_allclose(back, np.round(back), atol=1e-3)  # lands on the series' voxels
+        idx = np.round(back).astype(int)
+        np.testing.assert_array_equal(vol.array.reshape(-1), classic.array[idx[:, 0], idx[:, 1], idx[:, 2]])
+        np.testing.assert_allclose(world, expected_ras(g, idx.astype(float)), atol=1e-3)
+    # beside a single-slice series, it is one more series to choose from
+    write_enhanced_ct(tmp_path / "series", tmp_path / "series" / "zz_enhanced", order=[0, 1, 2, 3, 4])
+    with pytest.raises(VolumeError, match=r"2 series found.*multi-frame"):
+        read_volume(tmp_path / "series")
+    assert read_volume(tmp_path / "series" / "zz_enhanced").meta["format"] == "dicom-multiframe"
+
+
 def test_dicom_fractional_rescale_gives_float32(tmp_path):
     pytest.importorskip("pydicom")
     write_dicom_series(tmp_path / "s", slope="0.5", intercept="-1000.25")
