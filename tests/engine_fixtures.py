@@ -28,6 +28,19 @@ def run_cli(*args: str, cwd: Path | None = None, timeout: float = 300) -> subpro
     )
 
 
+def with_trained_rel_pos(model: Any, std: float = 0.2) -> Any:
+    """Fill the relative-position tables, which a new model starts with at zero, with random
+    values as trained weights have them: an export that got the relative-position term wrong
+    passes on zero tables."""
+    import torch
+
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if ".rel_pos_" in name:
+                p.normal_(0.0, std)
+    return model
+
+
 def tiny_checkpoint(factory: Any) -> Path:
     """A seeded tiny model saved as a bosam checkpoint (its sha256 identifies the exports)."""
     if "ckpt" not in _CACHE:
@@ -37,7 +50,7 @@ def tiny_checkpoint(factory: Any) -> Path:
         from bosam_cli.model import build_preset
 
         torch.manual_seed(1234)
-        model = build_preset("tiny").eval()
+        model = with_trained_rel_pos(build_preset("tiny").eval())
         path = factory.mktemp("ckpt") / "tiny-test.pth"
         save_checkpoint(model, path)
         _CACHE["ckpt"] = path

@@ -153,8 +153,11 @@ class Attention3D(nn.Module):
         rd, rh, rw = self._tables()  # (S, S, hd) each
 
         q5 = q.reshape(b, h, g, g, g, hd)
-        # A[qd, qh, qw, kw] = <q(qd,qh,qw), Rd[qd, kw]>
-        a = (q5.reshape(b, h, g, g * g, hd) @ rd[:g].transpose(1, 2)).reshape(b, h, g, g, g, s)
+        # A[qd, qh, qw, kw] = <q(qd,qh,qw), Rd[qd, kw]>; written as one broadcast matmul over
+        # (qd, 1): the form with a reshape of q to (qd, qh*qw) before the matmul and back after it
+        # is exact in torch, but the ONNX (dynamo) exporter drops the reshape pair and then
+        # broadcasts Rd over qh instead of qd.
+        a = q5 @ rd[:g, None].transpose(-1, -2)  # (B, h, qd, qh, qw, S)
         if s > g:
             # Queries at padded positions (index >= G along the third axis) are the q bias.
             q_bias, k_bias, v_bias = self._qkv_bias(x)
