@@ -11,9 +11,11 @@ Two protocols, both driven by simulated users from ``clicks.py``:
     after every click, and the time each click took.
 
 ``bosam`` (BoSAM's published ``validation.py`` definition, FACTS.md section 6)
-    One 128^3 crop per case, cases in a seeded shuffled order: centred on a random voxel of
-    the merged bone mask, then re-centred on the bounding box of the mask inside that crop
-    (torchio CropOrPad rule); z-scored on the crop; clicks 1-2 RITM, later ones uniform in
+    One 128^3 crop per case, cases in a seeded shuffled order: the case cropped to 128^3
+    around the merged bone mask's bounding box, then inside that crop centred on a random
+    voxel of the mask (zero padding), then re-centred on the bounding box of the mask inside
+    that crop (torchio CropOrPad rule; a case whose first crop holds no mask voxel is replaced
+    by a random other case, as published); z-scored on the crop; clicks 1-2 RITM, later ones uniform in
     the error region, simulated on ``upsampled logits > 0.5``; one new point per decoder call
     with the previous low-res logits; Dice on the crop with ``logits > 0`` (rounded to 4
     decimals); every selected label merged into one mask; the figure for N clicks is the mean
@@ -321,29 +323,41 @@ def croporpad_start(mask: np.ndarray, size: int) -> list[int]:
 
 
 def bosam_crop(image: Volume, merged: np.ndarray, rng: np.random.Generator, grid: str, spacing_mm: float,
-               size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """The published ``pcc`` crop: centred on a random voxel of ``merged``, then re-centred on
-    the mask's bbox inside that first crop. Returns (raw HU crop, GT crop, crop affine)."""
-    fg = np.flatnonzero(merged.ravel())
-    centre = np.unravel_index(int(fg[int(rng.integers(fg.size))]), merged.shape)
+               size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+    """The published crop: ``CropOrPad(label, size)`` of the whole case (centred on the label's
+    bounding box), then ``pcc`` inside that crop: centred on a random label voxel (zero padding
+    beyond the first crop), then re-centred on the label's bounding box in it. Returns (raw HU
+    crop, GT crop, crop affine), or None when the first crop holds no label voxel (labels far
+    apart around an empty centre: the published loader then takes another case)."""
     if grid == "native":
-        start1 = [int(c) - size // 2 for c in centre]
-        img1 = _crop_with_pad(np.asarray(image.array), start1, size, 0)
-        gt1 = _crop_with_pad(merged, start1, size, False)
-        shift = np.eye(4)
-        shift[:3, 3] = start1
-        aff1 = image.affine @ shift
-    else:
-        geom = window_at(image.voxel_to_world(np.asarray(centre, float))[0], spacing_mm, size, snap_vox=0)
-        img1 = sample_window(image, geom, 0.0)
-        gt1 = sample_labels(Volume(merged.astype(np.uint8), image.affine), geom) > 0
-        aff1 = geom.affine
+        start0 = croporpad_start(merged, size)
+        img0 = _crop_with_pad(np.asarray(image.array), start0, size, 0)
+        gt0 = _crop_with_pad(merged, start0, size, False)
+        aff0 = image.affine @ _shift(start0)
+    else:  # the same on a window resampled to the model's grid, centred on the box centre
+        box = [np.flatnonzero(merged.any(axis=tuple(a for a in range(3) if a != axis))) for axis in range(3)]
+        centre_vox = np.array([(b[0] + b[-1]) / 2.0 for b in box])
+        geom = window_at(image.voxel_to_world(centre_vox)[0], spacing_mm, size, snap_vox=0)
+        img0 = sample_window(image, geom, 0.0)
+        gt0 = sample_labels(Volume(merged.astype(np.uint8), image.affine), geom) > 0
+        aff0 = geom.affine
+    fg = np.flatnonzero(gt0.ravel())
+    if fg.size == 0:
+        return None
+    centre = np.unravel_index(int(fg[int(rng.integers(fg.size))]), gt0.shape)
+    start1 = [int(c) - size // 2 for c in centre]
+    img1 = _crop_with_pad(img0, start1, size, 0)
+    gt1 = _crop_with_pad(gt0, start1, size, False)
     start2 = croporpad_start(gt1, size)
     img2 = _crop_with_pad(img1, start2, size, 0)
     gt2 = _crop_with_pad(gt1, start2, size, False)
-    shift = np.eye(4)
-    shift[:3, 3] = start2
-    return img2, gt2, aff1 @ shift
+    return img2, gt2, aff0 @ _shift(start1) @ _shift(start2)
+
+
+def _shift(start: Sequence[int]) -> np.ndarray:
+    m = np.eye(4)
+    m[:3, 3] = start
+    return m
 
 
 def run_bosam_protocol(
@@ -374,11 +388,22 @@ def run_bosam_protocol(
         info = scan.infos[index]
         image, labels = store.load(index)
         merged = np.isin(np.asarray(labels.array), sorted(info.labels))
+        crop = bosam_crop(image, merged, rng, grid, spacing_mm, size)
+        for _ in range(len(scan.infos)):  # no label in the first crop: another random case, as published
+            if crop is not None:
+                break
+            index = int(rng.integers(len(scan.infos)))
+            info = scan.infos[index]
+            image, labels = store.load(index)
+            merged = np.isin(np.asarray(labels.array), sorted(info.labels))
+            crop = bosam_crop(image, merged, rng, grid, spacing_mm, size)
+        if crop is None:
+            continue
+        raw, gt, affine = crop
         if grid == "native":
             clamp = (-1000.0, 1000.0) if "/ct_" in str(info.case.image) else None
         else:
             clamp = clamp_hu
-        raw, gt, affine = bosam_crop(image, merged, rng, grid, spacing_mm, size)
         seg = make_segmenter(clamp)
         t0 = time.perf_counter()
         seg.set_volume(Volume(raw, affine))

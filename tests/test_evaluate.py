@@ -246,6 +246,28 @@ def test_bosam_protocol_best_of_n_and_crop(dataset):
     assert [r.dice for r in again] == [r.dice for r in records]  # seeded: reproducible
 
 
+def test_bosam_crop_first_crops_the_case_around_the_label_box():
+    """The published loader crops the case to 128^3 around the label box before the random
+    centre is drawn: a bone 280 voxels long only ever shows its central 128 voxels."""
+    from bosam_cli.evaluate import bosam_crop
+
+    shape = (300, 40, 40)
+    rows = np.broadcast_to(np.arange(shape[0])[:, None, None], shape).astype(np.int16)
+    image = Volume(rows, np.eye(4))
+    merged = np.zeros(shape, bool)
+    merged[10:290, 15:25, 15:25] = True
+    seen: set[int] = set()
+    for seed in range(40):
+        raw, gt, affine = bosam_crop(image, merged, np.random.default_rng(seed), "native", 1.5, 128)
+        seen |= set(np.unique(raw[gt]).tolist())
+        inside = np.argwhere(gt)
+        np.testing.assert_array_equal(raw[gt], (affine @ np.c_[inside, np.ones(len(inside))].T)[0])  # affine follows
+    assert min(seen) >= 150 - 64 and max(seen) < 150 + 64 and len(seen) == 128
+    two = np.zeros(shape, bool)  # two bones far apart, nothing around the box centre
+    two[0:10, 15:25, 15:25] = two[290:300, 15:25, 15:25] = True
+    assert bosam_crop(image, two, np.random.default_rng(0), "native", 1.5, 128) is None
+
+
 def test_bosam_protocol_with_a_model_on_its_crop(dataset):
     from engines.torch_engine import TorchEngine
 
