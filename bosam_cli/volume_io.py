@@ -42,6 +42,9 @@ def read_dicom_series_of(file: str | os.PathLike) -> Volume:
     except Exception as exc:  # noqa: BLE001 - not DICOM, truncated
         raise VolumeError(f"{file}: not a readable DICOM file ({_one_line(exc)})") from None
     if _is_multiframe(ds):
+        if not _is_multiframe_ct(ds):
+            raise VolumeError(f"{file}: SOPClassUID: {ds.get('SOPClassUID', 'missing')} is not a CT image "
+                              "(a segmentation, dose or other multi-frame object)")
         return read_enhanced_dicom(file)
     uid = ds.get("SeriesInstanceUID")
     if not uid:
@@ -90,7 +93,8 @@ def read_dicom_series(folder: str | os.PathLike, series_uid: str | None = None) 
         if "PixelData" not in ds:
             continue
         if _is_multiframe(ds):
-            multiframe.setdefault(str(ds.get("SeriesInstanceUID", "")), []).append(f)
+            if _is_multiframe_ct(ds):
+                multiframe.setdefault(str(ds.get("SeriesInstanceUID", "")), []).append(f)
             continue
         if "ImagePositionPatient" not in ds:
             continue
@@ -121,12 +125,22 @@ def read_dicom_series(folder: str | os.PathLike, series_uid: str | None = None) 
     return _assemble_series(folder, uid, items)
 
 
+#: multi-frame image storage classes read as a CT volume: Enhanced CT, Legacy Converted Enhanced
+#: CT. Other multi-frame objects (a DICOM SEG written beside the series, RT dose, parametric maps)
+#: are passed over like any non-image file.
+_MULTIFRAME_CT = ("1.2.840.10008.5.1.4.1.1.2.1", "1.2.840.10008.5.1.4.1.1.2.2")
+
+
 def _is_multiframe(ds: Any) -> bool:
     try:
         frames = int(ds.get("NumberOfFrames", 1) or 1)
     except (TypeError, ValueError):
         frames = 1
     return frames > 1 or "PerFrameFunctionalGroupsSequence" in ds
+
+
+def _is_multiframe_ct(ds: Any) -> bool:
+    return _is_multiframe(ds) and str(ds.get("SOPClassUID", "")) in _MULTIFRAME_CT
 
 
 def read_enhanced_dicom(file: str | os.PathLike) -> Volume:

@@ -77,6 +77,13 @@ def test_seg_of_an_oblique_series_lies_on_the_labelled_voxels(tmp_path):
     out = write_label_map(labels, vol, tmp_path / "out" / "seg.dcm", {76: "femur_right", 75: "femur_left", 9: "empty"})
     assert {f.name: hashlib.sha256(f.read_bytes()).hexdigest() for f in folder.iterdir()} == before
     assert [p.name for p in out.parent.iterdir()] == ["seg.dcm"]  # no temp file left
+    # a SEG saved into the series' own folder is passed over when the folder is read again
+    inside = write_label_map(labels, vol, folder / "seg.dcm", {76: "femur_right", 75: "femur_left"})
+    again = read_volume(folder)
+    np.testing.assert_array_equal(again.array, vol.array)
+    with pytest.raises(VolumeError, match=r"seg\.dcm: SOPClassUID: .* is not a CT image"):
+        read_volume(inside)
+    inside.unlink()
 
     seg = hd.seg.segread(out)
     assert [(int(s.SegmentNumber), str(s.SegmentLabel)) for s in seg.SegmentSequence] == [
