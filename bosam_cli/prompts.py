@@ -234,8 +234,12 @@ def _xyz(ctx: _Ctx, v: Any, jpath: str) -> np.ndarray:
     for n, x in enumerate(v):
         if isinstance(x, bool) or not isinstance(x, (int, float, np.integer, np.floating)):
             raise ctx.fail(f"{jpath}[{n}]", f"expected a number, got {_type_name(x)}")
-        if not math.isfinite(float(x)):
-            raise ctx.fail(f"{jpath}[{n}]", f"coordinate is {x} (NaN or infinite)")
+        try:
+            finite = math.isfinite(float(x))
+        except OverflowError:  # an integer beyond any float
+            finite = False
+        if not finite:
+            raise ctx.fail(f"{jpath}[{n}]", f"coordinate is {str(x)[:20]} (NaN, infinite or beyond any float)")
     return np.asarray(v, dtype=np.float64)
 
 
@@ -462,10 +466,27 @@ def load_prompts(path: str | os.PathLike, volume: Volume, *, check_inside: bool 
     except OSError as exc:
         raise PromptError(f"{path}: cannot read ({exc.strerror})") from None
     try:
-        obj = json.loads(text)
+        obj = json.loads(text, object_pairs_hook=_unique_keys)
     except json.JSONDecodeError as exc:
         raise PromptError(f"{path}: invalid JSON at line {exc.lineno} column {exc.colno}: {exc.msg}") from None
+    except _DuplicateKey as exc:
+        raise PromptError(f"{path}: key {exc.args[0]!r} appears twice in one JSON object (which one is meant?)") from None
+    except (RecursionError, ValueError) as exc:  # nesting beyond the parser, numbers beyond int()
+        raise PromptError(f"{path}: not a usable JSON prompt file ({type(exc).__name__})") from None
     return parse_prompts(obj, volume, source=str(path), check_inside=check_inside)
+
+
+class _DuplicateKey(ValueError):
+    pass
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise _DuplicateKey(key)
+        out[key] = value
+    return out
 
 
 def click_from(

@@ -313,6 +313,25 @@ def test_prompt_errors_name_file_path_and_problem(tmp_path, case):
     assert problem in msg, msg
 
 
+@pytest.mark.parametrize("text, message", [
+    ('{"coordinate_system": "voxel", "coordinate_system": "RAS", "objects": []}',
+     "key 'coordinate_system' appears twice in one JSON object"),
+    ('{"coordinate_system": "voxel", "objects": [{"label": 1, "label": 2, "clicks": [{"xyz": [1, 1, 1]}]}]}',
+     "key 'label' appears twice"),
+    ("[" * 100000 + "]" * 100000, "not a usable JSON prompt file (RecursionError)"),
+    ('{"coordinate_system": "voxel", "objects": [{"label": 1, "clicks": [{"xyz": [1' + "0" * 400 + ', 1, 1]}]}]}',
+     "objects[0].clicks[0].xyz[0]: coordinate is 10000000000000000000 (NaN, infinite or beyond any float)"),
+])
+def test_hostile_json_is_one_line(tmp_path, text, message):
+    """Duplicate keys (which one was meant?), nesting beyond the parser and numbers beyond any
+    float: a PromptError naming the file, never a traceback."""
+    path = tmp_path / "p.json"
+    path.write_text(text)
+    with pytest.raises(PromptError) as err:
+        load_prompts(path, axis_aligned_volume())
+    assert str(err.value).startswith(f"{path}") and message in str(err.value) and "\n" not in str(err.value)
+
+
 def test_missing_and_non_utf8_files(tmp_path):
     vol = axis_aligned_volume()
     with pytest.raises(PromptError, match=r"absent\.json: no such file"):
