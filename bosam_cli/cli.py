@@ -31,9 +31,16 @@ def _console(stderr: bool = False):
     return Console(stderr=stderr, highlight=False)
 
 
+def esc(text: Any) -> str:
+    """User text (paths, names, messages) shown literally: rich would read "[...]" as markup."""
+    from rich.markup import escape
+
+    return escape(str(text))
+
+
 def fail(message: str, code: int = 2) -> None:
     """Print one error line to stderr and exit non-zero."""
-    _console(stderr=True).print(f"[bold red]error:[/] {message}", soft_wrap=True)
+    _console(stderr=True).print(f"[bold red]error:[/] {esc(message)}", soft_wrap=True)
     raise typer.Exit(code)
 
 
@@ -104,18 +111,18 @@ def info(
     )
     con.print(t)
     for w in report["warnings"]:
-        con.print(f"[yellow]warning:[/] {w}")
+        con.print(f"[yellow]warning:[/] {esc(w)}")
     ck = report.get("checkpoint")
     if ck:
-        t = Table(title=f"checkpoint {ck['path']}", show_header=False)
+        t = Table(title=f"checkpoint {esc(str(ck['path']))}", show_header=False)
         for k in ("layout", "preset", "parameters", "tensors", "sha256"):
-            t.add_row(k, f"{ck[k]:,}" if isinstance(ck[k], int) else str(ck[k]))
+            t.add_row(k, f"{ck[k]:,}" if isinstance(ck[k], int) else esc(str(ck[k])))
         if ck["conversions"]:
-            t.add_row("conversions", "; ".join(ck["conversions"]))
+            t.add_row("conversions", esc("; ".join(ck["conversions"])))
         if ck["other_entries"]:
-            t.add_row("other entries", ", ".join(ck["other_entries"]))
+            t.add_row("other entries", esc(", ".join(ck["other_entries"])))
         for k, v in ck["metadata"].items():
-            t.add_row(f"metadata.{k}", json.dumps(v) if not isinstance(v, str) else v)
+            t.add_row(esc(f"metadata.{k}"), esc(json.dumps(v) if not isinstance(v, str) else v))
         con.print(t)
 
 
@@ -139,12 +146,12 @@ def points_check(
         return
     from rich.table import Table
 
-    t = Table(title=f"clicks of {prompts} in {ct}")
+    t = Table(title=esc(f"clicks of {prompts} in {ct}"))
     for col in ("object", "label", "click", "+/-", "RAS mm", "voxel i,j,k", "HU", "inside"):
         t.add_column(col, justify="right" if col in ("label", "click", "HU") else "left")
     for r in records:
         t.add_row(
-            r["object"],
+            esc(r["object"]),
             str(r["label"]),
             str(r["click"]),
             "+" if r["positive"] else "-",
@@ -171,8 +178,18 @@ def open_engine_for(
     """The engine a command asked for (checkpoint defaults to the bundled model)."""
     from engines.registry import open_engine
 
+    from .errors import BosamError
     from .segment import resolve_checkpoint
 
+    if threads is not None and threads < 1:
+        raise BosamError(f"--threads: must be 1 or more, got {threads}")
+    if device:
+        import torch
+
+        try:
+            torch.device(device)
+        except (RuntimeError, ValueError):
+            raise BosamError(f"--device: {device!r} is not a device (cpu, cuda, cuda:1, ...)") from None
     if threads:
         import torch
 
@@ -258,7 +275,7 @@ def segment(
 def _print_warnings(con, warnings: list) -> None:
     """One yellow line per warning, never cut at the terminal width."""
     for w in warnings:
-        con.print(f"[yellow]warning:[/] {w}", soft_wrap=True)
+        con.print(f"[yellow]warning:[/] {esc(w)}", soft_wrap=True)
 
 
 def _print_segment_summary(manifests: list) -> None:
@@ -266,12 +283,12 @@ def _print_segment_summary(manifests: list) -> None:
 
     con = _console()
     for m in manifests:
-        t = Table(title=f"{m['input']['ct']} -> {m['output']['label_map']}")
+        t = Table(title=esc(f"{m['input']['ct']} -> {m['output']['label_map']}"))
         for col in ("label", "name", "clicks", "voxels", "volume mm³", "windows", "note"):
             t.add_column(col, justify="right" if col in ("label", "clicks", "voxels", "volume mm³", "windows") else "left")
         for o in m["objects"]:
             t.add_row(
-                str(o["label"]), o["name"], str(len(o["clicks"])), f"{o['voxels']:,}", f"{o['volume_mm3']:,.0f}",
+                str(o["label"]), esc(o["name"]), str(len(o["clicks"])), f"{o['voxels']:,}", f"{o['volume_mm3']:,.0f}",
                 str(o["windows"]), "truncated at window limit" if o["truncated"] else "",
             )
         con.print(t)
@@ -312,16 +329,16 @@ def _segment_batch_cli(cases: list, out: Optional[Path], eng, options, as_json: 
         for r in results:
             m = r["manifest"]
             if r["ok"]:
-                t.add_row(Path(r["ct"]).name, "[green]ok[/]", str(len(m["objects"])),
+                t.add_row(esc(Path(r["ct"]).name), "[green]ok[/]", str(len(m["objects"])),
                           f"{sum(o['voxels'] for o in m['objects']):,}", f"{m['timings_s']['total']:.1f}")
             else:
-                t.add_row(Path(r["ct"]).name, "[red]failed[/]", "", "", r["error"])
+                t.add_row(esc(Path(r["ct"]).name), "[red]failed[/]", "", "", esc(r["error"]))
         _console().print(t)
         for r in results:
             if r["ok"]:
                 _print_warnings(_console(stderr=True), r["manifest"]["warnings"])
     for r in failed:
-        _console(stderr=True).print(f"[bold red]error:[/] {r['error']}", soft_wrap=True)
+        _console(stderr=True).print(f"[bold red]error:[/] {esc(r['error'])}", soft_wrap=True)
     if failed:
         raise typer.Exit(1)
 
@@ -362,7 +379,7 @@ def export_command(
         trt=trt,
         trt_options={"workspace_gib": workspace_gib} if workspace_gib else None,
         threads=threads,
-        log=lambda msg: err.print(f"[dim]{msg}[/]"),
+        log=lambda msg: err.print(f"[dim]{esc(msg)}[/]"),
     )
     if as_json:
         print_json(manifest)
@@ -399,14 +416,14 @@ def _print_export_summary(manifest: dict) -> None:
         con.print(f"TensorRT readiness of {name}: {state} (opset {rep['opset']}, IR {rep['ir_version']}, "
                   f"{rep['nodes']} nodes, dynamic: {', '.join(rep['dynamic_dims']) or 'none'})")
         for e in rep["errors"]:
-            con.print(f"  [red]error:[/] {e}")
+            con.print(f"  [red]error:[/] {esc(e)}")
         for w in rep["warnings"]:
-            con.print(f"  [yellow]warning:[/] {w}")
+            con.print(f"  [yellow]warning:[/] {esc(w)}")
     trt = manifest.get("tensorrt")
     if trt:
         con.print(f"TensorRT {trt['version']} plans for {trt['gpu']} (sm {trt['compute_capability']}), points 1..{trt['max_points']}")
     exporters = ", ".join(sorted(set(manifest["exporter"].values())))
-    con.print(f"wrote {manifest['path']} ({exporters} exporter, opset {manifest['opset']}, IR {manifest['ir_version']}, "
+    con.print(f"wrote {esc(str(manifest['path']))} ({exporters} exporter, opset {manifest['opset']}, IR {manifest['ir_version']}, "
               f"{manifest['precision']}, points 1..{manifest['max_points']})")
 
 
@@ -520,13 +537,13 @@ def demo(
 
     con = _console()
     d = manifest["demo"]
-    title = f"bosam demo: {manifest['input']['ct']}"
+    title = esc(f"bosam demo: {manifest['input']['ct']}")
     t = Table(title=title)
     for col in ("label", "bone", "voxels", "volume mm³", "Dice vs truth"):
         t.add_column(col, justify="left" if col == "bone" else "right")
     for o in manifest["objects"]:
         dice = o.get("dice_vs_truth")
-        t.add_row(str(o["label"]), o["name"], f"{o['voxels']:,}", f"{o['volume_mm3']:,.0f}", "" if dice is None else f"{dice:.3f}")
+        t.add_row(str(o["label"]), esc(o["name"]), f"{o['voxels']:,}", f"{o['volume_mm3']:,.0f}", "" if dice is None else f"{dice:.3f}")
     con.print(t)
     if d.get("mean_dice") is not None:
         con.print(f"mean Dice {d['mean_dice']:.3f} over {len(manifest['objects'])} bones (one click each)")
@@ -608,24 +625,24 @@ def prepare(
 
         out = _console()
         s = report["summary"]
-        out.print(f"{s['cases']} usable cases, {s['errors']} errors, {s['warnings']} warnings in {', '.join(s['roots'])}")
+        out.print(f"{s['cases']} usable cases, {s['errors']} errors, {s['warnings']} warnings in {esc(', '.join(s['roots']))}")
         if scan.problems:
             t = Table(title="problems")
             for col in ("severity", "case", "file", "problem"):
                 t.add_column(col)
             for p in scan.problems:
-                t.add_row("[red]error[/]" if p.severity == "error" else "[yellow]warning[/]", p.case,
-                          str(p.path) if p.path else "", p.message)
+                t.add_row("[red]error[/]" if p.severity == "error" else "[yellow]warning[/]", esc(p.case),
+                          esc(str(p.path)) if p.path else "", esc(p.message))
             out.print(t)
         if s["labels"]:
             t = Table(title="labels")
             for col in ("id", "name", "cases", "voxels"):
                 t.add_column(col, justify="right" if col != "name" else "left")
             for lab, e in s["labels"].items():
-                t.add_row(lab, e["name"], str(e["cases"]), f"{e['voxels']:,}")
+                t.add_row(lab, esc(e["name"]), str(e["cases"]), f"{e['voxels']:,}")
             out.print(t)
         if cache:
-            out.print(f"cache: {report['cached_cases']} cases in {cache}")
+            out.print(f"cache: {report['cached_cases']} cases in {esc(str(cache))}")
     if check and scan.errors:
         raise typer.Exit(1)
 
@@ -712,10 +729,10 @@ def train(
         return
     con = _console()
     done = "stopped (resume with --resume)" if result.stopped_early else "done"
-    con.print(f"training {done}: {result.epochs_done} epochs, {result.global_step} steps; checkpoints in {result.out_dir}")
+    con.print(f"training {done}: {result.epochs_done} epochs, {result.global_step} steps; checkpoints in {esc(str(result.out_dir))}")
     for key in ("final", "best", "last"):
         if summary[key]:
-            con.print(f"  {key}: {summary[key]}")
+            con.print(f"  {key}: {esc(str(summary[key]))}")
 
 
 @app.command()
@@ -765,6 +782,12 @@ def evaluate(
     for d in data:
         if not d.exists():
             fail(f"{d}: no such dataset folder")
+    if not nsd_mm > 0:
+        fail(f"--nsd-mm: the surface Dice tolerance must be above 0 mm, got {nsd_mm}")
+    if cases is not None and cases < 1:
+        fail(f"--cases: must be 1 or more, got {cases}")
+    if out is not None and out.exists() and not out.is_dir():
+        fail(f"{out}: is a file; --out is the folder for evaluation.csv, .json and .md")
     base = None
     eng = None
     if baseline is not None:
@@ -800,7 +823,7 @@ def evaluate(
     c.print(Markdown(markdown_table(result["summary"], result["title"])))
     c.print(f"[dim]{result['settings']['protocol_definition']}[/]")
     for k, v in result["paths"].items():
-        c.print(f"  {k}: {v}")
+        c.print(f"  {esc(str(k))}: {esc(str(v))}")
 
 
 def main() -> None:

@@ -205,6 +205,7 @@ def segment_file(
     prompts = load_prompts(points, volume)
     t_prompts = time.perf_counter()
     paths = output_paths(ct_path, out)
+    guard_outputs(paths, [ct_path, Path(points)])
     check_output_format(paths["label_map"], volume)
     session = session or make_session(engine, options, engine_metadata(engine))
     before = dict(session.timings)
@@ -315,6 +316,28 @@ def segment_file(
     return manifest
 
 
+def guard_outputs(paths: dict[str, Path], inputs: Iterable[Path | None]) -> None:
+    """Refuse, before any work, outputs that would overwrite an input (``-o`` pointing at the
+    CT's own file or folder, a manifest named like the prompt file beside it)."""
+    given = [Path(p) for p in inputs if p is not None]
+    for key in ("label_map", "manifest", "overlay", "points"):
+        if key in paths and paths[key].is_dir():
+            raise BosamError(f"{paths[key]}: is a folder, where bosam would write its {key.replace('_', ' ')} file")
+    for out in paths.values():
+        for inp in given:
+            if _same_file(out, inp):
+                raise BosamError(f"{out}: would overwrite the input {inp}; choose another output (-o)")
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        if a.exists() and b.exists():
+            return os.path.samefile(a, b)
+        return a.resolve() == b.resolve()
+    except OSError:
+        return False
+
+
 def check_output_format(label_map: Path, volume: Volume) -> None:
     """Refuse, before any work, a label map format this CT cannot have: a DICOM SEG needs a CT
     read from a DICOM series with the UIDs a SEG references."""
@@ -369,7 +392,9 @@ def find_cases(ct: str | os.PathLike, points: str | os.PathLike | None) -> list[
         return _cases_from_manifest(ct)
     if not ct.is_dir():
         raise BosamError(f"{ct}: not a folder of CTs or a .csv/.json manifest")
-    if points is None or not Path(points).is_dir():
+    if points is None:
+        raise BosamError(f"{ct}: a batch (a folder of CTs) needs --points, a folder of prompt files named like the CTs")
+    if not Path(points).is_dir():
         raise BosamError(f"{points}: a batch needs --points to be a folder of prompt files")
     prompt_files = {case_name(p): p for p in sorted(Path(points).iterdir()) if p.name.lower().endswith(".json")}
     cases = []
@@ -389,17 +414,25 @@ def _cases_from_manifest(path: Path) -> list[Case]:
     rows: list[dict[str, Any]]
     try:
         if path.suffix.lower() == ".csv":
-            with open(path, newline="") as f:
+            with open(path, newline="", encoding="utf-8-sig") as f:  # Excel's "CSV UTF-8" starts with a BOM
                 rows = list(csv.DictReader(f))
         else:
-            data = json.loads(path.read_text())
+            data = json.loads(path.read_text(encoding="utf-8-sig"))
+            if isinstance(data, dict) and "cases" not in data:
+                hint = " (a prompt file? give the CT first, then --points)" if "objects" in data else ""
+                raise BosamError(f"{path}: cases: missing; a batch manifest lists cases{hint}")
             rows = data["cases"] if isinstance(data, dict) else data
-    except (json.JSONDecodeError, KeyError, csv.Error, UnicodeDecodeError) as exc:
+    except (json.JSONDecodeError, csv.Error, UnicodeDecodeError, RecursionError) as exc:
         raise BosamError(f"{path}: not a readable batch manifest ({type(exc).__name__}: {exc})") from None
+    if not isinstance(rows, list):
+        raise BosamError(f"{path}: cases: expected a list of rows with 'ct' and 'points', got {type(rows).__name__}")
     cases = []
     for i, row in enumerate(rows):
+        if isinstance(row, dict):
+            row = {str(k).strip(): v for k, v in row.items()}
         if not isinstance(row, dict) or not row.get("ct") or not row.get("points"):
-            raise BosamError(f"{path}: row {i + 1} needs 'ct' and 'points'")
+            found = f"; found {', '.join(repr(k) for k in row)}" if isinstance(row, dict) else ""
+            raise BosamError(f"{path}: row {i + 1} needs 'ct' and 'points'{found}")
         out = row.get("out")
         cases.append(
             Case(base / str(row["ct"]), base / str(row["points"]), (base / str(out)) if out else None)
@@ -425,10 +458,12 @@ def segment_batch(
     on_case: Callable[[Case, dict[str, Any] | None, str | None], None] | None = None,
 ) -> list[dict[str, Any]]:
     """Segment every case with one engine; a failing case is recorded and skipped."""
+    cases = list(cases)
+    _refuse_shared_outputs(cases, out_dir)
     session = make_session(engine, options, engine_metadata(engine))
     results = []
     for case in cases:
-        out = case.out or (Path(out_dir) if out_dir else Path.cwd())
+        out = case.out or (Path(out_dir) if out_dir else None)  # None: <case>_bosam.nii.gz here
         try:
             if not case.points.exists():
                 raise PromptError(f"{case.points}: no prompt file for this CT")
@@ -440,6 +475,23 @@ def segment_batch(
         if on_case:
             on_case(case, row["manifest"], row["error"])
     return results
+
+
+def _refuse_shared_outputs(cases: list[Case], out_dir: str | os.PathLike | None) -> None:
+    """Two cases writing the same label map would silently keep only the last: refused before
+    any work (a label map path as -o for several CTs, two rows with one 'out', a.nii and
+    a.nii.gz in one folder)."""
+    planned: dict[Path, Path] = {}
+    for case in cases:
+        try:
+            label_map = output_paths(case.ct, case.out or (Path(out_dir) if out_dir else None))["label_map"]
+        except BosamError:
+            continue  # reported with its case
+        key = Path(os.path.abspath(label_map))
+        if key in planned:
+            raise BosamError(f"{label_map}: both {planned[key]} and {case.ct} would write this label map; "
+                             "give -o a folder, or each case its own 'out'")
+        planned[key] = case.ct
 
 
 # ---------------------------------------------------------------------------------------------
@@ -491,6 +543,7 @@ def interactive(
     ct_path = Path(ct)
     volume = require_finite(read_volume(ct_path))
     paths = output_paths(ct_path, out)
+    guard_outputs(paths, [ct_path, Path(points) if points is not None else None])
     check_output_format(paths["label_map"], volume)
     session = make_session(engine, options, engine_metadata(engine))
     session.set_volume(volume)
@@ -503,6 +556,7 @@ def interactive(
 
     def save(path: Path | None = None) -> None:
         target = path or paths["label_map"]
+        guard_outputs(output_paths(ct_path, target), [ct_path, Path(points) if points is not None else None])
         names = {lab: st.name for lab, st in session.objects.items() if st.clicks}
         if not names and label_map_ending(target) == ".dcm":
             say(f"nothing to write to {target} yet: a DICOM SEG needs an object with clicks")
@@ -581,6 +635,9 @@ def interactive(
         except (ValueError, BosamError) as exc:
             failures += 1
             say(f"error: {exc}")
+        except OSError as exc:  # a save target that cannot be written: the session goes on
+            failures += 1
+            say(f"error: {exc.filename2 or exc.filename or ''}: {exc.strerror or exc}")
     save()
     say(f"saved {paths['label_map']}")
     return failures

@@ -1012,8 +1012,10 @@ def _train(cfg: TrainConfig, dist_info: Dist, console: Any, on_step: Callable[[d
     progress = _Progress(console, dist_info.main, cfg.epochs, run.steps)
     result = TrainResult(out_dir, None, None, None, start_epoch, run.global_step, run.best_dice, [])
     if dist_info.main and console is not None:
+        from rich.markup import escape
+
         for w in warnings + [str(p) for p in scan.warnings]:
-            console.print(f"[yellow]warning:[/] {w}")
+            console.print(f"[yellow]warning:[/] {escape(w)}")
     t_start = time.perf_counter()
     stopped = False
     try:

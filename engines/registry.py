@@ -98,6 +98,10 @@ def open_engine(
     folder_precision = None if precision in (None, "bf16") else precision
 
     if kind in ("onnxruntime", "tensorrt"):
+        if kind == "tensorrt":  # say first that TensorRT is missing, before any engine folder is looked for
+            from export.trt_build import import_tensorrt
+
+            import_tensorrt()
         manifest = load_manifest(folder)
         check_manifest(manifest, folder, checkpoint, preset, folder_precision, ckpt_sha)
         if kind == "onnxruntime":

@@ -315,6 +315,11 @@ def test_cli_evaluate_bad_input_is_one_line(dataset, tmp_path):
     assert len(res.stderr.strip().splitlines()) == 1
     res = _bosam("evaluate", "--data", str(dataset), "--baseline", "threshold", "--clicks", "0,x")
     assert res.returncode == 2 and "--clicks" in res.stderr
+    for flags, message in ((["--nsd-mm", "-1"], "--nsd-mm: the surface Dice tolerance must be above 0 mm"),
+                           (["--cases", "0"], "--cases: must be 1 or more, got 0"),
+                           (["--out", str(dataset / "dataset.json")], "dataset.json: is a file; --out is the folder")):
+        res = _bosam("evaluate", "--data", str(dataset), "--baseline", "threshold", *flags)
+        assert res.returncode == 2 and message in res.stderr and len(res.stderr.strip().splitlines()) == 1, res.stderr
     root = make_dataset(tmp_path / "bad", 1)
     ct, lab, aff = paint_case(2)
     moved = aff.copy()

@@ -183,6 +183,64 @@ def test_bad_inputs_fail_cleanly_without_output(tmp_path, random_checkpoint, pro
     assert [p.name for p in taken.parent.iterdir()] == ["x.nii.gz"] and not any(taken.iterdir())
 
 
+def test_outputs_never_overwrite_inputs_nor_each_other(tmp_path, random_checkpoint, prompts_sm):
+    """-o pointing at the CT's own file or folder, a manifest that would replace the prompt
+    file, a batch whose cases would share a label map: refused before any work, inputs intact.
+    A batch without -o writes <case>_bosam.nii.gz beside nothing it read; names with [brackets]
+    print literally."""
+    ct = tmp_path / "cases" / "example_ct_sm.nii.gz"
+    ct.parent.mkdir()
+    shutil.copy(need(CT_SM), ct)
+    prompts = json.loads(prompts_sm.read_text())
+    prompts["objects"][0]["name"] = "L1 [/bold] [left]"
+    (tmp_path / "cases" / "example_ct_sm.json").write_text(json.dumps(prompts))
+    before = {p.name: p.read_bytes() for p in ct.parent.iterdir()}
+    options = ["-c", str(random_checkpoint), "--engine", "torch", "--max-windows", "1"]
+    for out in (ct.parent, ct):  # the README's "-o out/" aimed at the CT's folder, and the CT itself
+        r = bosam("segment", str(ct), "--points", str(ct.with_name("example_ct_sm.json")), "-o", str(out), *options)
+        assert r.returncode == 2 and "would overwrite the input" in r.stderr, r.stderr
+    assert {p.name: p.read_bytes() for p in ct.parent.iterdir()} == before
+    # a batch: two CTs of one case name, and a label map path for several CTs
+    shutil.copy(ct, ct.with_name("example_ct_sm.nii"))
+    r = bosam("segment", str(ct.parent), "--points", str(ct.parent), "-o", str(tmp_path / "o"), *options)
+    assert r.returncode == 2 and "would write this label map" in r.stderr and not (tmp_path / "o").exists()
+    ct.with_name("example_ct_sm.nii").unlink()
+    # no -o, run in the CTs' folder: <case>_bosam.nii.gz, the CT and prompts untouched
+    r = bosam("segment", ".", "--points", ".", *options, cwd=ct.parent)
+    assert r.returncode == 0, r.stderr
+    assert (ct.parent / "example_ct_sm_bosam.nii.gz").exists() and ct.read_bytes() == before[ct.name]
+    r = bosam("segment", str(ct), "--points", str(ct.with_name("example_ct_sm.json")), "-o", str(tmp_path / "one"),
+              *options)
+    assert r.returncode == 0 and "[/bold]" in r.stdout and "[left]" in r.stdout, r.stdout + r.stderr  # not markup
+
+
+def test_batch_manifests_and_engine_options_fail_in_one_line(tmp_path):
+    from bosam_cli.errors import BosamError
+    from bosam_cli.segment import find_cases
+
+    (tmp_path / "five.json").write_text("5")
+    with pytest.raises(BosamError, match=r"five\.json: cases: expected a list of rows"):
+        find_cases(tmp_path / "five.json", None)
+    (tmp_path / "prompt.json").write_text(json.dumps({"coordinate_system": "RAS", "objects": []}))
+    with pytest.raises(BosamError, match=r"prompt\.json: cases: missing; .*a prompt file\? give the CT first"):
+        find_cases(tmp_path / "prompt.json", None)
+    # Excel's "CSV UTF-8" (a byte-order mark) with spaces after the commas
+    (tmp_path / "cases.csv").write_bytes("\ufeffct, points\na.nii.gz, a.json\n".encode("utf-8"))
+    (case,) = find_cases(tmp_path / "cases.csv", None)
+    assert case.ct == tmp_path / "a.nii.gz"
+    (tmp_path / "bad.csv").write_text("image,prompts\na.nii.gz,a.json\n")
+    with pytest.raises(BosamError, match=r"row 1 needs 'ct' and 'points'; found 'image', 'prompts'"):
+        find_cases(tmp_path / "bad.csv", None)
+    with pytest.raises(BosamError, match=r"a batch \(a folder of CTs\) needs --points"):
+        find_cases(tmp_path, None)
+    ct = need(CT_SM)
+    for flag, value, message in (("--device", "banana", "--device: 'banana' is not a device"),
+                                 ("--threads", "-1", "--threads: must be 1 or more, got -1")):
+        r = bosam("segment", str(ct), "--points", str(tmp_path / "prompt.json"), flag, value, "-o", str(tmp_path / "o"))
+        assert r.returncode == 2 and r.stderr.strip() == f"error: {message}" + (" (cpu, cuda, cuda:1, ...)" if value == "banana" else "")
+    assert not (tmp_path / "o").exists()
+
+
 def test_outputs_are_named_after_the_ct(tmp_path, monkeypatch):
     """A DICOM folder given as '.', or one file of a series, names the outputs sensibly."""
     from bosam_cli.segment import output_paths
@@ -245,7 +303,9 @@ def test_metaimage_ct_segments_like_its_nifti(tmp_path, random_checkpoint, promp
 
 
 def test_interactive_session_is_scriptable(tmp_path, random_checkpoint):
-    ct = need(CT_SM)
+    ct = tmp_path / "ct.nii.gz"
+    shutil.copy(need(CT_SM), ct)  # a copy: the session is asked to save over it (refused)
+    (tmp_path / "taken.nii.gz").mkdir()  # a save target that is a folder
     seg = np.asanyarray(nib.load(need(SEG_SM)).dataobj)
     idx = np.argwhere(seg == 31)
     a, b = idx[len(idx) // 2], idx[len(idx) // 3]
@@ -260,6 +320,8 @@ def test_interactive_session_is_scriptable(tmp_path, random_checkpoint):
         "object 70000",  # refused: above 65535
         "list",
         "bogus",
+        f"save {tmp_path / 'taken.nii.gz'}",  # refused, and the session goes on
+        f"save {ct}",  # refused: that is the CT
         f"save {tmp_path / 'snap.nii.gz'}",
         "quit",
     ])
@@ -273,7 +335,10 @@ def test_interactive_session_is_scriptable(tmp_path, random_checkpoint):
     assert "encoder" in clicks[0] and "no new window" in clicks[1]
     assert any(l.startswith("undone") for l in lines)
     assert any("unknown command" in l for l in lines)
-    assert sum("error:" in l for l in lines) == 4
+    assert sum("error:" in l for l in lines) == 6
+    assert any(f"{tmp_path / 'taken.nii.gz'}: is a folder" in l for l in lines)
+    assert any(f"{ct}: would overwrite the input {ct}" in l for l in lines)
+    assert nib.load(str(ct)).get_data_dtype() == np.int16  # the CT is untouched
     assert any("first click of an object must be positive" in l for l in lines)
     assert any("1..65535 (0 is background), not 0" in l for l in lines)
     assert out.exists() and (tmp_path / "snap.nii.gz").exists() and (tmp_path / "snap_points.json").exists()
