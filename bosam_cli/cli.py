@@ -527,6 +527,8 @@ def demo(
 
     if ct is not None and points is None:
         fail("--points: a prompt file is required with --ct")
+    if ct is None and points is not None:
+        fail("--points: goes with --ct (the phantom demo places its own clicks)")
     eng = open_engine_for(engine, checkpoint, engine_dir, device, "fp32", threads)
     options = SegmentOptions(overlay=True, islands=islands, refine=refine, refine_hu=refine_hu)
     manifest = run_demo(out, eng, ct=ct, points=points, seed=seed, options=options)

@@ -7,7 +7,6 @@ places one click per bone, runs the model through the same session and writer as
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from pathlib import Path
@@ -57,8 +56,7 @@ def run_demo(
     """Run the demo; returns the segment manifest plus ``demo`` facts (Dice per bone)."""
     from .atomic import write_json
 
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    out = Path(out_dir)  # created by the first file written: a bad --ct leaves no empty folder
     options = options or SegmentOptions(overlay=True)
     truth = None
     t0 = time.perf_counter()
@@ -69,7 +67,7 @@ def run_demo(
         saved = phantom.save(out, stem="phantom")
         ct = saved["ct"]
         points = out / "phantom_points.json"
-        (out / "phantom_points.json").write_text(json.dumps(phantom_prompts(phantom), indent=2))
+        write_json(phantom_prompts(phantom), points)
         truth = phantom.labels.array
         source = {"phantom_seed": seed, "region": phantom.region, "spacing_mm": phantom.info["spacing_mm"],
                   "orientation": phantom.info["orientation"], "truth": str(saved["labels"])}

@@ -26,6 +26,7 @@ from .volume import (
     LABEL_MAP_SUFFIXES,
     VOLUME_SUFFIXES,
     Volume,
+    geometry_warning,
     hu_warning,
     label_map_ending,
     read_volume,
@@ -215,104 +216,110 @@ def segment_file(
     t_seg = time.perf_counter()
 
     names = {obj.label: obj.name for obj in prompts.objects}
-    written: list[Path] = [write_label_map(labels, volume, paths["label_map"], names)]
-    objects = []
-    for i, obj in enumerate(prompts.objects):
-        state = session.objects[obj.label]
-        mask = labels == obj.label if options.per_object or options.mesh else None
-        entry: dict[str, Any] = {
-            "label": obj.label,
-            "name": obj.name,
-            "clicks": [
-                {"positive": c.positive, "ras": _r(c.ras), "voxel": _r(c.ijk)} for c in obj.clicks
-            ],
-            **object_stats(_label_voxels(session, labels, obj.label), volume),
-            "voxels_before_overlap_rule": session.voxel_count(obj.label),
-            "windows": len(state.windows),
-            "window_centres_ras": [_r(w.geom.centre_ras_mm) for w in state.windows],
-            "truncated": state.truncated,
-            "encoder_calls": sum(r["encoder_calls"] for r in result["reports"][obj.label]),
-            "decoder_calls": sum(r["decoder_calls"] for r in result["reports"][obj.label]),
+    written: list[Path] = []
+    try:  # every file of the run or none: a failure part-way removes what this run wrote
+        written.append(write_label_map(labels, volume, paths["label_map"], names))
+        objects = []
+        for i, obj in enumerate(prompts.objects):
+            state = session.objects[obj.label]
+            mask = labels == obj.label if options.per_object or options.mesh else None
+            entry: dict[str, Any] = {
+                "label": obj.label,
+                "name": obj.name,
+                "clicks": [
+                    {"positive": c.positive, "ras": _r(c.ras), "voxel": _r(c.ijk)} for c in obj.clicks
+                ],
+                **object_stats(_label_voxels(session, labels, obj.label), volume),
+                "voxels_before_overlap_rule": session.voxel_count(obj.label),
+                "windows": len(state.windows),
+                "window_centres_ras": [_r(w.geom.centre_ras_mm) for w in state.windows],
+                "truncated": state.truncated,
+                "encoder_calls": sum(r["encoder_calls"] for r in result["reports"][obj.label]),
+                "decoder_calls": sum(r["decoder_calls"] for r in result["reports"][obj.label]),
+            }
+            if options.per_object:
+                p = paths["objects_dir"] / f"{obj.label}_{_safe_name(obj.name)}{label_map_ending(paths['label_map'])}"
+                written.append(write_label_map(mask.astype(np.uint8), volume, p, {1: obj.name}))
+                entry["mask_file"] = str(p)
+            if options.mesh:
+                from .report import mask_to_mesh, write_stl
+
+                verts, faces = mask_to_mesh(mask, volume.affine)
+                p = paths["meshes_dir"] / f"{obj.label}_{_safe_name(obj.name)}.stl"
+                written.append(write_stl(verts, faces, p, name=obj.name))
+                entry["mesh_file"] = str(p)
+                entry["mesh_faces"] = int(len(faces))
+            objects.append(entry)
+        if options.overlay:
+            from .report import write_overlay
+
+            written.append(write_overlay(volume, labels, objects, paths["overlay"]))
+        t_write = time.perf_counter()
+
+        timings = {k: round(session.timings[k] - before.get(k, 0.0), 4) for k in session.timings}
+        warnings = [w for w in (hu_warning(volume), geometry_warning(volume)) if w]
+        for o in objects:
+            if not o["voxels"]:
+                why = ("every voxel went to other objects by the overlap rule" if o["voxels_before_overlap_rule"]
+                       else "the model found nothing at its clicks")
+                warnings.append(f"object {o['label']} ({o['name']}): empty mask: {why}")
+        manifest = {
+            "tool": "bosam segment",
+            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            "versions": _versions(),
+            "input": {
+                "ct": str(ct_path),
+                "points": str(points),
+                "shape": list(volume.shape),
+                "affine": np.round(volume.affine, 6).tolist(),
+                "spacing_mm": _r(volume.spacing_mm),
+                "axcodes": volume.axcodes,
+                "coordinate_system": getattr(prompts, "coordinate_system", None),
+            },
+            "output": {
+                "label_map": str(paths["label_map"]),
+                "dtype": str(labels.dtype),
+                **_seg_segments(paths["label_map"], labels, names),
+                "files": [str(p) for p in written] + [str(paths["manifest"])],
+            },
+            "checkpoint": {
+                "path": getattr(getattr(engine, "model", None), "checkpoint_path", None)
+                or engine.info.details.get("checkpoint_path"),
+                "sha256": engine.info.checkpoint_sha256,
+                "preset": engine.info.preset,
+            },
+            "engine": engine.info.as_dict(),
+            "model_window": {
+                "size": session.size,
+                "spacing_mm": session.spacing_mm,
+                "axes": "RAS",
+                "clamp_hu": list(session.intensity.clamp_hu) if session.intensity.clamp_hu else None,
+                "max_windows_per_object": session.max_windows,
+                "islands": session.islands,
+                "refine": session.refine,
+                "refine_hu": session.refine_hu if session.refine == "hu" else None,
+            },
+            "overlap_rule": OVERLAP_RULE,
+            "objects": objects,
+            "warnings": warnings,
+            "calls": {k: session.counts[k] - counts_before.get(k, 0) for k in session.counts},
+            "timings_s": {
+                "read": round(t_read - t0, 4),
+                "prompts": round(t_prompts - t_read, 4),
+                "sample_windows": timings["sample_s"],
+                "encoder": timings["encoder_s"],
+                "decoder": timings["decoder_s"],
+                "map_back": timings["map_back_s"],
+                "segment_other": round((t_seg - t_prompts) - sum(timings.values()), 4),
+                "write": round(t_write - t_seg, 4),
+                "total": round(time.perf_counter() - t0, 4),
+            },
         }
-        if options.per_object:
-            p = paths["objects_dir"] / f"{obj.label}_{_safe_name(obj.name)}{label_map_ending(paths['label_map'])}"
-            written.append(write_label_map(mask.astype(np.uint8), volume, p, {1: obj.name}))
-            entry["mask_file"] = str(p)
-        if options.mesh:
-            from .report import mask_to_mesh, write_stl
-
-            verts, faces = mask_to_mesh(mask, volume.affine)
-            p = paths["meshes_dir"] / f"{obj.label}_{_safe_name(obj.name)}.stl"
-            written.append(write_stl(verts, faces, p, name=obj.name))
-            entry["mesh_file"] = str(p)
-            entry["mesh_faces"] = int(len(faces))
-        objects.append(entry)
-    if options.overlay:
-        from .report import write_overlay
-
-        written.append(write_overlay(volume, labels, objects, paths["overlay"]))
-    t_write = time.perf_counter()
-
-    timings = {k: round(session.timings[k] - before.get(k, 0.0), 4) for k in session.timings}
-    warnings = [w for w in (hu_warning(volume),) if w]
-    for o in objects:
-        if not o["voxels"]:
-            why = ("every voxel went to other objects by the overlap rule" if o["voxels_before_overlap_rule"]
-                   else "the model found nothing at its clicks")
-            warnings.append(f"object {o['label']} ({o['name']}): empty mask: {why}")
-    manifest = {
-        "tool": "bosam segment",
-        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "versions": _versions(),
-        "input": {
-            "ct": str(ct_path),
-            "points": str(points),
-            "shape": list(volume.shape),
-            "affine": np.round(volume.affine, 6).tolist(),
-            "spacing_mm": _r(volume.spacing_mm),
-            "axcodes": volume.axcodes,
-            "coordinate_system": getattr(prompts, "coordinate_system", None),
-        },
-        "output": {
-            "label_map": str(paths["label_map"]),
-            "dtype": str(labels.dtype),
-            **_seg_segments(paths["label_map"], labels, names),
-            "files": [str(p) for p in written] + [str(paths["manifest"])],
-        },
-        "checkpoint": {
-            "path": getattr(getattr(engine, "model", None), "checkpoint_path", None)
-            or engine.info.details.get("checkpoint_path"),
-            "sha256": engine.info.checkpoint_sha256,
-            "preset": engine.info.preset,
-        },
-        "engine": engine.info.as_dict(),
-        "model_window": {
-            "size": session.size,
-            "spacing_mm": session.spacing_mm,
-            "axes": "RAS",
-            "clamp_hu": list(session.intensity.clamp_hu) if session.intensity.clamp_hu else None,
-            "max_windows_per_object": session.max_windows,
-            "islands": session.islands,
-            "refine": session.refine,
-            "refine_hu": session.refine_hu if session.refine == "hu" else None,
-        },
-        "overlap_rule": OVERLAP_RULE,
-        "objects": objects,
-        "warnings": warnings,
-        "calls": {k: session.counts[k] - counts_before.get(k, 0) for k in session.counts},
-        "timings_s": {
-            "read": round(t_read - t0, 4),
-            "prompts": round(t_prompts - t_read, 4),
-            "sample_windows": timings["sample_s"],
-            "encoder": timings["encoder_s"],
-            "decoder": timings["decoder_s"],
-            "map_back": timings["map_back_s"],
-            "segment_other": round((t_seg - t_prompts) - sum(timings.values()), 4),
-            "write": round(t_write - t_seg, 4),
-            "total": round(time.perf_counter() - t0, 4),
-        },
-    }
-    write_json(manifest, paths["manifest"])
+        write_json(manifest, paths["manifest"])
+    except BaseException:
+        for p in written:
+            p.unlink(missing_ok=True)
+        raise
     return manifest
 
 
@@ -562,7 +569,11 @@ def interactive(
             say(f"nothing to write to {target} yet: a DICOM SEG needs an object with clicks")
             return
         write_label_map(session.label_map(), volume, target, names)
-        write_json(session_prompts(session), output_paths(ct_path, target)["points"])
+        points_file = output_paths(ct_path, target)["points"]
+        if names:
+            write_json(session_prompts(session), points_file)
+        else:  # no clicks left: no prompt file (one without objects could not be loaded again)
+            points_file.unlink(missing_ok=True)
 
     if points is not None:
         prompts = load_prompts(points, volume)
@@ -573,9 +584,9 @@ def interactive(
             current = obj.label
         save()
         say(f"loaded {points}: {len(prompts.objects)} objects")
-    hu_note = hu_warning(volume)
-    if hu_note:
-        say(f"warning: {hu_note}")
+    for note in (hu_warning(volume), geometry_warning(volume)):
+        if note:
+            say(f"warning: {note}")
     say(f"bosam interactive on {ct_path.name} {volume.shape} ({volume.axcodes}); coordinates {system}; "
         f"engine {engine.info.name}/{engine.info.device}; output {paths['label_map']}; 'help' lists commands")
     for raw in stdin:

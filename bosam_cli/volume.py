@@ -320,6 +320,19 @@ def hu_warning(volume: Volume) -> str | None:
             "(e.g. subtract 1024 where the rescale intercept was dropped)")
 
 
+def geometry_warning(volume: Volume) -> str | None:
+    """A one-line warning when the file does not say where the CT lies in patient space: a
+    NIfTI with neither sform nor qform (both codes 0), whose affine bosam (as nibabel) builds
+    from the voxel sizes alone. Viewers disagree about such files (ITK-based ones flip x and
+    y), so clicks in RAS/LPS millimetres taken in one may fall elsewhere here."""
+    if volume.meta.get("affine_source") != "pixdim":
+        return None
+    where = f"{volume.path}: " if volume.path is not None else ""
+    return (f"{where}sform_code and qform_code are 0: the file does not say where the CT lies in patient space, "
+            "so bosam places it from the voxel sizes alone (as nibabel does; ITK-based viewers differ); "
+            "give voxel clicks, or world clicks taken on this same file")
+
+
 # ---------------------------------------------------------------------------------------------
 # writing
 

@@ -384,6 +384,31 @@ def test_manifest_warns_about_empty_masks_and_says_why(tmp_path):
     ]
 
 
+def test_a_failure_part_way_through_the_writes_leaves_no_output(tmp_path, monkeypatch):
+    """The label map and the per-object masks are written, then the overlay fails (a full
+    disk, say): the files this run wrote are removed, and the error goes on to the caller."""
+    from fake_engines import SphereEngine
+
+    import bosam_cli.report as report
+    from bosam_cli.segment import SegmentOptions, segment_file
+
+    ct = tmp_path / "ct.nii.gz"
+    nib.save(nib.Nifti1Image(np.full((40, 40, 40), -1000, np.int16), np.diag([2.0, 2.0, 2.0, 1.0])), str(ct))
+    prompts = tmp_path / "ct.json"
+    prompts.write_text(json.dumps({"coordinate_system": "voxel", "objects": [
+        {"label": 1, "name": "ball", "clicks": [{"xyz": [20, 20, 20]}]}]}))
+
+    def full_disk(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(report, "write_overlay", full_disk)
+    out = tmp_path / "out"
+    with pytest.raises(OSError, match="No space left"):
+        segment_file(ct, prompts, out / "ct.nii.gz", SphereEngine(radius_vox=4.0),
+                     SegmentOptions(refine="none", per_object=True, overlay=True))
+    assert [p for p in out.rglob("*") if p.is_file()] == []
+
+
 def test_label_map_as_metaimage_with_per_object_masks(tmp_path, random_checkpoint):
     """``-o x.mha`` (or .nrrd): the label map and the per-object masks in that format, on the
     CT's grid; a detached .mhd header is refused up front with nothing written."""

@@ -561,6 +561,22 @@ def test_dicom_jpeg_ls_series_decodes(tmp_path):
         np.testing.assert_array_equal(vol.array[:, :, k], expected.T.astype(np.int64) - 1024)
 
 
+def test_a_nifti_without_sform_or_qform_is_placed_from_pixdim_with_a_warning(tmp_path):
+    from bosam_cli.volume import geometry_warning
+
+    img = nib.Nifti1Image(np.zeros((4, 5, 6), np.int16), None)
+    img.header.set_zooms((0.8, 0.9, 2.5))
+    nib.save(img, str(tmp_path / "nocodes.nii.gz"))
+    hdr = nib.load(str(tmp_path / "nocodes.nii.gz")).header
+    assert int(hdr["sform_code"]) == int(hdr["qform_code"]) == 0
+    vol = read_volume(tmp_path / "nocodes.nii.gz")
+    np.testing.assert_allclose(vol.affine, nib.load(str(tmp_path / "nocodes.nii.gz")).affine)  # nibabel's rule
+    note = geometry_warning(vol)
+    assert note.startswith(f"{tmp_path / 'nocodes.nii.gz'}: sform_code and qform_code are 0") and "voxel clicks" in note
+    nib.save(nib.Nifti1Image(np.zeros((4, 5, 6), np.int16), np.eye(4)), str(tmp_path / "coded.nii.gz"))
+    assert geometry_warning(read_volume(tmp_path / "coded.nii.gz")) is None
+
+
 def write_enhanced_ct(series: Path, path: Path, *, order: list[int]) -> None:
     """The single-slice series at ``series`` as one enhanced (multi-frame) CT file: frames in
     ``order``, orientation and spacing shared, positions per frame, the rescale shared."""
