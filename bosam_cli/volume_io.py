@@ -22,6 +22,7 @@ from .volume import LPS_TO_RAS, Volume, _one_line, make_output_folder
 # Relative tolerance on slice gaps and on direction cosines. Scanners write positions with ~6
 # significant digits; a missing slice doubles a gap, far beyond this.
 _GAP_RTOL = 0.01
+_POSITION_ROUNDING_MM = 0.1
 _COSINE_TOL = 1e-3
 
 
@@ -238,7 +239,9 @@ def _assemble_series(folder: Path, uid: str, items: list[tuple[Path, Any]]) -> V
                 f"(several acquisitions or echoes in one series?)"
             )
         mean_gap = float(np.mean(gaps))
-        if np.max(np.abs(gaps - mean_gap)) > _GAP_RTOL * mean_gap + 1e-3:
+        # 1 % of the gap, or the 0.1 mm that positions written with one decimal are off by
+        # (a 0.625 mm series then shows gaps of 0.6 and 0.7); a missing slice doubles a gap
+        if np.max(np.abs(gaps - mean_gap)) > max(_GAP_RTOL * mean_gap, _POSITION_ROUNDING_MM) + 1e-3:
             raise VolumeError(
                 f"{folder}: ImagePositionPatient: slice spacing is not uniform "
                 f"(gaps {gaps.min():.4g} to {gaps.max():.4g} mm; a missing slice?)"

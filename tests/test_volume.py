@@ -674,6 +674,26 @@ def test_dicom_several_series_refused_with_their_uids(tmp_path):
     assert_one_line_naming(exc, tmp_path / "notes.dcm")
 
 
+def test_dicom_thin_slices_with_positions_rounded_to_a_tenth(tmp_path):
+    """A 0.625 mm series whose positions are written with one decimal (gaps 0.6 and 0.7) reads,
+    with the mean step; a missing slice in it is still refused."""
+    import pydicom
+
+    g = write_dicom_series(tmp_path / "s", n=9)
+    for f in (tmp_path / "s").iterdir():
+        ds = pydicom.dcmread(f)
+        k = int(ds.pixel_array[0, 0]) // 100
+        ds.ImagePositionPatient = [round(float(v), 1) for v in g["origin_lps"] + k * 0.625 * g["normal"]]
+        ds.save_as(f)
+    vol = read_volume(tmp_path / "s")
+    step = vol.affine[:3, 2] * np.array([-1.0, -1.0, 1.0])
+    np.testing.assert_allclose(step, 0.625 * g["normal"], atol=0.02)
+    victim = next(f for f in (tmp_path / "s").iterdir() if int(pydicom.dcmread(f).pixel_array[0, 0]) // 100 == 4)
+    victim.unlink()
+    with pytest.raises(VolumeError, match="slice spacing is not uniform"):
+        read_volume(tmp_path / "s")
+
+
 def test_dicom_missing_slice_refused(tmp_path):
     pytest.importorskip("pydicom")
     write_dicom_series(tmp_path / "gap", n=5, skip_slice=2)
