@@ -179,7 +179,7 @@ def test_bad_inputs_fail_cleanly_without_output(tmp_path, random_checkpoint, pro
     taken.mkdir(parents=True)
     r = bosam("segment", str(ct), "--points", str(prompts_sm), "-c", str(random_checkpoint), "-o", str(taken),
               "--max-windows", "1")
-    assert r.returncode == 2 and r.stderr.strip() == f"error: {taken}: Is a directory", r.stderr
+    assert r.returncode == 2 and r.stderr.strip() == f"error: {taken}: is a folder, where bosam would write its label map file"
     assert [p.name for p in taken.parent.iterdir()] == ["x.nii.gz"] and not any(taken.iterdir())
 
 
