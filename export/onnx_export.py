@@ -166,15 +166,19 @@ def _export_one(
     max_points: int | None,
     log: Log,
     output_shapes: dict[str, tuple[int, ...]],
+    legacy_because: str | None = None,
 ) -> dict[str, Any]:
     """Export one module to ``path`` (exporter warnings silenced); returns {"exporter": ...,
-    "seconds": ..., "dynamo_error": ...}."""
+    "seconds": ..., "dynamo_error": ...}. ``legacy_because`` skips the dynamo exporter (its
+    graph failed verification) and is recorded as the reason."""
     import torch
 
     t0 = time.perf_counter()
     dynamic = max_points is not None
     info: dict[str, Any] = {}
     try:
+        if legacy_because is not None:
+            raise RuntimeError(legacy_because)
         kwargs: dict[str, Any] = {}
         if dynamic:
             n = torch.export.Dim(POINTS_DIM, min=1, max=max_points)
@@ -198,7 +202,8 @@ def _export_one(
         info["exporter"] = "dynamo"
     except Exception as exc:  # noqa: BLE001 - any dynamo failure -> legacy fallback, recorded
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
-        log(f"dynamo export of {path.name} failed ({first}); falling back to the legacy exporter")
+        if legacy_because is None:
+            log(f"dynamo export of {path.name} failed ({first}); falling back to the legacy exporter")
         path.unlink(missing_ok=True)
         kwargs = {}
         if dynamic:
@@ -507,38 +512,52 @@ def _export_into(
     from .verify import verify_export
 
     enc_mod, dec_mod = _wrappers(model)
-    image, dec_args = _example_inputs(model, min(5, max_points))
-    exporters: dict[str, Any] = {}
     g, m = int(model.embed_grid), int(model.mask_size)
     emb_shape = (1, int(model.embed_dim), g, g, g)
-    with torch.no_grad():
-        log("exporting the image encoder")
-        exporters["encoder"] = _export_one(
-            enc_mod, (image,), folder / ENCODER_ONNX, ENCODER_INPUTS, ENCODER_OUTPUTS, opset, None, log,
-            {"embedding": emb_shape},
-        )
-        log("exporting the prompt encoder + mask decoder")
-        exporters["decoder"] = _export_one(
-            dec_mod, dec_args, folder / DECODER_ONNX, DECODER_INPUTS, DECODER_OUTPUTS, opset, max_points, log,
-            {"low_res_logits": (1, 1, m, m, m), "iou": (1, 1)},
-        )
-    del image, dec_args
-    fp16_notes: dict[str, Any] | None = None
-    fp16_seconds: float | None = None
-    if precision == "fp16":
-        from .fp16 import convert_to_mixed_fp16
 
-        log("converting to mixed precision (fp16 with fp32 LayerNorm/Softmax/reductions)")
-        t0 = time.perf_counter()
-        fp16_notes = {}
-        for name in (ENCODER_ONNX, DECODER_ONNX):
-            fp16_notes[name] = convert_to_mixed_fp16(folder / name, folder / name)
-        fp16_seconds = round(time.perf_counter() - t0, 2)
+    def export_graphs(legacy_because: str | None = None) -> tuple[dict[str, Any], dict[str, Any] | None, float | None]:
+        image, dec_args = _example_inputs(model, min(5, max_points))
+        exporters: dict[str, Any] = {}
+        with torch.no_grad():
+            log("exporting the image encoder")
+            exporters["encoder"] = _export_one(
+                enc_mod, (image,), folder / ENCODER_ONNX, ENCODER_INPUTS, ENCODER_OUTPUTS, opset, None, log,
+                {"embedding": emb_shape}, legacy_because,
+            )
+            log("exporting the prompt encoder + mask decoder")
+            exporters["decoder"] = _export_one(
+                dec_mod, dec_args, folder / DECODER_ONNX, DECODER_INPUTS, DECODER_OUTPUTS, opset, max_points, log,
+                {"low_res_logits": (1, 1, m, m, m), "iou": (1, 1)}, legacy_because,
+            )
+        del image, dec_args
+        fp16_notes: dict[str, Any] | None = None
+        fp16_seconds: float | None = None
+        if precision == "fp16":
+            from .fp16 import convert_to_mixed_fp16
 
+            log("converting to mixed precision (fp16 with fp32 LayerNorm/Softmax/reductions)")
+            t0 = time.perf_counter()
+            fp16_notes = {}
+            for name in (ENCODER_ONNX, DECODER_ONNX):
+                fp16_notes[name] = convert_to_mixed_fp16(folder / name, folder / name)
+            fp16_seconds = round(time.perf_counter() - t0, 2)
+        return exporters, fp16_notes, fp16_seconds
+
+    exporters, fp16_notes, fp16_seconds = export_graphs()
     timings = {f"export_{k}": v["seconds"] for k, v in exporters.items()}
     log("verifying with ONNX Runtime (CPU) against PyTorch")
     t0 = time.perf_counter()
     verification = verify_export(model, folder, precision, max_points, seed=seed, threads=threads)
+    if not verification["passed"] and any(v["exporter"] == "dynamo" for v in exporters.values()):
+        # a dynamo graph that computes something else (an exporter bug): the legacy exporter,
+        # verified the same way, before giving up
+        worst = next(c for c in verification["cases"] if not c["passed"])
+        reason = (f"the dynamo exporter's graph failed verification ({worst['component']} {worst['output']}, "
+                  f"{worst['case']}: max abs difference {worst['max_abs']:.3g})")
+        log(f"{reason}; exporting again with the legacy exporter")
+        exporters, fp16_notes, fp16_seconds = export_graphs(reason)
+        timings.update({f"export_{k}_legacy": v["seconds"] for k, v in exporters.items()})
+        verification = verify_export(model, folder, precision, max_points, seed=seed, threads=threads)
     timings["verification"] = round(time.perf_counter() - t0, 2)
     t0 = time.perf_counter()
     readiness = {

@@ -245,6 +245,33 @@ def test_legacy_exporter_fallback(tmp_path, monkeypatch, tiny_model):
     assert [o["shape"] for o in man["decoder"]["outputs"]] == [[1, 1, 32, 32, 32], [1, 1]]
 
 
+def test_a_dynamo_graph_that_fails_verification_is_exported_again_with_the_legacy_exporter(tmp_path, monkeypatch,
+                                                                                          tiny_model):
+    """An exporter bug that gives a wrong graph (no exception, wrong numbers) is caught by the
+    verification; the legacy exporter's graphs are then verified and kept, and the manifest
+    says why."""
+    import export.verify as verify
+    from export import export_onnx
+
+    real, calls = verify.verify_export, []
+
+    def first_fails(*args, **kwargs):
+        result = real(*args, **kwargs)
+        calls.append(result["passed"])
+        if len(calls) == 1:  # as if the dynamo graph were wrong
+            case = result["cases"][0]
+            case.update(passed=False, max_abs=1.05)
+            result["passed"] = False
+        return result
+
+    monkeypatch.setattr(verify, "verify_export", first_fails)
+    man = export_onnx(tiny_model, tmp_path / "fallback", max_points=8)
+    assert calls == [True, True] and man["verification"]["passed"]
+    assert man["exporter"] == {"encoder": "legacy", "decoder": "legacy"}
+    why = man["export_details"]["encoder"]["dynamo_error"]
+    assert why.startswith("the dynamo exporter's graph failed verification (encoder embedding") and "1.05" in why
+
+
 # --------------------------------------------------------------------------------------------
 # fp16
 
