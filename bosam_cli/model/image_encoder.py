@@ -153,11 +153,14 @@ class Attention3D(nn.Module):
         rd, rh, rw = self._tables()  # (S, S, hd) each
 
         q5 = q.reshape(b, h, g, g, g, hd)
-        # A[qd, qh, qw, kw] = <q(qd,qh,qw), Rd[qd, kw]>; written as one broadcast matmul over
-        # (qd, 1): the form with a reshape of q to (qd, qh*qw) before the matmul and back after it
-        # is exact in torch, but the ONNX (dynamo) exporter drops the reshape pair and then
-        # broadcasts Rd over qh instead of qd.
-        a = q5 @ rd[:g, None].transpose(-1, -2)  # (B, h, qd, qh, qw, S)
+        # A[qd, qh, qw, kw] = <q(qd,qh,qw), Rd[qd, kw]>. Eager torch runs it as g batched
+        # (qh*qw, hd) @ (hd, S) products (fastest); for export it is one broadcast matmul over
+        # (qd, 1), because torch's dynamo ONNX exporter drops the reshape pair around the first
+        # form and then broadcasts Rd over qh instead of qd. Both compute the same numbers.
+        if _exporting():
+            a = q5 @ rd[:g, None].transpose(-1, -2)  # (B, h, qd, qh, qw, S)
+        else:
+            a = (q5.reshape(b, h, g, g * g, hd) @ rd[:g].transpose(1, 2)).reshape(b, h, g, g, g, s)
         if s > g:
             # Queries at padded positions (index >= G along the third axis) are the q bias.
             q_bias, k_bias, v_bias = self._qkv_bias(x)
@@ -207,6 +210,11 @@ class Attention3D(nn.Module):
     def _merge_heads(self, out: torch.Tensor, b: int, g: int) -> torch.Tensor:
         out = out.reshape(b, self.num_heads, g, g, g, self.head_dim).permute(0, 2, 3, 4, 1, 5)
         return self.proj(out.reshape(b, g, g, g, self.num_heads * self.head_dim))
+
+
+def _exporting() -> bool:
+    """True while torch traces the model for ONNX (the dynamo exporter or the legacy one)."""
+    return bool(torch.compiler.is_exporting() or torch.onnx.is_in_onnx_export())
 
 
 class Block3D(nn.Module):
