@@ -1,9 +1,11 @@
 """Label maps as DICOM Segmentation objects (highdicom), for a CT read from a DICOM series.
 
 A DICOM SEG goes back to the PACS or viewer the CT came from (OHIF, 3D Slicer, most PACS viewers)
-and references the CT's own slices: every frame names the SOP instance it segments and carries
-that slice's position and orientation. So it can only be written for a CT read from a DICOM
-series, whose files the volume remembers in slice order (``Volume.meta["files"]``).
+and references the CT's own slices: every frame names the SOP instance (and, for an enhanced
+multi-frame CT, the frame) it segments and carries that slice's position and orientation. So it
+can only be written for a CT read from DICOM, whose files the volume remembers in slice order
+(``Volume.meta["files"]``; for a multi-frame file, ``meta["frame_slices"]`` maps its frames to
+the volume's slices).
 
 * Each object is one segment (``BINARY``, 1 bit per voxel; frames without any voxel of a segment
   are left out). Segment numbers are 1, 2, ... in the given object order, labelled with the
@@ -56,14 +58,15 @@ def check_source(like: Volume, path: str | os.PathLike) -> list[Any]:
 
     _highdicom()
     path = Path(path)
-    if like.meta.get("format") == "dicom-multiframe":
-        raise VolumeError(f"{path}: a DICOM SEG on a multi-frame (enhanced) CT is not supported yet; write the "
-                          "label map as .nii.gz, .nrrd or .mha")
-    files = like.meta.get("files") if like.meta.get("format") == "dicom" else None
+    multiframe = like.meta.get("format") == "dicom-multiframe"
+    if multiframe and not like.meta.get("frame_slices"):
+        raise VolumeError(f"{path}: the frames of the multi-frame CT {like.name} do not map one to one onto its "
+                          "slices; write the label map as .nii.gz, .nrrd or .mha")
+    files = like.meta.get("files") if like.meta.get("format") in ("dicom", "dicom-multiframe") else None
     if not files:
         raise VolumeError(f"{path}: a DICOM SEG references the CT's DICOM slices, but {like.name} is not a DICOM "
                           "series; write the label map as .nii.gz, .nrrd or .mha")
-    if len(files) != like.shape[2]:
+    if len(files) != (1 if multiframe else like.shape[2]):
         raise VolumeError(f"{path}: {like.name} has {like.shape[2]} slices but {len(files)} files")
     headers = []
     for f in files:
@@ -114,6 +117,8 @@ def write_dicom_seg(labels: np.ndarray, like: Volume, path: str | os.PathLike,
         if lab < lut.size:
             lut[lab] = number
     frames = lut[np.asarray(labels)].transpose(2, 1, 0)  # (slice, row, column), as the source frames
+    if like.meta.get("format") == "dicom-multiframe":  # one source file: its frames in their own order
+        frames = frames[like.meta["frame_slices"]]
     frames = frames.astype(np.uint8 if len(segments) <= 255 else np.uint16)
 
     gap = float(abs(np.linalg.det(like.affine[:3, :3])) / np.prod(like.spacing_mm[:2]))

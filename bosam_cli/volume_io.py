@@ -182,8 +182,27 @@ def read_enhanced_dicom(file: str | os.PathLike) -> Volume:
         "series_description": str(image.get("SeriesDescription", "")),
         "n_slices": int(array.shape[2]),
         "files": [str(file)],
+        "frame_slices": _frame_slices(image, affine_lps, int(array.shape[2])),
     }
     return Volume(array, LPS_TO_RAS @ affine_lps, None, file, meta)
+
+
+def _frame_slices(ds: Any, affine_lps: np.ndarray, n_slices: int) -> list[int] | None:
+    """The volume's slice index of every frame of a multi-frame file, in frame order (what a
+    DICOM SEG on it references), from the frames' plane positions; None when a frame does not
+    lie on a slice of the grid."""
+    try:
+        frames = ds.PerFrameFunctionalGroupsSequence
+        positions = np.array([[float(v) for v in fg.PlanePositionSequence[0].ImagePositionPatient] for fg in frames])
+    except (AttributeError, IndexError, TypeError, ValueError):
+        return None
+    step = affine_lps[:3, 2]
+    k = (positions - affine_lps[:3, 3]) @ step / float(step @ step)
+    on_grid = positions - (affine_lps[:3, 3] + np.round(k)[:, None] * step)
+    if np.abs(on_grid).max(initial=0.0) > 0.01 + 0.01 * float(np.linalg.norm(step)) or \
+            np.round(k).min(initial=0) < 0 or np.round(k).max(initial=0) >= n_slices:
+        return None
+    return [int(v) for v in np.round(k)]
 
 
 def _floats(ds: Any, keyword: str, n: int, f: Path) -> np.ndarray:

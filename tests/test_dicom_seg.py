@@ -17,7 +17,7 @@ import pytest
 
 from conftest import DATA, need
 from test_segment_cli import bosam, random_checkpoint  # noqa: F401 - the fixture is used by name
-from test_volume import write_dicom_series
+from test_volume import write_dicom_series, write_enhanced_ct
 
 hd = pytest.importorskip("highdicom", reason="DICOM SEG needs highdicom (the io and test extras)")
 pydicom = pytest.importorskip("pydicom")
@@ -124,13 +124,40 @@ def test_seg_refused_without_a_dicom_series_or_its_uids(tmp_path):
     nifti.meta = {}
     with pytest.raises(VolumeError, match=r"a\.dcm: a DICOM SEG references the CT's DICOM slices, but .* is not a DICOM series"):
         write_label_map(labels, nifti, tmp_path / "a.dcm", {1: "bone"})
-    nifti.meta = {"format": "dicom-multiframe", "files": ["x"]}
-    with pytest.raises(VolumeError, match=r"a DICOM SEG on a multi-frame \(enhanced\) CT is not supported yet"):
+    nifti.meta = {"format": "dicom-multiframe", "files": ["x"], "frame_slices": None}
+    with pytest.raises(VolumeError, match=r"the frames of the multi-frame CT .* do not map one to one"):
         write_label_map(labels, nifti, tmp_path / "a.dcm", {1: "bone"})
     add_study(folder)
     with pytest.raises(VolumeError, match=r"labels: values \[2\] have no segment name"):
         write_label_map(labels * 2, read_volume(folder), tmp_path / "a.dcm", {1: "bone"})
     assert not list(tmp_path.glob("*.dcm"))
+
+
+def test_seg_of_an_enhanced_multiframe_ct_references_its_frames(tmp_path):
+    """An enhanced CT stores its frames in any order: the SEG's frames name the right source
+    frame and lie, voxel for voxel, where the label map has them."""
+    write_dicom_series(tmp_path / "series", rows=9, cols=8, n=6)
+    enhanced = tmp_path / "enh" / "ct.dcm"
+    write_enhanced_ct(tmp_path / "series", enhanced, order=[4, 1, 5, 0, 3, 2])
+    vol = read_volume(enhanced)
+    assert sorted(vol.meta["frame_slices"]) == list(range(6))
+    labels = np.zeros(vol.shape, np.uint16)
+    labels[1:4, 2:7, 0:2] = 300
+    labels[5:8, 0:2, 3:6] = 2
+    out = write_label_map(labels, vol, tmp_path / "seg.dcm", {300: "vertebra", 2: "rib"})
+    got = seg_voxels_lps(out)
+    for name, lab in (("vertebra", 300), ("rib", 2)):
+        want = vol.voxel_to_world(np.argwhere(labels == lab).astype(float)) * LPS
+        np.testing.assert_allclose(np.array(sorted(map(tuple, np.round(got[name], 3)))),
+                                   np.array(sorted(map(tuple, np.round(want, 3)))), atol=2e-3)
+    seg = pydicom.dcmread(out)
+    source_uid = pydicom.dcmread(enhanced, stop_before_pixels=True).SOPInstanceUID
+    for fg in seg.PerFrameFunctionalGroupsSequence:  # each frame names the source frame at its position
+        ref = fg.DerivationImageSequence[0].SourceImageSequence[0]
+        assert ref.ReferencedSOPInstanceUID == source_uid
+        src = pydicom.dcmread(enhanced).PerFrameFunctionalGroupsSequence[int(ref.ReferencedFrameNumber) - 1]
+        np.testing.assert_allclose([float(v) for v in src.PlanePositionSequence[0].ImagePositionPatient],
+                                   [float(v) for v in fg.PlanePositionSequence[0].ImagePositionPatient], atol=1e-4)
 
 
 def write_nifti_as_dicom(nifti: Path, folder: Path) -> None:
