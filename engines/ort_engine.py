@@ -51,6 +51,35 @@ def resolve_providers(providers: str | Sequence[str] | None) -> tuple[tuple[str,
     return tuple(providers), False
 
 
+def _provider_options(provider: str, device_id: int, folder: Path, max_points: int | None) -> dict[str, Any]:
+    """Options of one execution provider. ORT's TensorRT provider otherwise builds its engines
+    again in every session, and again whenever the number of points leaves the range it has seen
+    (each new click): so it gets the decoder's point range as its optimisation profile (1 / 5 /
+    max, as ``bosam export --trt``) and an engine and timing cache beside the ONNX files (in the
+    user's cache when that folder is read-only)."""
+    if provider not in GPU_PROVIDERS:
+        return {}
+    opts: dict[str, Any] = {"device_id": device_id}
+    if provider != TENSORRT:
+        return opts
+    cache = folder / "ort_trt_cache"
+    if not os.access(folder, os.W_OK):
+        cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "bosam" / "ort_trt" / folder.resolve().name
+    try:
+        cache.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise EngineError(f"{cache}: cannot create the TensorRT engine cache ({exc.strerror})") from None
+    opts.update(trt_engine_cache_enable=True, trt_engine_cache_path=str(cache), trt_timing_cache_enable=True,
+                trt_timing_cache_path=str(cache))
+    if max_points is not None:
+        def shapes(n: int) -> str:
+            return f"points:1x{n}x3,labels:1x{n}"
+
+        opts.update(trt_profile_min_shapes=shapes(1), trt_profile_opt_shapes=shapes(min(5, max_points)),
+                    trt_profile_max_shapes=shapes(max_points))
+    return opts
+
+
 def _device_id(providers: str | Sequence[str] | None) -> int:
     if isinstance(providers, str) and providers.lower().startswith("cuda:"):
         try:
@@ -106,7 +135,9 @@ class OrtEngine:
                 "install onnxruntime-gpu (bosam[gpu]) or use --device cpu"
             )
         device_id = _device_id(providers)
-        opts = [{"device_id": device_id} if p in GPU_PROVIDERS else {} for p in requested]
+        max_points = int(self.manifest.get("max_points", 0)) or 64
+        enc_opts = [_provider_options(p, device_id, self.dir, None) for p in requested]
+        dec_opts = [_provider_options(p, device_id, self.dir, max_points) for p in requested]
 
         so = ort.SessionOptions()
         # ORT's pool spins after each run; with torch in the same process that doubles torch's
@@ -117,8 +148,8 @@ class OrtEngine:
             so.intra_op_num_threads = int(threads)
             so.inter_op_num_threads = 1
         try:
-            self.enc = ort.InferenceSession(str(self.dir / ENCODER_ONNX), so, providers=requested, provider_options=opts)
-            self.dec = ort.InferenceSession(str(self.dir / DECODER_ONNX), so, providers=requested, provider_options=opts)
+            self.enc = ort.InferenceSession(str(self.dir / ENCODER_ONNX), so, providers=requested, provider_options=enc_opts)
+            self.dec = ort.InferenceSession(str(self.dir / DECODER_ONNX), so, providers=requested, provider_options=dec_opts)
         except Exception as exc:  # noqa: BLE001 - ORT raises its own exception types
             first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
             raise EngineError(f"{self.dir}: ONNX Runtime cannot load the engines: {first}") from None
@@ -129,6 +160,12 @@ class OrtEngine:
             raise EngineError(
                 f"asked ONNX Runtime for {wanted[0]} but it fell back to {active[0]} "
                 "(CUDA/cuDNN libraries missing or no GPU); use --device cpu or fix the CUDA install"
+            )
+        if strict and wanted[0] == TENSORRT and active[0] != TENSORRT:
+            raise EngineError(
+                f"asked ONNX Runtime for {TENSORRT} but it runs on {active[0]} (TensorRT libraries missing, or "
+                "a TensorRT that this ONNX Runtime was not built for: TensorRT 11 needs onnxruntime-gpu 1.27 or newer); "
+                "use --device cuda, or the tensorrt engine (bosam export --trt)"
             )
         self.device_id = device_id
         man = self.manifest

@@ -98,7 +98,7 @@ class TrtEngine:
         manifest: dict[str, Any] | None = None,
         memory: Any = None,
     ) -> None:
-        from export.trt_build import import_tensorrt
+        from export.trt_build import cuda_device_scope, import_tensorrt
 
         trt = import_tensorrt()
         self.trt = trt
@@ -110,13 +110,17 @@ class TrtEngine:
         check_files(self.manifest, self.dir, (ENCODER_PLAN, DECODER_PLAN))
         self.mem = memory if memory is not None else _TorchCudaMemory(device)
         self.logger = trt.Logger(trt.Logger.WARNING)
-        self.runtime = trt.Runtime(self.logger)
-        if self.runtime is None:
-            raise EngineError("TensorRT could not create a runtime (is the CUDA driver working?)")
-        self.enc = self._load(ENCODER_PLAN, built)
-        self.dec = self._load(DECODER_PLAN, built)
-        self.enc_ctx = self.enc.create_execution_context()
-        self.dec_ctx = self.dec.create_execution_context()
+        with cuda_device_scope(device):  # engines are bound to the device current when deserialised
+            try:  # the binding raises (pybind11) rather than returning None when CUDA fails
+                self.runtime = trt.Runtime(self.logger)
+            except Exception as exc:  # noqa: BLE001
+                raise EngineError(f"TensorRT could not create a runtime ({exc}; is the CUDA driver working?)") from None
+            if self.runtime is None:
+                raise EngineError("TensorRT could not create a runtime (is the CUDA driver working?)")
+            self.enc = self._load(ENCODER_PLAN, built)
+            self.dec = self._load(DECODER_PLAN, built)
+            self.enc_ctx = self.enc.create_execution_context()
+            self.dec_ctx = self.dec.create_execution_context()
         if self.enc_ctx is None or self.dec_ctx is None:
             raise EngineError("TensorRT could not create execution contexts (out of GPU memory?)")
         self.enc_io = self._io(self.enc)

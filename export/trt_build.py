@@ -21,6 +21,8 @@ build on the target machine.
 
 from __future__ import annotations
 
+import contextlib
+
 import os
 import re
 import time
@@ -52,6 +54,19 @@ def import_tensorrt() -> Any:
     except OSError as exc:
         raise EngineError(f"TensorRT is installed but its libraries do not load ({exc}); check the CUDA/TensorRT install") from None
     return trt
+
+
+def cuda_device_scope(index: int) -> Any:
+    """Makes CUDA device ``index`` current inside the block (TensorRT binds an engine to the
+    device current when it is built or deserialised, and runs it there); a no-op without CUDA."""
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            return torch.cuda.device(index)
+    except ImportError:  # pragma: no cover - torch is a dependency
+        pass
+    return contextlib.nullcontext()
 
 
 def cuda_device(index: int = 0) -> dict[str, Any]:
@@ -225,11 +240,12 @@ def build_trt_engines(
     cache.parent.mkdir(parents=True, exist_ok=True)
     logger = trt.Logger(trt.Logger.WARNING)
     plans: dict[str, Any] = {}
-    for onnx_name, plan_name in ((ENCODER_ONNX, ENCODER_PLAN), (DECODER_ONNX, DECODER_PLAN)):
-        log(f"building TensorRT {plan_name} on {gpu['name']}")
-        plans[plan_name] = build_plan(
-            trt, folder / onnx_name, folder / plan_name, max_points, cache, workspace_gib, opt_points, logger
-        )
+    with cuda_device_scope(device):  # an engine is bound to the device current when it is built
+        for onnx_name, plan_name in ((ENCODER_ONNX, ENCODER_PLAN), (DECODER_ONNX, DECODER_PLAN)):
+            log(f"building TensorRT {plan_name} on {gpu['name']}")
+            plans[plan_name] = build_plan(
+                trt, folder / onnx_name, folder / plan_name, max_points, cache, workspace_gib, opt_points, logger
+            )
     manifest["tensorrt"] = {
         "version": version,
         "gpu": gpu["name"],

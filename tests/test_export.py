@@ -430,6 +430,22 @@ def test_engine_dir_mismatch_refused(tmp_path, exported, ckpt, tmp_path_factory)
     assert eng.info.checkpoint_sha256 == on_disk["checkpoint_sha256"]
 
 
+def test_ort_tensorrt_provider_gets_the_point_range_and_an_engine_cache(tmp_path):
+    """ORT's TensorRT provider rebuilds its engines in every session and whenever the point
+    count leaves what it has seen (each new click) unless given a profile and a cache."""
+    from engines.ort_engine import CPU, CUDA, TENSORRT, _provider_options
+
+    assert _provider_options(CPU, 0, tmp_path, 64) == {}
+    assert _provider_options(CUDA, 1, tmp_path, 64) == {"device_id": 1}
+    dec = _provider_options(TENSORRT, 1, tmp_path, 64)
+    assert dec["device_id"] == 1 and dec["trt_engine_cache_enable"] and dec["trt_timing_cache_enable"]
+    assert dec["trt_engine_cache_path"] == str(tmp_path / "ort_trt_cache") and (tmp_path / "ort_trt_cache").is_dir()
+    assert (dec["trt_profile_min_shapes"], dec["trt_profile_opt_shapes"], dec["trt_profile_max_shapes"]) == (
+        "points:1x1x3,labels:1x1", "points:1x5x3,labels:1x5", "points:1x64x3,labels:1x64")
+    enc = _provider_options(TENSORRT, 1, tmp_path, None)  # the encoder has no dynamic input
+    assert "trt_profile_min_shapes" not in enc and enc["trt_engine_cache_enable"]
+
+
 def test_auto_picks_ort_cpu_then_torch(tmp_path, monkeypatch, exported, ckpt):
     from engines.registry import open_engine
 

@@ -50,6 +50,8 @@ class FakeTRT(types.ModuleType):
         self.fail_build = False
         self.fail_deserialize = False
         self.builder_raises: Exception | None = None
+        self.runtime_raises: Exception | None = None
+        self.current_device = 0  # the CUDA device current in the thread (see device_scope)
         self.kernels: dict[str, object] = {}
         self.memory = None
         fake = self
@@ -183,6 +185,7 @@ class FakeTRT(types.ModuleType):
             def __init__(self, logger):
                 if fake.builder_raises is not None:
                     raise fake.builder_raises
+                fake.calls.append(("builder", fake.current_device))
 
             def create_network(self, flags=0):
                 fake.calls.append(("create_network", flags))
@@ -267,11 +270,14 @@ class FakeTRT(types.ModuleType):
 
         class Runtime:
             def __init__(self, logger):
-                pass
+                if fake.runtime_raises is not None:  # pybind11: a factory returning nullptr raises
+                    raise fake.runtime_raises
+                fake.calls.append(("runtime", fake.current_device))
 
             def deserialize_cuda_engine(self, data):
                 if fake.fail_deserialize:
                     return None
+                fake.calls.append(("deserialize", fake.current_device))
                 return Engine(json.loads(bytes(data)))
 
         for obj in (Logger, NetworkDefinitionCreationFlag, MemoryPoolType, TensorIOMode, DataType, OnnxParser,
@@ -545,9 +551,41 @@ def test_trt_engine_refusals(fake_trt, folder):
     with pytest.raises(EngineError, match=r"cannot load this plan .*Fake GPU 9000, sm 8.9.*rebuild"):
         TrtEngine(folder, memory=CpuMemory())
     fake_trt.fail_deserialize = False
+    fake_trt.runtime_raises = TypeError("pybind11::init(): factory function returned nullptr")
+    with pytest.raises(EngineError, match="TensorRT could not create a runtime .*nullptr"):
+        TrtEngine(folder, memory=CpuMemory())
+    fake_trt.runtime_raises = None
     (folder / "decoder.plan").unlink()
     with pytest.raises(EngineError, match="decoder.plan: missing"):
         TrtEngine(folder, memory=CpuMemory())
+
+
+def test_engines_are_deserialised_with_their_device_current(fake_trt, folder, monkeypatch):
+    """TensorRT binds an engine to the CUDA device current when it is built or deserialised:
+    with device 1 asked for, the builders, the runtime and both plans are made while device 1
+    is current."""
+    import contextlib
+
+    import export.trt_build as tb
+    from engines.trt_engine import TrtEngine
+    from export import build_trt_engines
+
+    @contextlib.contextmanager
+    def scope(index):
+        before, fake_trt.current_device = fake_trt.current_device, index
+        try:
+            yield
+        finally:
+            fake_trt.current_device = before
+
+    monkeypatch.setattr(tb, "cuda_device_scope", scope)
+    build_trt_engines(folder, device=1)
+    assert [c for c in fake_trt.calls if c[0] == "builder"] == [("builder", 1), ("builder", 1)]
+    fake_trt.calls.clear()
+    TrtEngine(folder, device=1, memory=CpuMemory())
+    assert [c for c in fake_trt.calls if c[0] in ("runtime", "deserialize")] == [
+        ("runtime", 1), ("deserialize", 1), ("deserialize", 1)]
+    assert fake_trt.current_device == 0
 
 
 def test_auto_skips_tensorrt_without_gpu(fake_trt, folder, monkeypatch):
