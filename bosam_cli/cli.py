@@ -183,7 +183,7 @@ def open_engine_for(
 
     if threads is not None and threads < 1:
         raise BosamError(f"--threads: must be 1 or more, got {threads}")
-    if device:
+    if device and device.lower() != "tensorrt":  # tensorrt: ONNX Runtime's TensorRT provider
         import torch
 
         try:
@@ -556,7 +556,7 @@ def demo(
         f"read {ts['read']:.2f}, write {ts['write']:.2f}); phantom made in {d['make_input_s']:.1f} s"
     )
     _print_warnings(con, manifest["warnings"])
-    con.print(f"outputs in {out}/: segmentation.nii.gz, segmentation_overlay.png, segmentation.json")
+    con.print(f"outputs in {esc(str(out))}/: segmentation.nii.gz, segmentation_overlay.png, segmentation.json")
 
 
 # --------------------------------------------------------------------------------------------

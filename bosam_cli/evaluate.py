@@ -384,6 +384,7 @@ def run_bosam_protocol(
         order = order[:max_cases]
     store = CaseStore(scan.infos, cache, keep=1)
     records: list[ClickRecord] = []
+    used: dict[str, int] = {}
     for index in order:
         info = scan.infos[index]
         image, labels = store.load(index)
@@ -400,6 +401,9 @@ def run_bosam_protocol(
         if crop is None:
             continue
         raw, gt, affine = crop
+        # a case drawn again as a replacement is a sample of its own (best-of-N is per sample)
+        used[info.case.key] = used.get(info.case.key, 0) + 1
+        sample_key = info.case.key if used[info.case.key] == 1 else f"{info.case.key}#{used[info.case.key]}"
         if grid == "native":
             clamp = (-1000.0, 1000.0) if "/ct_" in str(info.case.image) else None
         else:
@@ -428,7 +432,7 @@ def run_bosam_protocol(
                 pred = logits > 0
                 pred_for_clicks = logits > 0.5
                 rec = ClickRecord(
-                    "bosam", info.case.key, 0, "+".join(scan.label_names.get(i, str(i)) for i in sorted(info.labels))[:80],
+                    "bosam", sample_key, 0, "+".join(scan.label_names.get(i, str(i)) for i in sorted(info.labels))[:80],
                     k + 1, c.positive, list(c.ijk), round(dice_score(pred, gt), 4) if gt_voxels or pred.any() else float("nan"),
                     None, dt + (enc_s if k == 0 else 0.0), enc_s if k == 0 else 0.0, float(getattr(report, "decoder_s", 0.0)),
                     gt_voxels, int(pred.sum()),

@@ -37,6 +37,8 @@ from .windows import DEFAULT_CLAMP_HU, DEFAULT_SPACING_MM, Intensity
 
 OVERLAP_RULE = "highest blended logit wins; exact ties go to the object listed first"
 BUNDLED_WEIGHTS = Path(__file__).parent / "weights" / "bosam-tiny.safetensors"
+#: the default label map is <case>_bosam.nii.gz; a batch over a folder passes such files over
+OUTPUT_SUFFIX = "_bosam"
 
 
 @dataclass
@@ -129,7 +131,7 @@ def output_paths(ct_path: Path, out: str | os.PathLike | None) -> dict[str, Path
     there)."""
     stem = case_name(ct_path)
     if out is None:
-        label_map = Path.cwd() / f"{stem}_bosam.nii.gz"
+        label_map = Path.cwd() / f"{stem}{OUTPUT_SUFFIX}.nii.gz"
     else:
         out = Path(out)
         name = out.name.lower()
@@ -151,7 +153,7 @@ def output_paths(ct_path: Path, out: str | os.PathLike | None) -> dict[str, Path
 
 def case_name(path: Path) -> str:
     """A CT's or prompt file's name without its file ending (a folder's own name for ``.``)."""
-    name = path.name or Path.cwd().joinpath(path).resolve().name
+    name = path.name if path.name not in ("", "..") else Path.cwd().joinpath(path).resolve().name
     for suffix in (*VOLUME_SUFFIXES, ".dcm", ".mrk.json", ".json"):
         if name.lower().endswith(suffix):
             return name[: -len(suffix)]
@@ -206,7 +208,9 @@ def segment_file(
     prompts = load_prompts(points, volume)
     t_prompts = time.perf_counter()
     paths = output_paths(ct_path, out)
-    guard_outputs(paths, [ct_path, Path(points)])
+    writes = ["label_map", "manifest"] + (["overlay"] if options.overlay else []) + \
+        (["objects_dir"] if options.per_object else []) + (["meshes_dir"] if options.mesh else [])
+    guard_outputs({k: paths[k] for k in writes}, [ct_path, Path(points), *_series_files(volume)])
     check_output_format(paths["label_map"], volume)
     session = session or make_session(engine, options, engine_metadata(engine))
     before = dict(session.timings)
@@ -325,7 +329,8 @@ def segment_file(
 
 def guard_outputs(paths: dict[str, Path], inputs: Iterable[Path | None]) -> None:
     """Refuse, before any work, outputs that would overwrite an input (``-o`` pointing at the
-    CT's own file or folder, a manifest named like the prompt file beside it)."""
+    CT's own file or folder, a manifest named like the prompt file beside it, a file of the
+    CT's DICOM series). ``paths`` holds only what the command will write."""
     given = [Path(p) for p in inputs if p is not None]
     for key in ("label_map", "manifest", "overlay", "points"):
         if key in paths and paths[key].is_dir():
@@ -334,6 +339,11 @@ def guard_outputs(paths: dict[str, Path], inputs: Iterable[Path | None]) -> None
         for inp in given:
             if _same_file(out, inp):
                 raise BosamError(f"{out}: would overwrite the input {inp}; choose another output (-o)")
+
+
+def _series_files(volume: Volume) -> list[Path]:
+    """The files a DICOM CT was read from (its other slices count as inputs too)."""
+    return [Path(f) for f in volume.meta.get("files", [])] if str(volume.meta.get("format", "")).startswith("dicom") else []
 
 
 def _same_file(a: Path, b: Path) -> bool:
@@ -407,6 +417,8 @@ def find_cases(ct: str | os.PathLike, points: str | os.PathLike | None) -> list[
     cases = []
     for img in sorted(p for p in ct.iterdir() if _is_image_file(p)):
         name = case_name(img)
+        if name.endswith(OUTPUT_SUFFIX):  # the label map of an earlier run here, not a CT
+            continue
         if name in prompt_files:
             cases.append(Case(img, prompt_files[name]))
         else:
@@ -489,14 +501,20 @@ def _refuse_shared_outputs(cases: list[Case], out_dir: str | os.PathLike | None)
     any work (a label map path as -o for several CTs, two rows with one 'out', a.nii and
     a.nii.gz in one folder)."""
     planned: dict[Path, Path] = {}
+    inputs = {Path(os.path.abspath(p)): case.ct for case in cases for p in (case.ct, case.points)}
     for case in cases:
         try:
-            label_map = output_paths(case.ct, case.out or (Path(out_dir) if out_dir else None))["label_map"]
+            paths = output_paths(case.ct, case.out or (Path(out_dir) if out_dir else None))
         except BosamError:
             continue  # reported with its case
-        key = Path(os.path.abspath(label_map))
+        for what in ("label_map", "manifest"):
+            key = Path(os.path.abspath(paths[what]))
+            if key in inputs:
+                raise BosamError(f"{paths[what]}: the {what.replace('_', ' ')} of {case.ct} would overwrite an input "
+                                 f"of the batch (of {inputs[key]}); choose another output (-o)")
+        key = Path(os.path.abspath(paths["label_map"]))
         if key in planned:
-            raise BosamError(f"{label_map}: both {planned[key]} and {case.ct} would write this label map; "
+            raise BosamError(f"{paths['label_map']}: both {planned[key]} and {case.ct} would write this label map; "
                              "give -o a folder, or each case its own 'out'")
         planned[key] = case.ct
 
@@ -550,7 +568,15 @@ def interactive(
     ct_path = Path(ct)
     volume = require_finite(read_volume(ct_path))
     paths = output_paths(ct_path, out)
-    guard_outputs(paths, [ct_path, Path(points) if points is not None else None])
+    inputs = [ct_path, Path(points) if points is not None else None, *_series_files(volume)]
+
+    def guard(target_paths: dict[str, Path]) -> None:
+        # the session's prompt file may be the --points file it started from: rewriting it is
+        # how a continued session is saved
+        guard_outputs({"label_map": target_paths["label_map"]}, inputs)
+        guard_outputs({"points": target_paths["points"]}, [ct_path, *_series_files(volume)])
+
+    guard(paths)
     check_output_format(paths["label_map"], volume)
     session = make_session(engine, options, engine_metadata(engine))
     session.set_volume(volume)
@@ -561,19 +587,25 @@ def interactive(
         stdout.write(msg + "\n")
         stdout.flush()
 
-    def save(path: Path | None = None) -> None:
-        target = path or paths["label_map"]
-        guard_outputs(output_paths(ct_path, target), [ct_path, Path(points) if points is not None else None])
+    def save(path: Path | None = None) -> bool:
+        """Write the label map and the session's prompt file; False when there was nothing a
+        DICOM SEG could hold (any earlier SEG and prompt file of this target are removed)."""
+        target = Path(path or paths["label_map"])
+        target_paths = output_paths(ct_path, target)
+        guard(target_paths)
         names = {lab: st.name for lab, st in session.objects.items() if st.clicks}
+        points_file = target_paths["points"]
         if not names and label_map_ending(target) == ".dcm":
-            say(f"nothing to write to {target} yet: a DICOM SEG needs an object with clicks")
-            return
+            target.unlink(missing_ok=True)
+            points_file.unlink(missing_ok=True)
+            say(f"nothing to write to {target}: a DICOM SEG needs an object with clicks")
+            return False
         write_label_map(session.label_map(), volume, target, names)
-        points_file = output_paths(ct_path, target)["points"]
         if names:
             write_json(session_prompts(session), points_file)
         else:  # no clicks left: no prompt file (one without objects could not be loaded again)
             points_file.unlink(missing_ok=True)
+        return True
 
     if points is not None:
         prompts = load_prompts(points, volume)
@@ -631,8 +663,8 @@ def interactive(
                 say(f"object {current} cleared")
             elif cmd == "save":
                 target = Path(parts[1]) if len(parts) > 1 else None
-                save(target)
-                say(f"saved {target or paths['label_map']}")
+                if save(target):
+                    say(f"saved {target or paths['label_map']}")
             elif cmd == "list":
                 for lab, st in session.objects.items():
                     say(f"object {lab} {st.name}: {len(st.clicks)} clicks, {session.voxel_count(lab)} voxels, "
@@ -649,6 +681,6 @@ def interactive(
         except OSError as exc:  # a save target that cannot be written: the session goes on
             failures += 1
             say(f"error: {exc.filename2 or exc.filename or ''}: {exc.strerror or exc}")
-    save()
-    say(f"saved {paths['label_map']}")
+    if save():
+        say(f"saved {paths['label_map']}")
     return failures

@@ -260,7 +260,8 @@ def _assemble_series(folder: Path, uid: str, items: list[tuple[Path, Any]]) -> V
         mean_gap = float(np.mean(gaps))
         # 1 % of the gap, or the 0.1 mm that positions written with one decimal are off by
         # (a 0.625 mm series then shows gaps of 0.6 and 0.7); a missing slice doubles a gap
-        if np.max(np.abs(gaps - mean_gap)) > max(_GAP_RTOL * mean_gap, _POSITION_ROUNDING_MM) + 1e-3:
+        # (never half a gap or more: in a 0.1 mm micro-CT a missing slice must still show)
+        if np.max(np.abs(gaps - mean_gap)) > max(_GAP_RTOL * mean_gap, min(_POSITION_ROUNDING_MM, 0.4 * mean_gap)) + 1e-3:
             raise VolumeError(
                 f"{folder}: ImagePositionPatient: slice spacing is not uniform "
                 f"(gaps {gaps.min():.4g} to {gaps.max():.4g} mm; a missing slice?)"

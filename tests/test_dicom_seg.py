@@ -242,3 +242,8 @@ def test_segment_dicom_ct_to_dicom_seg_cli(tmp_path, random_checkpoint):  # noqa
               stdin=f"object 31 vertebrae_L1\n+ {ras[0]} {ras[1]} {ras[2]}\nquit\n")
     assert r.returncode == 0, r.stdout + r.stderr
     assert [str(s.SegmentLabel) for s in hd.seg.segread(tmp_path / "c" / "ct.dcm").SegmentSequence] == ["vertebrae_L1"]
+    # ... and removes it, with its prompt file, when the session ends with no click left
+    r = bosam("segment", str(series), "--interactive", "-o", str(tmp_path / "c" / "ct.dcm"), *options[2:],
+              stdin=f"object 31 vertebrae_L1\n+ {ras[0]} {ras[1]} {ras[2]}\nundo\nquit\n")
+    assert r.returncode == 0 and "nothing to write" in r.stdout and "saved" not in r.stdout.splitlines()[-1]
+    assert not (tmp_path / "c" / "ct.dcm").exists() and not (tmp_path / "c" / "ct_points.json").exists()

@@ -268,6 +268,27 @@ def test_bosam_crop_first_crops_the_case_around_the_label_box():
     assert bosam_crop(image, two, np.random.default_rng(0), "native", 1.5, 128) is None
 
 
+def test_bosam_protocol_replacement_cases_are_samples_of_their_own(tmp_path):
+    """A case whose first crop holds no bone is replaced by a random case (as published); when
+    that case was already evaluated, its second crop is a second sample, not merged into the
+    first one's best-of-N."""
+    root = tmp_path / "ds"
+    aff = np.eye(4)
+    ct = np.full((300, 40, 40), -1000, np.int16)
+    one = np.zeros(ct.shape, np.uint8)
+    one[140:160, 15:25, 15:25] = 1
+    apart = np.zeros(ct.shape, np.uint8)
+    apart[0:10, 15:25, 15:25] = apart[290:300, 15:25, 15:25] = 1  # nothing near the box centre
+    for name, lab in (("a_one", one), ("b_apart", apart)):
+        save_nifti(np.where(lab > 0, 700, ct).astype(np.int16), aff, root / "imagesTr" / f"{name}_0000.nii.gz")
+        save_nifti(lab, aff, root / "labelsTr" / f"{name}.nii.gz")
+    scan = scan_dataset([root])
+    records = run_bosam_protocol(lambda clamp: ThresholdSegmenter(threshold_hu=200, radius_mm=40), scan, 2, seed=2023)
+    keys = sorted({r.case for r in records})
+    assert keys == ["ds/Tr/a_one", "ds/Tr/a_one#2"]  # b_apart replaced by a_one, drawn again
+    assert summarise(records, [1, 2], "bosam")["cases"] == 2
+
+
 def test_bosam_protocol_with_a_model_on_its_crop(dataset):
     from engines.torch_engine import TorchEngine
 

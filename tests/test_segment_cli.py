@@ -209,6 +209,15 @@ def test_outputs_never_overwrite_inputs_nor_each_other(tmp_path, random_checkpoi
     r = bosam("segment", ".", "--points", ".", *options, cwd=ct.parent)
     assert r.returncode == 0, r.stderr
     assert (ct.parent / "example_ct_sm_bosam.nii.gz").exists() and ct.read_bytes() == before[ct.name]
+    r = bosam("segment", ".", "--points", ".", *options, cwd=ct.parent)  # again: its outputs are no CTs
+    assert r.returncode == 0 and "1 of 1 cases done" in r.stdout, r.stdout + r.stderr
+    # a manifest whose first case would write over the second case's CT
+    shutil.copy(ct, tmp_path / "b.nii.gz")
+    (tmp_path / "cases.csv").write_text(f"ct,points,out\n{ct},{ct.with_name('example_ct_sm.json')},b.nii.gz\n"
+                                        f"b.nii.gz,{ct.with_name('example_ct_sm.json')},o2\n")
+    r = bosam("segment", str(tmp_path / "cases.csv"), *options)
+    assert r.returncode == 2 and "would overwrite an input of the batch" in r.stderr, r.stderr
+    assert (tmp_path / "b.nii.gz").read_bytes() == before[ct.name]
     r = bosam("segment", str(ct), "--points", str(ct.with_name("example_ct_sm.json")), "-o", str(tmp_path / "one"),
               *options)
     assert r.returncode == 0 and "[/bold]" in r.stdout and "[left]" in r.stdout, r.stdout + r.stderr  # not markup
@@ -239,6 +248,10 @@ def test_batch_manifests_and_engine_options_fail_in_one_line(tmp_path):
         r = bosam("segment", str(ct), "--points", str(tmp_path / "prompt.json"), flag, value, "-o", str(tmp_path / "o"))
         assert r.returncode == 2 and r.stderr.strip() == f"error: {message}" + (" (cpu, cuda, cuda:1, ...)" if value == "banana" else "")
     assert not (tmp_path / "o").exists()
+    # 'tensorrt' is ONNX Runtime's TensorRT provider, not a torch device: not refused as one
+    r = bosam("segment", str(ct), "--points", str(tmp_path / "prompt.json"), "--engine", "onnxruntime",
+              "--device", "tensorrt", "-o", str(tmp_path / "o"))
+    assert r.returncode == 2 and "is not a device" not in r.stderr
 
 
 def test_outputs_are_named_after_the_ct(tmp_path, monkeypatch):
@@ -249,6 +262,10 @@ def test_outputs_are_named_after_the_ct(tmp_path, monkeypatch):
     series.mkdir()
     monkeypatch.chdir(series)
     assert output_paths(Path("."), "out")["label_map"] == Path("out") / "CT_series.nii.gz"
+    (series / "sub").mkdir()
+    monkeypatch.chdir(series / "sub")
+    assert output_paths(Path(".."), "out")["label_map"] == Path("out") / "CT_series.nii.gz"
+    monkeypatch.chdir(series)
     assert output_paths(Path("IM0001.dcm"), "out")["manifest"] == Path("out") / "IM0001.json"
     assert output_paths(Path("ct.nii.gz"), None)["label_map"] == series / "ct_bosam.nii.gz"
 
@@ -358,6 +375,14 @@ def test_interactive_session_is_scriptable(tmp_path, random_checkpoint):
     inter_map = np.asanyarray(nib.load(str(out)).dataobj)
     assert inter_map.any()
     np.testing.assert_array_equal(np.asanyarray(nib.load(str(replay)).dataobj), inter_map)
+    # the documented loop: replay into the session's own output, and go on with the session
+    # from its own prompt file (read once at the start, then rewritten)
+    r = bosam("segment", str(ct), "--points", str(points), "-o", str(out), *options)
+    assert r.returncode == 0, r.stderr
+    np.testing.assert_array_equal(np.asanyarray(nib.load(str(out)).dataobj), inter_map)
+    r = bosam("segment", str(ct), "--interactive", "--points", str(points), "-o", str(out), *options, stdin="quit\n")
+    assert r.returncode == 0 and "loaded" in r.stdout, r.stdout + r.stderr
+    assert json.loads(points.read_text())["objects"] == doc["objects"]
 
 
 def test_manifest_warns_about_empty_masks_and_says_why(tmp_path):

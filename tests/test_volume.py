@@ -692,6 +692,18 @@ def test_dicom_thin_slices_with_positions_rounded_to_a_tenth(tmp_path):
     victim.unlink()
     with pytest.raises(VolumeError, match="slice spacing is not uniform"):
         read_volume(tmp_path / "s")
+    # a 0.1 mm micro-CT: the rounding allowance stays below half a gap, so a missing slice shows
+    g = write_dicom_series(tmp_path / "micro", n=12)
+    for f in (tmp_path / "micro").iterdir():
+        ds = pydicom.dcmread(f)
+        k = int(ds.pixel_array[0, 0]) // 100
+        if k == 6:
+            f.unlink()
+            continue
+        ds.ImagePositionPatient = [float(f"{v:.6f}") for v in g["origin_lps"] + k * 0.1 * g["normal"]]
+        ds.save_as(f)
+    with pytest.raises(VolumeError, match="slice spacing is not uniform"):
+        read_volume(tmp_path / "micro")
 
 
 def test_dicom_missing_slice_refused(tmp_path):

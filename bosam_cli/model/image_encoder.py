@@ -214,7 +214,8 @@ class Attention3D(nn.Module):
 
 def _exporting() -> bool:
     """True while torch traces the model for ONNX (the dynamo exporter or the legacy one)."""
-    return bool(torch.compiler.is_exporting() or torch.onnx.is_in_onnx_export())
+    is_exporting = getattr(getattr(torch, "compiler", None), "is_exporting", None)  # torch >= 2.6
+    return bool((is_exporting is not None and is_exporting()) or torch.onnx.is_in_onnx_export())
 
 
 class Block3D(nn.Module):
