@@ -254,7 +254,6 @@ class Session:
             if not positive:
                 report.note = "negative click outside the object's windows: nothing to remove there"
             elif len(state.windows) >= self.max_windows:
-                state.truncated = True
                 report.note = f"window limit ({self.max_windows}) reached; click not applied"
             else:
                 geom = window_at(ras, self.spacing_mm, self.size, self.snap_vox)
@@ -267,6 +266,7 @@ class Session:
         if self.grow and state.windows:
             self._grow(state, report)
             self._prune(state)
+        state.truncated = self._truncated(state)
         report.windows = len(state.windows)
         if self.measure_clicks and state.windows:
             report.voxels = self.voxel_count(label)
@@ -293,7 +293,9 @@ class Session:
             self._history.clear()
             self._grid_cache.clear()
         else:
-            self.objects.pop(label, None)
+            state = self.objects.get(label)
+            if state is not None:  # the object keeps its name and its place in the order
+                self.objects[label] = ObjectState(label, state.name)
             self._history = [h for h in self._history if h[0] != label]
             self._grid_cache.pop(label, None)
 
@@ -329,10 +331,11 @@ class Session:
             if result is not None and self.refine == "hu":
                 box = result[0]
                 result = (box, peel_soft_surface(result[1], vol.array[box], vol.spacing_mm, reach_mm, self.refine_hu,
-                                                 _positive_voxels(state.clicks, box),
+                                                 _positive_voxels(state.clicks, box, vol.shape),
                                                  (vol.array, tuple(sl.start for sl in box))))
             if result is not None and self.islands == "clicked":
-                result = (result[0], keep_clicked_islands(result[1], result[0], state.clicks, vol.spacing_mm, reach_mm))
+                result = (result[0], keep_clicked_islands(result[1], result[0], state.clicks, vol.spacing_mm, reach_mm,
+                                                          vol.shape))
             self.timings["map_back_s"] += time.perf_counter() - t0
         self._grid_cache[label] = result
         return result
@@ -461,7 +464,6 @@ class Session:
                 if not vol.contains_voxel(vol.world_to_voxel(world)).any():
                     continue
                 if len(state.windows) >= self.max_windows:
-                    state.truncated = True
                     continue
                 seed = self._seed_point(win, geom)
                 if seed is None:
@@ -477,6 +479,23 @@ class Session:
                         if geom.contains(c.ras[None])[0]:
                             self._decode(new, [(c.ras, c.positive)], report)
                 queue.append(new)
+
+    def _truncated(self, state: ObjectState) -> bool:
+        """The object is cut short by the window limit: a positive click lies outside all its
+        windows, or its mask touches a face inside the CT with no window beyond it."""
+        if any(c.positive and not any(w.geom.contains(c.ras[None])[0] for w in state.windows) for c in state.clicks):
+            return True
+        if len(state.windows) < self.max_windows or not self.grow:
+            return False
+        vol = self._need_volume()
+        keys = set(state.window_keys())
+        for win in state.windows:
+            for axis, side, vox in self._face_touch(win):
+                if win.geom.shifted(axis, side).key in keys:
+                    continue
+                if vol.contains_voxel(vol.world_to_voxel(self._lowres_to_world(win.geom, vox))).any():
+                    return True
+        return False
 
     def _seed_point(self, win: WindowState, geom: WindowGeometry) -> np.ndarray | None:
         """Deepest voxel of ``win``'s mask that lies well inside window ``geom`` (world mm)."""
@@ -497,22 +516,22 @@ class Session:
         return world[inside][int(np.argmax(d))]
 
     def _prune(self, state: ObjectState) -> None:
-        """Drop grown windows whose parent mask no longer touches the face they grew through."""
-        changed = True
-        while changed:
-            changed = False
-            by_key = {w.geom.key: w for w in state.windows}
-            for w in list(state.windows):
-                if w.parent is None:
-                    continue
-                anchored = any(c.positive and w.geom.contains(c.ras[None])[0] for c in state.clicks)
-                parent = by_key.get(w.parent)
-                touching = parent is not None and any(
-                    (a, s) == w.face for a, s, _ in self._face_touch(parent)
-                )
-                if not touching and not anchored:
-                    state.windows.remove(w)
-                    changed = True
+        """Drop grown windows the object no longer reaches: a window stays when a click opened
+        it, a positive click lies in it, or the mask of a window that stays touches the face
+        they share (any such window, not only the one it grew from: a negative click that cuts
+        one path leaves the others)."""
+        by_key = {w.geom.key: w for w in state.windows}
+        keep = {w.geom.key for w in state.windows
+                if w.parent is None or any(c.positive and w.geom.contains(c.ras[None])[0] for c in state.clicks)}
+        todo = list(keep)
+        while todo:
+            win = by_key[todo.pop()]
+            for axis, side, _ in self._face_touch(win):
+                key = win.geom.shifted(axis, side).key
+                if key in by_key and key not in keep:
+                    keep.add(key)
+                    todo.append(key)
+        state.windows = [w for w in state.windows if w.geom.key in keep]
 
     def _blend(self, state: ObjectState, vol: Volume) -> tuple[tuple[slice, slice, slice], np.ndarray] | None:
         boxes = []
@@ -551,7 +570,7 @@ class Session:
 
 
 def keep_clicked_islands(logits: np.ndarray, box: tuple[slice, slice, slice], clicks: list[SessionClick],
-                         spacing_mm: Any, reach_mm: float) -> np.ndarray:
+                         spacing_mm: Any, reach_mm: float, shape: tuple[int, ...] | None = None) -> np.ndarray:
     """``logits`` (on ``volume[box]``, voxels of ``spacing_mm``) with every connected piece of
     ``logits > 0`` that no positive click holds or comes within ``reach_mm`` of (per axis, at
     least one voxel) set to -inf, in place. Unchanged when there is nothing to drop or no click
@@ -562,7 +581,7 @@ def keep_clicked_islands(logits: np.ndarray, box: tuple[slice, slice, slice], cl
         return logits
     keep = np.zeros(n + 1, bool)
     reach = _vox_within(reach_mm, spacing_mm)
-    for ijk in _positive_voxels(clicks, box):
+    for ijk in _positive_voxels(clicks, box, shape):
         near = tuple(slice(max(v - r, 0), max(v + r + 1, 0)) for v, r in zip(ijk, reach))
         hit = pieces[near]
         keep[np.unique(hit[hit > 0])] = True
@@ -697,10 +716,19 @@ def _reach_vox(reach_mm: float, spacing_mm: Any, axis: int) -> int:
     return int(np.floor(reach_mm / float(np.asarray(spacing_mm, float)[axis]) + 1e-9))
 
 
-def _positive_voxels(clicks: list[SessionClick], box: tuple[slice, slice, slice]) -> list[tuple[int, int, int]]:
-    """Box-relative voxel indices of the positive clicks."""
+def _positive_voxels(clicks: list[SessionClick], box: tuple[slice, slice, slice],
+                     shape: tuple[int, ...] | None = None) -> list[tuple[int, int, int]]:
+    """Box-relative voxel indices of the positive clicks: the voxel each lies in (a click on the
+    CT's outermost half-voxel, up to index shape - 0.5, is in the last voxel)."""
     start = np.array([sl.start for sl in box])
-    return [tuple(int(v) for v in np.rint(c.ijk).astype(int) - start) for c in clicks if c.positive]
+    out = []
+    for c in clicks:
+        if c.positive:
+            v = np.floor(np.asarray(c.ijk, dtype=np.float64) + 0.5)
+            if shape is not None:
+                v = np.clip(v, 0, np.asarray(shape) - 1)
+            out.append(tuple(int(x) for x in v.astype(int) - start))
+    return out
 
 
 def _pieces(mask: np.ndarray, connectivity: int = 26) -> tuple[np.ndarray, int]:

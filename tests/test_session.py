@@ -417,3 +417,107 @@ def test_window_any_matches_a_brute_force_window():
             moved = np.moveaxis(field, axis, 0)
             want = np.stack([moved[k:min(k + width, n)].any(axis=0) for k in range(n)])
             np.testing.assert_array_equal(got, np.moveaxis(want, 0, axis), err_msg=f"axis {axis} width {width}")
+
+
+# ---------------------------------------------------------------------------------------------
+# window bookkeeping: pruning, the truncated flag, border clicks, reset
+
+
+def _ras_volume(lo, hi, spacing, fill=40) -> Volume:
+    lo, hi = np.asarray(lo, float), np.asarray(hi, float)
+    shape = tuple(int(np.floor((hi[a] - lo[a]) / spacing)) + 1 for a in range(3))
+    aff = np.diag([spacing] * 3 + [1.0])
+    aff[:3, 3] = lo
+    return Volume(np.full(shape, fill, np.int16), aff)
+
+
+def _segment_distance(w: np.ndarray, a, b) -> np.ndarray:
+    a, b = np.asarray(a, float), np.asarray(b, float)
+    t = np.clip(((w - a) @ (b - a)) / ((b - a) @ (b - a)), 0, 1)
+    return np.linalg.norm(w - (a + t[..., None] * (b - a)), axis=-1)
+
+
+class _EraseBall(ThresholdEngine):
+    """Positive points: ThresholdEngine. A negative point erases a ball of ``erase`` window
+    voxels around it from the previous mask."""
+
+    erase = 23.0
+
+    def decode(self, embedding, points, labels, mask_prompt):
+        if labels[0, -1] == 1:
+            return super().decode(embedding, points, labels, mask_prompt)
+        m = self.info.mask_size
+        c = np.arange(m) * self.f + (self.f - 1) / 2
+        grid = np.stack(np.meshgrid(c, c, c, indexing="ij"), -1)
+        prev = np.asarray(mask_prompt)[0, 0].copy()
+        prev[np.linalg.norm(grid - np.asarray(points)[0, -1], axis=-1) < self.erase] = -8.0
+        return prev[None, None].astype(np.float32), np.ones((1, 1), np.float32)
+
+
+def test_a_negative_click_that_cuts_one_path_keeps_the_windows_reached_another_way():
+    """A ring-shaped bone over four windows grown in a chain; a negative click cuts the ring
+    in the first window. The windows beyond the cut are still reached around the ring, so the
+    rest of the bone stays (pruning used to follow only the window each grew from)."""
+    vol = _ras_volume([-100, -30, -130], [170, 30, 190], 2.0)
+    w = _world_grid(vol)
+    bars = {
+        "left": _segment_distance(w, [-48, 0, -45], [-48, 0, 150]) < 10,
+        "top": _segment_distance(w, [-48, 0, 150], [120, 0, 150]) < 10,
+        "right": _segment_distance(w, [120, 0, 150], [120, 0, -90]) < 10,
+        "bottom": _segment_distance(w, [120, 0, -90], [-10, 0, -90]) < 10,
+    }
+    vol = vol.with_array(np.where(np.any(list(bars.values()), axis=0), 900, 40).astype(np.int16))
+    session = Session(_EraseBall(1.0), spacing_mm=1.5, refine="none", islands="all")
+    session.set_volume(vol)
+    session.add_click(1, xyz=[-48.0, 0, -35.0])
+    session.add_click(1, xyz=[0.0, 0, -90.0])
+    assert len(session.objects[1].windows) == 4
+    session.add_click(1, xyz=[-48.0, 0, 40.0], positive=False)
+    mask = session.mask(1)
+    erased = np.linalg.norm(w - [-48, 0, 40], axis=-1) < 23 * 1.5
+    assert len(session.objects[1].windows) == 4
+    for name in ("top", "right", "bottom"):
+        assert mask[bars[name]].mean() > 0.95, name
+    assert mask[bars["left"] & ~erased].mean() > 0.95 and mask[bars["left"] & erased].mean() < 0.1, mask[bars["left"] & erased].mean()
+
+
+def test_truncated_follows_the_mask_not_its_history():
+    """With one window allowed, a mask that reaches a face is truncated; once a negative click
+    takes it back inside the window, it is not."""
+    vol = _ras_volume([-100, -60, -60], [220, 60, 60], 2.0)
+    engine = SphereEngine(radius_vox=20)
+    session = Session(engine, spacing_mm=1.5, refine="none", max_windows=1)
+    session.set_volume(vol)
+    session.add_click(1, xyz=[72.0, 0, 0])
+    assert not session.objects[1].truncated
+    session.add_click(1, xyz=[150.0, 0, 0])  # the ball reaches beyond the window's +x face
+    assert session.objects[1].truncated
+    engine.radius = 30
+    session.add_click(1, xyz=[150.0, 0, 0], positive=False)
+    assert not session.objects[1].truncated
+    session.add_click(1, xyz=[210.0, 0, 0])  # outside the only window allowed: not applied
+    assert session.objects[1].truncated
+
+
+@pytest.mark.parametrize("i", [121.49, 121.5, -0.5])
+def test_a_click_on_the_outermost_half_voxel_keeps_its_mask(i):
+    """Index shape - 0.5 is still the last voxel: the clicked piece is kept, not peeled away."""
+    vol = _ras_volume([-60, -60, -60], [61, 60, 60], 1.0)
+    assert vol.shape[0] == 122
+    session = Session(SphereEngine(radius_vox=10), spacing_mm=1.5, refine="hu", islands="clicked")
+    session.set_volume(vol)
+    session.add_click(1, voxel=[i, 60.0, 60.0])
+    mask = session.mask(1)
+    assert mask.sum() > 5000 and mask[121 if i > 0 else 0, 60, 60]
+
+
+def test_reset_keeps_the_objects_name_and_place():
+    vol = _ras_volume([-40, -40, -40], [40, 40, 40], 2.0)
+    session = Session(SphereEngine(radius_vox=6), spacing_mm=1.5, refine="none")
+    session.set_volume(vol)
+    session.add_click(300, xyz=[0.0, 0, 0], name="sacrum")
+    session.add_click(5, xyz=[10.0, 0, 0], name="L5")
+    session.reset(300)
+    assert not session.mask(300).any() and session.objects[300].clicks == []
+    session.add_click(300, xyz=[0.0, 0, 0])
+    assert list(session.objects) == [300, 5] and session.objects[300].name == "sacrum"
