@@ -13,9 +13,13 @@ How an object is segmented:
 * When the mask touches a window face (inside the CT), the object grows into the neighbour
   window half a window further along that axis (50 % overlap). The neighbour is seeded with a
   positive point at the deepest voxel of the known mask inside it, then gets the object's
-  clicks that fall inside it, in order. A grown window is dropped again when its parent's mask
-  no longer touches that face (e.g. after a negative click removed a leak), unless a positive
-  click of the user lies in it. At most ``max_windows`` windows per object.
+  clicks that fall inside it, in order; a piece of the known mask inside it that the
+  neighbour's mask still leaves out (a branch) gets a seed of its own (up to two more). When
+  the neighbour already exists and the mask reaching it is new to it, it gets such a seed
+  too (once per click), or blending the two windows would erase that mask in their overlap.
+  A grown window is dropped again when no remaining window's mask touches a face it shares
+  with it (e.g. after a negative click removed a leak), unless a positive click of the user
+  lies in it. At most ``max_windows`` windows per object.
 * Logits of overlapping windows are blended on the CT grid with weights that ramp up from each
   window face, then thresholded at 0.
 * Islands (``islands="clicked"``, the default): of the thresholded mask, only the connected
@@ -453,11 +457,20 @@ class Session:
     def _grow(self, state: ObjectState, report: ClickReport) -> None:
         vol = self._need_volume()
         queue = list(state.windows)
+        refreshed: set[tuple] = set()
         while queue:
             win = queue.pop(0)
             for axis, side, vox in self._face_touch(win):
                 geom = win.geom.shifted(axis, side)
                 if geom.key in state.window_keys():
+                    # the neighbour exists: it learns about mask that now reaches it (once per
+                    # click), or the blend of the two would erase that mask in the overlap
+                    other = next(w for w in state.windows if w.geom.key == geom.key)
+                    seed = None if geom.key in refreshed else self._uncovered_seed(win, other)
+                    if seed is not None:
+                        refreshed.add(geom.key)
+                        self._decode_seed(state, other, seed, report)
+                        queue.append(other)
                     continue
                 # grow only where the touching mask lies inside the CT
                 world = self._lowres_to_world(win.geom, vox)
@@ -478,7 +491,42 @@ class Session:
                     for c in state.clicks:
                         if geom.contains(c.ras[None])[0]:
                             self._decode(new, [(c.ras, c.positive)], report)
+                for _ in range(2):  # pieces of the parent's mask that the first seed did not reach
+                    seed = self._uncovered_seed(win, new)
+                    if seed is None:
+                        break
+                    self._decode_seed(state, new, seed, report)
+                refreshed.add(geom.key)
                 queue.append(new)
+
+    def _decode_seed(self, state: ObjectState, win: WindowState, seed: np.ndarray, report: ClickReport) -> None:
+        """One more decoder call in ``win`` with a positive seed point (and, with click memory
+        "all", the object's clicks in that window before it)."""
+        points = (self._points_for(state, win.geom, [(seed, True)], include_new=False)
+                  if self.click_memory == "all" else [(seed, True)])
+        self._decode(win, points, report)
+
+    def _uncovered_seed(self, parent: WindowState, child: WindowState, min_voxels: int = 8) -> np.ndarray | None:
+        """The deepest voxel of ``parent``'s mask, well inside ``child``'s window, that
+        ``child``'s mask leaves out, when at least ``min_voxels`` low-res voxels are left out."""
+        from scipy.ndimage import distance_transform_edt
+
+        pos = parent.logits > 0
+        if not pos.any():
+            return None
+        vox = np.argwhere(pos).astype(np.float64)
+        world = self._lowres_to_world(parent.geom, vox)
+        inside = child.geom.contains(world, margin_vox=self.size / 16)
+        if inside.sum() < min_voxels:
+            return None
+        aff = child.geom.lowres_affine(self.mask_size)
+        idx = np.rint((world[inside] - aff[:3, 3]) @ np.linalg.inv(aff[:3, :3]).T).astype(int)
+        idx = np.clip(idx, 0, self.mask_size - 1)
+        missed = child.logits[idx[:, 0], idx[:, 1], idx[:, 2]] <= 0
+        if missed.sum() < min_voxels:
+            return None
+        depth = distance_transform_edt(np.pad(pos, 1))[1:-1, 1:-1, 1:-1][pos][inside][missed]
+        return world[inside][missed][int(np.argmax(depth))]
 
     def _truncated(self, state: ObjectState) -> bool:
         """The object is cut short by the window limit: a positive click lies outside all its

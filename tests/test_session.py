@@ -521,3 +521,43 @@ def test_reset_keeps_the_objects_name_and_place():
     assert not session.mask(300).any() and session.objects[300].clicks == []
     session.add_click(300, xyz=[0.0, 0, 0])
     assert list(session.objects) == [300, 5] and session.objects[300].name == "sacrum"
+
+
+def _two_bars(joined: bool) -> tuple[Volume, np.ndarray, np.ndarray]:
+    """Two parallel bars along x (y = -30 and +30 mm), optionally joined at x = -40 mm."""
+    vol = _ras_volume([-150, -60, -30], [200, 60, 30], 1.5)
+    w = _world_grid(vol)
+    start = -40 if joined else -60
+    bar1 = _segment_distance(w, [start, -30, 0], [170, -30, 0]) < 10
+    bar2 = _segment_distance(w, [start, 30, 0], [170, 30, 0]) < 10
+    bright = bar1 | bar2 | (joined & (_segment_distance(w, [-40, -30, 0], [-40, 30, 0]) < 10))
+    return vol.with_array(np.where(bright, 900, 40).astype(np.int16)), bar1, bar2
+
+
+def test_a_window_that_exists_learns_about_mask_reaching_it_later():
+    """Click 1 on bar 1 grows the +x window, seeded on bar 1; click 2 on bar 2 (in the first
+    window only) brings bar 2 to that window's face. The existing neighbour gets a seed on
+    bar 2, so bar 2 is segmented past the face (it used to stop there, erased in the overlap
+    by the blend with a neighbour that knew nothing of it)."""
+    vol, bar1, bar2 = _two_bars(joined=False)
+    session = Session(ThresholdEngine(1.0), spacing_mm=1.5, refine="none", islands="all")
+    session.set_volume(vol)
+    session.add_click(1, xyz=[-60.0, -30, 0])
+    windows = len(session.objects[1].windows)
+    session.add_click(1, xyz=[-60.0, 30, 0])
+    mask = session.mask(1)
+    assert mask[bar1].mean() > 0.97 and mask[bar2].mean() > 0.97
+    assert len(session.objects[1].windows) == windows  # the existing windows, told again
+
+
+def test_a_grown_window_gets_a_seed_on_every_branch_of_the_mask():
+    """Two bars joined inside the first window and apart in its +x neighbour: both branches go on
+    (the neighbour used to get one seed, on one branch)."""
+    vol, bar1, bar2 = _two_bars(joined=True)
+    session = Session(ThresholdEngine(1.0), spacing_mm=1.5, refine="none")
+    session.set_volume(vol)
+    session.add_click(1, xyz=[-40.0, 0.0, 0.0])
+    mask = session.mask(1)
+    x = _world_grid(vol)[..., 0]
+    for bar in (bar1, bar2):
+        assert mask[bar & (x > 90)].mean() > 0.95
