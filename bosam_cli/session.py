@@ -254,6 +254,7 @@ class Session:
         report = ClickReport(label=label, positive=bool(positive))
 
         containing = [w for w in state.windows if w.geom.contains(ras[None])[0]]
+        opened = None
         if not containing:
             if not positive:
                 report.note = "negative click outside the object's windows: nothing to remove there"
@@ -265,8 +266,15 @@ class Session:
                 state.windows.append(win)
                 report.new_windows += 1
                 containing = [win]
+                opened = win
         for win in containing:
             self._decode(win, self._points_for(state, win.geom, [(ras, bool(positive))]), report)
+            if win is opened and self.click_memory == "newest":
+                # the object's earlier clicks in the new window (negative ones made where it had
+                # no window yet), in order, as a grown window gets them
+                for c in state.clicks[:-1]:
+                    if win.geom.contains(c.ras[None])[0]:
+                        self._decode(win, [(c.ras, c.positive)], report)
         if self.grow and state.windows:
             self._grow(state, report)
             self._prune(state)

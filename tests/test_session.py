@@ -561,3 +561,20 @@ def test_a_grown_window_gets_a_seed_on_every_branch_of_the_mask():
     x = _world_grid(vol)[..., 0]
     for bar in (bar1, bar2):
         assert mask[bar & (x > 90)].mean() > 0.95
+
+
+def test_a_window_opened_by_a_click_gets_the_earlier_negative_clicks_inside_it():
+    """A negative click where the object has no window yet removes nothing then; the window a
+    later positive click opens over it gets it replayed (as a grown window does), so the same
+    clicks give the same mask however the window came to be (newest-click memory)."""
+    vol = _ras_volume([-110, -60, -60], [250, 60, 60], 2.0)
+    neg = np.array([130.0, 0, 0])
+    session = Session(SphereEngine(radius_vox=20), spacing_mm=1.5, refine="none", islands="all", click_memory="newest")
+    session.set_volume(vol)
+    session.add_click(1, xyz=[0.0, 0, 0])
+    assert "nothing to remove" in session.add_click(1, xyz=neg, positive=False).note
+    rep = session.add_click(1, xyz=[118.0, 0, 0])
+    assert rep.new_windows >= 1 and session.objects[1].windows[1].geom.contains(neg[None])[0]
+    ijk = tuple(np.rint(vol.world_to_voxel(neg[None])[0]).astype(int))
+    assert session.mask(1)[tuple(np.rint(vol.world_to_voxel(np.zeros((1, 3)))[0]).astype(int))]
+    assert not session.mask(1)[ijk]
