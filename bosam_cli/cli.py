@@ -501,7 +501,7 @@ def bench(
                   f"{d1['median']:.1f} / {d1['min']:.1f}", f"{d10['median']:.1f} / {d10['min']:.1f}")
     con.print(t)
     for s in skipped:
-        con.print(f"[dim]skipped {s['engine']}: {s['reason']}[/]")
+        con.print(f"[dim]skipped {s['engine']}: {esc(s['reason'])}[/]")
 
 
 @app.command()

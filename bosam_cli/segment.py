@@ -28,6 +28,7 @@ from .volume import (
     Volume,
     geometry_warning,
     hu_warning,
+    label_dtype,
     label_map_ending,
     read_volume,
     require_finite,
@@ -282,7 +283,7 @@ def segment_file(
             },
             "output": {
                 "label_map": str(paths["label_map"]),
-                "dtype": str(labels.dtype),
+                "dtype": str(label_dtype(int(labels.max(initial=0)))),  # as written: by the largest label present
                 **_seg_segments(paths["label_map"], labels, names),
                 "files": [str(p) for p in written] + [str(paths["manifest"])],
             },
@@ -299,6 +300,7 @@ def segment_file(
                 "axes": "RAS",
                 "clamp_hu": list(session.intensity.clamp_hu) if session.intensity.clamp_hu else None,
                 "max_windows_per_object": session.max_windows,
+                "click_memory": session.click_memory,
                 "islands": session.islands,
                 "refine": session.refine,
                 "refine_hu": session.refine_hu if session.refine == "hu" else None,

@@ -407,6 +407,15 @@ def test_manifest_warns_about_empty_masks_and_says_why(tmp_path):
         "object 2 (same_place): empty mask: every voxel went to other objects by the overlap rule",
         "object 3 (erased): empty mask: the model found nothing at its clicks",
     ]
+    # the manifest's dtype is the file's: a label 300 whose mask came out empty leaves a uint8 map
+    prompts.write_text(json.dumps({"coordinate_system": "voxel", "objects": [
+        {"label": 1, "name": "first", "clicks": [click]},
+        {"label": 300, "name": "erased", "clicks": [click, {**click, "positive": False}]},
+    ]}))
+    m = segment_file(ct, prompts, tmp_path / "out2" / "ct.nii.gz", SphereEngine(radius_vox=4.0),
+                     SegmentOptions(refine="none"))
+    assert m["output"]["dtype"] == "uint8" == str(nib.load(str(tmp_path / "out2" / "ct.nii.gz")).get_data_dtype())
+    assert m["model_window"]["click_memory"] == "newest"
 
 
 def test_a_failure_part_way_through_the_writes_leaves_no_output(tmp_path, monkeypatch):
