@@ -347,6 +347,9 @@ def read_nrrd(path: str | os.PathLike) -> Volume:
     except Exception as exc:  # noqa: BLE001 - pynrrd raises NRRDError, OSError, ValueError ...
         raise VolumeError(f"{path}: cannot read NRRD ({_one_line(exc)})") from None
     dim = int(header.get("dimension", data.ndim))
+    if dim == 4 and data.ndim == 4:  # a 3-D image stored with one non-spatial axis of size 1
+        data, header = _drop_singleton_nrrd_axis(data, header, path)
+        dim = 3
     if dim != 3 or data.ndim != 3:
         raise VolumeError(f"{path}: dimension: expected a 3-D image, got {dim}-D of shape {tuple(data.shape)}")
     if data.dtype.kind not in "biuf":
@@ -382,6 +385,22 @@ def read_nrrd(path: str | os.PathLike) -> Volume:
     return Volume(np.asarray(data), to_ras @ affine_space, None, path, meta)
 
 
+def _drop_singleton_nrrd_axis(data: np.ndarray, header: dict, path: Path) -> tuple[np.ndarray, dict]:
+    """A 4-D NRRD whose one non-spatial axis ('none' in ``space directions``) has size 1, as
+    3-D; anything else stays 4-D (and is refused)."""
+    directions = header.get("space directions")
+    if directions is None:
+        return data, header
+    rows = [None if r is None else np.asarray(r, dtype=np.float64) for r in directions]
+    extra = [a for a, r in enumerate(rows) if r is None or not np.all(np.isfinite(r))]
+    if len(rows) != 4 or len(extra) != 1 or data.shape[extra[0]] != 1:
+        return data, header
+    axis = extra[0]
+    header = dict(header)
+    header["space directions"] = np.stack([r for a, r in enumerate(rows) if a != axis])
+    return np.take(data, 0, axis=axis), header
+
+
 # ---------------------------------------------------------------------------------------------
 # MetaImage
 
@@ -392,7 +411,7 @@ def read_metaimage(path: str | os.PathLike) -> Volume:
     MetaImage geometry is ITK's, in LPS: world = Origin + Direction @ diag(Spacing) @ (i, j, k).
     The affine is ``LPS_TO_RAS`` times that. SimpleITK's array is (k, j, i); the volume keeps it
     as (i, j, k) (a transposed view, Fortran order, like nibabel's). Only scalar 3-D images are
-    read: 2-D, 4-D and vector images are refused.
+    read (a fourth axis of size 1 is dropped): 2-D, 4-D and vector images are refused.
     """
     try:
         import SimpleITK as sitk
@@ -405,6 +424,13 @@ def read_metaimage(path: str | os.PathLike) -> Volume:
     except Exception as exc:  # noqa: BLE001 - SimpleITK raises RuntimeError with multi-line text
         raise VolumeError(f"{path}: cannot read MetaImage ({_one_line(exc)})") from None
     dim = img.GetDimension()
+    if dim == 4 and img.GetSize()[3] == 1:  # a 3-D image stored with a fourth axis of size 1
+        try:
+            img = sitk.Extract(img, list(img.GetSize()[:3]) + [0], [0, 0, 0, 0])
+        except Exception as exc:  # noqa: BLE001 - the 3-D part of the direction is not a rotation
+            raise VolumeError(f"{path}: TransformMatrix: the 3-D part of the 4-D geometry is not usable "
+                              f"({_one_line(exc)})") from None
+        dim = img.GetDimension()
     if dim != 3:
         raise VolumeError(f"{path}: NDims: expected a 3-D image, got {dim}-D of size {list(img.GetSize())}")
     if img.GetNumberOfComponentsPerPixel() != 1:

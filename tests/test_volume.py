@@ -766,6 +766,30 @@ def test_nrrd_4d_refused(tmp_path):
     assert_one_line_naming(exc, path, "dimension")
 
 
+def test_a_fourth_axis_of_size_one_is_dropped_in_nrrd_and_metaimage(tmp_path):
+    """Some pipelines store a 3-D CT with a trailing non-spatial axis of size 1 (as NIfTI's
+    4-D-with-one-volume files, which are read as 3-D): read as the 3-D image, same geometry."""
+    nrrd = pytest.importorskip("nrrd")
+    sitk = pytest.importorskip("SimpleITK")
+    data = ct_like((4, 5, 6))
+    want = np.diag([-0.8, -0.9, 2.5, 1.0])
+    want[:3, 3] = [-1.0, -2.0, 3.0]
+    header = {"space": "left-posterior-superior", "space origin": [1.0, 2.0, 3.0], "kinds": ["domain"] * 3 + ["list"],
+              "space directions": np.array([[0.8, 0, 0], [0, 0.9, 0], [0, 0, 2.5], [np.nan] * 3])}
+    nrrd.write(str(tmp_path / "ct4.nrrd"), data[..., None], header)
+    img = sitk.GetImageFromArray(data.transpose(2, 1, 0)[None], isVector=False)
+    img.SetSpacing((0.8, 0.9, 2.5, 1.0))
+    img.SetOrigin((1.0, 2.0, 3.0, 0.0))
+    sitk.WriteImage(img, str(tmp_path / "ct4.mha"))
+    for name in ("ct4.nrrd", "ct4.mha"):
+        vol = read_volume(tmp_path / name)
+        np.testing.assert_array_equal(vol.array, data)
+        np.testing.assert_allclose(vol.affine, want, atol=1e-9)
+    nrrd.write(str(tmp_path / "two.nrrd"), np.stack([data, data], -1), header)  # two volumes: still refused
+    with pytest.raises(VolumeError, match="dimension: expected a 3-D image"):
+        read_volume(tmp_path / "two.nrrd")
+
+
 # ---------------------------------------------------------------------------------------------
 # MetaImage
 
