@@ -128,6 +128,19 @@ def _listing(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
 
 
+def _volume_files(folder: Path, problems: list[Problem]) -> list[tuple[str, Path]]:
+    """(case stem, path) of every volume file in ``folder``; other files are added to
+    ``problems`` (the data files of detached headers silently)."""
+    found = []
+    for p in _listing(folder):
+        parts = _volume_stem(p.name)
+        if parts is None:
+            problems += _not_a_volume(p)
+        else:
+            found.append((parts[0], p))
+    return found
+
+
 def find_cases(roots: Sequence[str | os.PathLike], splits: Sequence[str] = ("Tr",)) -> tuple[list[Case], list[Problem]]:
     """Pair images with labels in every root and split; returns (cases, problems).
 
@@ -199,19 +212,10 @@ def _pair_folder(root: Path, split: str, img_dir: Path, lab_dir: Path,
                  root_tag: str | None = None) -> tuple[list[Case], list[Problem]]:
     problems: list[Problem] = []
     labels: dict[str, list[Path]] = {}
-    for p in _listing(lab_dir):
-        parts = _volume_stem(p.name)
-        if parts is None:
-            problems += _not_a_volume(p)
-            continue
-        labels.setdefault(parts[0], []).append(p)
+    for stem, p in _volume_files(lab_dir, problems):
+        labels.setdefault(stem, []).append(p)
     images: dict[str, list[Path]] = {}
-    for p in _listing(img_dir):
-        parts = _volume_stem(p.name)
-        if parts is None:
-            problems += _not_a_volume(p)
-            continue
-        stem = parts[0]
+    for stem, p in _volume_files(img_dir, problems):
         m = _CHANNEL.match(stem)
         name = stem
         # "<case>_0000" is channel 0 of <case>, unless the label is named after the whole stem

@@ -386,18 +386,15 @@ def run_bosam_protocol(
     records: list[ClickRecord] = []
     used: dict[str, int] = {}
     for index in order:
-        info = scan.infos[index]
-        image, labels = store.load(index)
-        merged = np.isin(np.asarray(labels.array), sorted(info.labels))
-        crop = bosam_crop(image, merged, rng, grid, spacing_mm, size)
-        for _ in range(len(scan.infos)):  # no label in the first crop: another random case, as published
-            if crop is not None:
-                break
-            index = int(rng.integers(len(scan.infos)))
+        for attempt in range(len(scan.infos) + 1):
+            if attempt:  # no label in the first crop: another random case, as published
+                index = int(rng.integers(len(scan.infos)))
             info = scan.infos[index]
             image, labels = store.load(index)
             merged = np.isin(np.asarray(labels.array), sorted(info.labels))
             crop = bosam_crop(image, merged, rng, grid, spacing_mm, size)
+            if crop is not None:
+                break
         if crop is None:
             continue
         raw, gt, affine = crop

@@ -81,7 +81,6 @@ class WindowState:
     geom: WindowGeometry
     logits: np.ndarray  # (M, M, M) float32 low-res logits
     parent: tuple | None = None  # key of the window it grew from (None: opened by a click)
-    face: tuple[int, int] | None = None  # (axis, side) of the parent face it grew through
     decoder_calls: int = 0
 
 
@@ -489,7 +488,7 @@ class Session:
                 seed = self._seed_point(win, geom)
                 if seed is None:
                     continue
-                new = WindowState(geom, np.zeros((self.mask_size,) * 3, np.float32), win.geom.key, (axis, side))
+                new = WindowState(geom, np.zeros((self.mask_size,) * 3, np.float32), win.geom.key)
                 state.windows.append(new)
                 report.new_windows += 1
                 if self.click_memory == "all":  # one call: the seed and the object's clicks there

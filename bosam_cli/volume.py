@@ -359,7 +359,7 @@ def write_label_map(labels: np.ndarray, like: Volume, path: str | os.PathLike,
     (label value -> name, in segment order).
     """
     path = Path(path)
-    label_map_ending(path)
+    ending = label_map_ending(path)
     labels = np.asarray(labels)
     if tuple(labels.shape) != like.shape:
         raise VolumeError(f"{path}: label map shape {tuple(labels.shape)} differs from the CT grid {like.shape}")
@@ -375,11 +375,11 @@ def write_label_map(labels: np.ndarray, like: Volume, path: str | os.PathLike,
     if lo < 0 or hi > 65535:
         raise VolumeError(f"{path}: labels: values must be in 0..65535, got {lo}..{hi}")
     data = labels.astype(label_dtype(hi), copy=False)
-    if path.name.lower().endswith(".dcm"):
+    if ending == ".dcm":
         from .dicom_seg import write_dicom_seg
 
         return write_dicom_seg(data, like, path, names)
-    if not is_nifti(path):
+    if ending in (".nrrd", ".mha"):
         from .volume_io import write_label_map_other
 
         return write_label_map_other(data, like.affine, path)
