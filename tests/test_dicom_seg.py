@@ -17,7 +17,7 @@ import pytest
 
 from conftest import DATA, need
 from test_segment_cli import bosam, random_checkpoint  # noqa: F401 - the fixture is used by name
-from test_volume import write_dicom_series, write_enhanced_ct
+from test_volume import ct_image_dataset, write_dicom_series, write_enhanced_ct
 
 hd = pytest.importorskip("highdicom", reason="DICOM SEG needs highdicom (the io and test extras)")
 pydicom = pytest.importorskip("pydicom")
@@ -163,8 +163,7 @@ def test_seg_of_an_enhanced_multiframe_ct_references_its_frames(tmp_path):
 def write_nifti_as_dicom(nifti: Path, folder: Path) -> None:
     """The CT as a DICOM series: column i, row j, slice k of the NIfTI array, same patient
     positions (LPS), HU stored as int16, files named in no particular order."""
-    from pydicom.dataset import Dataset, FileMetaDataset
-    from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
+    from pydicom.uid import generate_uid
 
     img = nib.load(str(nifti))
     arr = np.asanyarray(img.dataobj).astype(np.int16)
@@ -174,17 +173,8 @@ def write_nifti_as_dicom(nifti: Path, folder: Path) -> None:
     folder.mkdir(parents=True)
     series = generate_uid()
     for k in range(arr.shape[2]):
-        meta = FileMetaDataset()
-        meta.MediaStorageSOPClassUID = CTImageStorage
-        meta.MediaStorageSOPInstanceUID = generate_uid()
-        meta.TransferSyntaxUID = ExplicitVRLittleEndian
-        ds = Dataset()
-        ds.file_meta = meta
-        ds.SOPClassUID, ds.SOPInstanceUID = CTImageStorage, meta.MediaStorageSOPInstanceUID
-        ds.Modality, ds.SeriesInstanceUID, ds.InstanceNumber = "CT", series, k + 1
-        ds.Rows, ds.Columns = arr.shape[1], arr.shape[0]
-        ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
-        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 1
+        ds = ct_image_dataset(series, arr.shape[1], arr.shape[0], signed=True)
+        ds.InstanceNumber = k + 1
         ds.PixelSpacing = [float(d_row), float(d_col)]
         ds.ImageOrientationPatient = [float(v) for v in (*(row_dir / d_col), *(col_dir / d_row))]
         ds.ImagePositionPatient = [float(f"{v:.6f}") for v in (a @ [0, 0, k, 1])[:3] * LPS]

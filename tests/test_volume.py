@@ -10,6 +10,7 @@ import gzip
 import os
 import random
 from pathlib import Path
+from typing import Any
 
 import nibabel as nib
 import numpy as np
@@ -422,6 +423,27 @@ def test_real_verse_mask_oblique_pir_float_labels(tmp_path):
 # DICOM
 
 
+def ct_image_dataset(series_uid: str, rows: int, cols: int, *, signed: bool = False,
+                     sop_class: str = "1.2.840.10008.5.1.4.1.1.2") -> Any:
+    """A DICOM dataset with file meta (explicit VR little endian, a new SOP instance UID) and the
+    image pixel attributes of 16-bit grey CT data; the caller adds geometry and pixels."""
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = sop_class
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID, ds.SOPInstanceUID = sop_class, meta.MediaStorageSOPInstanceUID
+    ds.Modality, ds.SeriesInstanceUID = "CT", series_uid
+    ds.Rows, ds.Columns = rows, cols
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, int(signed)
+    return ds
+
+
 def write_dicom_series(folder: Path, *, rows=6, cols=5, n=4, slope="1", intercept="-1024", series_uid=None,
                        skip_slice=None, seed=0) -> dict:
     """An oblique axial-ish CT series in LPS, files in shuffled order with meaningless names.
@@ -429,8 +451,7 @@ def write_dicom_series(folder: Path, *, rows=6, cols=5, n=4, slope="1", intercep
     Raw pixel (row r, column c) of slice k holds 100*k + 10*r + c, so the expected volume is
     known exactly. Returns the geometry used, for independent expectations.
     """
-    from pydicom.dataset import Dataset, FileMetaDataset
-    from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
+    from pydicom.uid import generate_uid
 
     folder.mkdir(parents=True, exist_ok=True)
     rot = rotation([0.3, -1.0, 0.4], 17.0)
@@ -445,21 +466,8 @@ def write_dicom_series(folder: Path, *, rows=6, cols=5, n=4, slope="1", intercep
     for k in order:
         if k == skip_slice:
             continue
-        meta = FileMetaDataset()
-        meta.MediaStorageSOPClassUID = CTImageStorage
-        meta.MediaStorageSOPInstanceUID = generate_uid()
-        meta.TransferSyntaxUID = ExplicitVRLittleEndian
-        ds = Dataset()
-        ds.file_meta = meta
-        ds.SOPClassUID = CTImageStorage
-        ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
-        ds.Modality = "CT"
-        ds.SeriesInstanceUID = series_uid
+        ds = ct_image_dataset(series_uid, rows, cols)
         ds.SeriesDescription = "oblique test"
-        ds.Rows, ds.Columns = rows, cols
-        ds.SamplesPerPixel = 1
-        ds.PhotometricInterpretation = "MONOCHROME2"
-        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
         ds.PixelSpacing = [spacing_between_rows, spacing_between_cols]
         ds.ImageOrientationPatient = [float(x) for x in (*row_dir, *col_dir)]
         pos = origin_lps + k * gap * normal
@@ -580,26 +588,19 @@ def test_a_nifti_without_sform_or_qform_is_placed_from_pixdim_with_a_warning(tmp
 def write_enhanced_ct(series: Path, path: Path, *, order: list[int]) -> None:
     """The single-slice series at ``series`` as one enhanced (multi-frame) CT file: frames in
     ``order``, orientation and spacing shared, positions per frame, the rescale shared."""
-    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.dataset import Dataset
     from pydicom.sequence import Sequence
-    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+    from pydicom.uid import generate_uid
 
     import pydicom
 
     slices = sorted((pydicom.dcmread(f) for f in series.iterdir()), key=lambda d: int(d.pixel_array[0, 0]))
     first = slices[0]
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.2.1"  # Enhanced CT Image Storage
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = Dataset()
-    ds.file_meta = meta
-    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
-    ds.Modality, ds.SeriesInstanceUID, ds.SeriesDescription = "CT", generate_uid(), "enhanced test"
+    ds = ct_image_dataset(generate_uid(), first.Rows, first.Columns,
+                          sop_class="1.2.840.10008.5.1.4.1.1.2.1")  # Enhanced CT Image Storage
+    ds.SeriesDescription = "enhanced test"
     ds.StudyInstanceUID, ds.FrameOfReferenceUID = generate_uid(), generate_uid()
-    ds.Rows, ds.Columns, ds.NumberOfFrames = first.Rows, first.Columns, len(order)
-    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
+    ds.NumberOfFrames = len(order)
     shared, orient, measures, rescale = Dataset(), Dataset(), Dataset(), Dataset()
     orient.ImageOrientationPatient = first.ImageOrientationPatient
     measures.PixelSpacing, measures.SliceThickness = first.PixelSpacing, 2.5
