@@ -17,8 +17,9 @@ Anatomy (typical adult sizes times a per-seed scale of 0.8-1.05):
   (450..900 HU), costal cartilage (100..220 HU), intervertebral discs (70..110 HU); liver, spleen,
   bladder, lung bases (-880..-820 HU) and the spinal canal.
 * bones with a cortical shell (800..1500 HU; 0.5..1.1 mm thick, 4-5 mm along the femoral shaft)
-  around cancellous bone (80..380 HU, osteopenic to dense) or, in the femoral shaft, fatty marrow
-  (-60..40 HU): vertebrae (body, pedicles,
+  around cancellous bone (a mean of 80..380 HU, osteopenic to dense, with a smooth texture of
+  20..50 HU RMS whose peaks reach about 3x that, so a low-density bone has patches near or below
+  0 HU, as fatty marrow gives) or, in the femoral shaft, fatty marrow (-60..40 HU): vertebrae (body, pedicles,
   lamina, spinous and transverse processes, articular processes, spinal canal) stacked on
   intervertebral discs with a lordotic/kyphotic curve; ribs (curved tubes descending from their
   vertebra, carved 1.5 mm away from it); sacrum with S1 (one fused bone split into two labels
@@ -704,6 +705,7 @@ class _AnatomyBuilder:
         self.vertebrae: dict[str, dict[str, Any]] = {}  # bottom-up
         self.cage: dict[str, Any] | None = None  # rib cage ellipse (bounds the lungs)
         self.femur_heads: list[np.ndarray] = []
+        self.hips: list[_Structure] = []
         # bone intensities of this "patient"
         u = rng.uniform
         self.cortical_hu = float(u(800, 1500))
@@ -919,6 +921,7 @@ class _AnatomyBuilder:
                 hip_st = self.bone(f"hip_{side_name}", "pelvis", hip, _hu_field(self.cancellous["pelvis"], tex), self.cortex_mm["pelvis"])
                 hip_st.carve = [c for c in (sac_st, fem_st) if c is not None]
                 hip_st.carve_gap_mm = 2.5 * s
+                self.hips.append(hip_st)
             self.femur_heads.append(F)
 
     def femur_shape(self, F: np.ndarray, side: float, head_r: float) -> dict[str, Any]:
@@ -1187,6 +1190,8 @@ def _build_anatomy(seed: int, kinds: Sequence[str] | None) -> _Anatomy:
     if region in ("pelvis", "all"):
         b.build_pelvis(base)
     b.build_spine(levels, base)
+    for hip in b.hips:  # the spine is built after the pelvis: keep a gap to L5's transverse processes too
+        hip.carve += [v["structure"] for v in b.vertebrae.values() if "structure" in v]
     if any(lv.startswith("T") for lv in levels):
         b.build_ribs()
     # bounding box of the bones that size the field of view (all planned bones, drawn or not)

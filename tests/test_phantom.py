@@ -155,15 +155,20 @@ def test_non_bone_distractors_with_bone_like_hu_are_unlabelled():
 
 def test_neighbouring_bones_keep_a_gap():
     # at 1.4 mm two face-adjacent voxel centres are closer than the carved joint spaces
-    # (ribs-vertebrae 1.5 mm, hip-sacrum and hip-femur 2.5 mm x scale >= 2 mm)
+    # (ribs-vertebrae 1.5 mm, hip-sacrum, hip-femur and hip-vertebrae 2.5 mm x scale >= 2 mm)
     p = make_phantom(8, spacing_mm=(1.4, 1.4, 1.4), shape=(120, 100, 90), orientation="RAS", kinds=["vertebra", "rib"])
     labels = p.labels.array
     vertebrae = np.isin(labels, [TS_LABELS[f"vertebrae_{lv}"] for lv in p.info["levels"]])
     ribs = np.isin(labels, [o.label for o in p.objects if o.kind == "rib"])
     assert ribs.any() and vertebrae.any()
     assert not np.any(ndimage.binary_dilation(ribs) & vertebrae)  # 1.5 mm carved joint space
-    hips = make_phantom(4, spacing_mm=(1.4, 1.4, 1.4), shape=(150, 110, 130), orientation="RAS", kinds=["pelvis", "femur"]).labels.array
-    for a, b in (("hip_left", "sacrum"), ("hip_left", "femur_left"), ("hip_right", "femur_right"), ("hip_right", "vertebrae_S1")):
+    # the default pelvis phantom (with its lumbar spine): L5's transverse processes reach the iliac wings
+    pelvis = make_phantom(4, spacing_mm=(1.4, 1.4, 1.4), shape=(150, 110, 150), orientation="RAS")
+    assert pelvis.region == "pelvis"
+    hips = pelvis.labels.array
+    pairs = [("hip_left", "sacrum"), ("hip_left", "femur_left"), ("hip_right", "femur_right"), ("hip_right", "vertebrae_S1")]
+    pairs += [("hip_left", "vertebrae_L5"), ("hip_right", "vertebrae_L5")]
+    for a, b in pairs:
         ma, mb = hips == TS_LABELS[a], hips == TS_LABELS[b]
         assert ma.any() and mb.any()
         assert not np.any(ndimage.binary_dilation(ma) & mb), (a, b)
