@@ -470,11 +470,17 @@ def _atomic_nifti_save(img: Any, path: Path) -> Path:
 
     make_output_folder(path)
     gz = path.name.lower().endswith(".gz")
-    igzip = _igzip() if gz else None
     with atomic_path(path, suffix=".nii.gz" if gz else ".nii") as tmp:
-        if igzip is None:
+        if not gz:
             nib.save(img, str(tmp))
-        else:  # same bytes before compression, written through isal (level 1, as nibabel's default)
-            with igzip.open(tmp, "wb", compresslevel=1) as f:
+        else:
+            # nibabel's bytes before compression, level 1 as nibabel's default, through isal when
+            # installed; the gzip header gets no name (not the temp file's) and no time, so the
+            # same image always gives the same file
+            import gzip
+
+            igzip = _igzip()
+            gzip_file = gzip.GzipFile if igzip is None else igzip.IGzipFile
+            with open(tmp, "wb") as raw, gzip_file(filename="", mode="wb", fileobj=raw, compresslevel=1, mtime=0) as f:
                 img.to_file_map({"image": nib.FileHolder(fileobj=f)})
     return path
