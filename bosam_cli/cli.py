@@ -529,6 +529,8 @@ def demo(
         fail("--points: a prompt file is required with --ct")
     if ct is None and points is not None:
         fail("--points: goes with --ct (the phantom demo places its own clicks)")
+    if seed < 0:
+        fail(f"--seed: {seed} is negative (a phantom seed is 0 or more)")
     eng = open_engine_for(engine, checkpoint, engine_dir, device, "fp32", threads)
     options = SegmentOptions(overlay=True, islands=islands, refine=refine, refine_hu=refine_hu)
     manifest = run_demo(out, eng, ct=ct, points=points, seed=seed, options=options)
@@ -553,7 +555,7 @@ def demo(
     con.print(
         f"engine {manifest['engine']['engine']} on {manifest['engine']['device']}: segment {ts['total']:.1f} s "
         f"(encoder {ts['encoder']:.2f}, decoder {ts['decoder']:.2f}, windows {ts['sample_windows']:.2f}, "
-        f"read {ts['read']:.2f}, write {ts['write']:.2f}); phantom made in {d['make_input_s']:.1f} s"
+        f"read {ts['read']:.2f}, write {ts['write']:.2f})" + ("" if ct is not None else f"; phantom made in {d['make_input_s']:.1f} s")
     )
     _print_warnings(con, manifest["warnings"])
     con.print(f"outputs in {esc(str(out))}/: segmentation.nii.gz, segmentation_overlay.png, segmentation.json")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -50,3 +51,33 @@ def test_demo_runs_end_to_end_on_a_phantom(tmp_path):
     assert manifest["demo"]["mean_dice"] > 0.3
     assert (out / "segmentation_overlay.png").read_bytes()[:4] == b"\x89PNG"
     assert json.loads((out / "segmentation.json").read_text())["demo"]["mean_dice"] == manifest["demo"]["mean_dice"]
+
+
+def test_demo_on_a_given_ct_and_its_errors(tmp_path):
+    """`bosam demo --ct --points` segments that CT (no truth, no phantom made); a negative seed is
+    one line and no output."""
+    from bosam_cli.atomic import write_json
+    from bosam_cli.demo import phantom_prompts
+    from bosam_cli.phantom import make_phantom
+
+    phantom = make_phantom(3, shape=(64, 56, 48), spacing_mm=(2.0, 2.0, 2.5), orientation="LPS")
+    ct = phantom.save(tmp_path / "in", stem="case")["ct"]
+    pts = write_json(phantom_prompts(phantom), tmp_path / "in" / "pts.json")
+    out = tmp_path / "demo_ct"
+    r = subprocess.run([sys.executable, "-m", "bosam_cli", "demo", "--ct", str(ct), "--points", str(pts), "-o", str(out)],
+                       capture_output=True, text=True, timeout=600, env={**os.environ, "COLUMNS": "200"})
+    assert r.returncode == 0, r.stderr
+    assert "phantom made" not in r.stdout and "mean Dice" not in r.stdout
+    assert "engine" in r.stdout
+    seg = nib.load(str(out / "segmentation.nii.gz"))
+    assert np.allclose(seg.affine, phantom.ct.affine)
+    manifest = json.loads((out / "segmentation.json").read_text())
+    assert manifest["demo"]["input"] == {"ct": str(ct)}
+    assert {o["label"] for o in manifest["objects"]} == {o["label"] for o in phantom_prompts(phantom)["objects"]}
+
+    bad = tmp_path / "neg"
+    r = subprocess.run([sys.executable, "-m", "bosam_cli", "demo", "--seed", "-1", "-o", str(bad)],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode != 0
+    assert "--seed" in r.stderr and "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert not bad.exists()
