@@ -150,6 +150,18 @@ def _pick(candidates_flat: np.ndarray, rng: np.random.Generator | None) -> int:
     return int(candidates_flat[rng.integers(len(candidates_flat))])
 
 
+def _nearest_to_centroid(candidates_flat: np.ndarray, shape: tuple[int, ...], spacing: Sequence[float] | None) -> int:
+    """The candidate nearest (in mm when ``spacing`` is given) to the candidates' centroid; the
+    first in C order among equally near ones."""
+    if len(candidates_flat) == 1:
+        return int(candidates_flat[0])
+    pts = np.stack(np.unravel_index(candidates_flat, shape), axis=1).astype(np.float64)
+    if spacing is not None:
+        pts *= np.asarray(spacing, np.float64)
+    d2 = ((pts - pts.mean(axis=0)) ** 2).sum(axis=1)
+    return int(candidates_flat[int(np.argmin(d2))])
+
+
 # ---------------------------------------------------------------------------------------------
 # generators
 
@@ -169,8 +181,12 @@ def center_click(
     ball. That is where a user clicks: the worst mistake, far from any edge where a click would be
     ambiguous. Positive iff that voxel is a false negative.
 
-    Ties: between FN and FP, the false negative wins; among voxels, the first in C order, or a
-    uniformly random one when ``rng`` is given (a Generator or a seed).
+    Ties: between FN and FP, the false negative wins; among voxels, the one nearest (in mm) to
+    the centroid of the tied voxels (first in C order among equals), or a uniformly random one
+    when ``rng`` is given (a Generator or a seed). Thin objects and thick slices tie over long
+    stretches (a rib at 3 mm slices is 3 mm deep almost everywhere): the centroid rule puts the
+    click midway along them, not at whichever end comes first in memory, possibly the CT's last
+    slice.
 
     Returns None when the prediction equals the ground truth.
     """
@@ -188,13 +204,14 @@ def center_click(
         return None
     dmax, positive, dist = best
     candidates = np.flatnonzero(dist.ravel() >= dmax * (1.0 - 1e-9))
-    generator = None if rng is None else _as_rng(rng)
-    return SimClick(_to_ijk(_pick(candidates, generator), dist.shape), positive)
+    if rng is None:
+        return SimClick(_to_ijk(_nearest_to_centroid(candidates, dist.shape, sp), dist.shape), positive)
+    return SimClick(_to_ijk(_pick(candidates, _as_rng(rng)), dist.shape), positive)
 
 
 def first_click(gt: np.ndarray, spacing_mm: Sequence[float] | None = None) -> SimClick:
     """The first click of the evaluate protocol: positive, at the voxel of ``gt`` farthest from the
-    object's border (ties: first in C order). Equals ``center_click(zeros, gt)``.
+    object's border (ties: the tied voxel nearest their centroid). Equals ``center_click(zeros, gt)``.
 
     Raises ValueError when ``gt`` is empty (there is nothing to click on).
     """

@@ -80,11 +80,12 @@ def test_center_click_deepest_point_of_box_and_zero_border():
 
 def test_center_click_spacing_aware():
     # Box 21 x 9 x 9 voxels. In voxel units the deepest voxels (depth 5) form a line along axis 0
-    # (i = 14..26; the first in C order is i = 14). With 0.25 mm along axis 0 the box is only
-    # 5.25 mm long there, so depth is limited by axis 0 and only its middle (i = 20) is deepest.
+    # (i = 14..26; the tie goes to the one nearest their centroid, i = 20). With 0.25 mm along
+    # axis 0 the box is only 5.25 mm long there, so depth is limited by axis 0 and only its middle
+    # (i = 20) is deepest.
     gt = box((10, 16, 16), (31, 25, 25))
     c_vox = first_click(gt)
-    assert c_vox.ijk == (14, 20, 20)
+    assert c_vox.ijk == (20, 20, 20)
     c_thin = first_click(gt, spacing_mm=(0.25, 1.0, 1.0))
     assert c_thin.ijk[0] == 20
     dist_thin = border_edt(gt, (0.25, 1.0, 1.0))
@@ -105,9 +106,27 @@ def test_center_click_ties_deterministic_or_random_with_rng():
     pred = np.zeros_like(gt)
     a = center_click(pred, gt)
     assert a == center_click(pred, gt)
+    assert a.ijk == (7, 7, 17)  # midway along the tied line k = 7..27, not its first voxel
     picks = {center_click(pred, gt, rng=np.random.default_rng(s)).ijk for s in range(20)}
     assert len(picks) > 1
     assert all(p[:2] == (7, 7) for p in picks)
+
+
+def test_tied_first_click_on_a_thin_bone_lands_midway_not_on_the_last_slice():
+    """A rib-like tube at 3 mm slices is one slice deep everywhere: every voxel ties. The click
+    goes to the tied voxel nearest their centroid (in mm), on the object and away from the CT's
+    edge slice, in either storage order."""
+    gt = np.zeros((60, 50, 12), dtype=bool)
+    ii = np.arange(8, 52)
+    jj = (25 + 12 * np.sin((ii - 8) / 44 * np.pi)).astype(int)  # a bent tube in the i-j plane
+    for i, j in zip(ii, jj):
+        gt[i, j - 1:j + 2, 9:12] = True  # 3 slices up to the array's last one
+    sp = (0.8, 0.8, 3.0)
+    c = first_click(gt, spacing_mm=sp)
+    assert gt[c.ijk] and 25 <= c.ijk[0] <= 35 and c.ijk[2] == 10
+    # stored with its axes reversed: again midway, not at the (now first) edge slice
+    c_flip = first_click(gt[::-1, ::-1, ::-1], spacing_mm=sp)
+    assert gt[::-1, ::-1, ::-1][c_flip.ijk] and 25 <= c_flip.ijk[0] <= 35 and c_flip.ijk[2] == 1
 
 
 def test_uniform_error_click_inside_error_region_with_correct_sign():
