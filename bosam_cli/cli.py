@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import sys
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -786,8 +787,15 @@ def evaluate(
     for d in data:
         if not d.exists():
             fail(f"{d}: no such dataset folder")
-    if not nsd_mm > 0:
-        fail(f"--nsd-mm: the surface Dice tolerance must be above 0 mm, got {nsd_mm}")
+    if not (nsd_mm > 0 and math.isfinite(nsd_mm)):
+        fail(f"--nsd-mm: the surface Dice tolerance must be a finite number of mm above 0, got {nsd_mm}")
+    if baseline is not None and not math.isfinite(threshold_hu):
+        fail(f"--threshold-hu: must be a finite HU value, got {threshold_hu}")
+    if baseline is not None and not (radius_mm > 0 and math.isfinite(radius_mm)):
+        fail(f"--radius-mm: the growth limit must be a finite number of mm above 0, got {radius_mm}")
+    if no_clamp and protocol == "bosam" and bosam_grid == "native":
+        fail("--no-clamp: the bosam protocol's native grid clamps by the published rule (image paths "
+             "containing '/ct_'); use --bosam-grid model to choose the clamp")
     if cases is not None and cases < 1:
         fail(f"--cases: must be 1 or more, got {cases}")
     if out is not None and out.exists() and not out.is_dir():

@@ -87,9 +87,10 @@ class ClickRecord:
     note: str = ""
 
     @property
-    def other_share(self) -> float:
-        """Share of the predicted voxels that lie in other labelled structures (0 when empty)."""
-        return self.other_voxels / self.pred_voxels if self.pred_voxels else 0.0
+    def other_share(self) -> float | None:
+        """Share of the predicted voxels that lie in other labelled structures; None for an empty
+        prediction (it leaks nothing, but counting it as 0 % would reward predicting nothing)."""
+        return self.other_voxels / self.pred_voxels if self.pred_voxels else None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -529,7 +530,7 @@ def markdown_table(summary: dict[str, Any], title: str) -> str:
                            for n in clicks)
         lines.append(f"| **mean** | {summary['objects']} | {cells} |")
         lines += ["", "Other@n: share of the predicted voxels that the label map gives to another structure "
-                      "(a neighbouring bone, an organ), mean over objects."]
+                      "(a neighbouring bone, an organ), mean over the objects with a non-empty mask."]
     t = summary["seconds_per_click"]
     lines += ["", f"Seconds per click: first {_f(t['first'], 2)}, later {_f(t['later'], 2)}."]
     return "\n".join(lines) + "\n"
@@ -682,7 +683,8 @@ def evaluate(
         "seed": options.seed,
         "bosam_grid": options.bosam_grid if options.protocol == "bosam" else None,
         "spacing_mm": spacing,
-        "clamp_hu": list(clamp) if clamp else None,
+        "clamp_hu": ("[-1000, 1000] for image paths containing '/ct_', none for others (the published rule)"
+                     if options.protocol == "bosam" and options.bosam_grid == "native" else (list(clamp) if clamp else None)),
         "islands": options.islands if in_session else None,
         "refine": options.refine if in_session else None,
         "refine_hu": options.refine_hu if in_session and options.refine == "hu" else None,

@@ -171,6 +171,17 @@ def test_other_voxels_count_the_mask_in_other_labelled_structures(dataset):
     md = markdown_table(summary, "t")
     assert "Other@1" in md and f"{100 * r.other_share:.1f} %" in md
 
+    class Empty(OracleSegmenter):  # predicts nothing: no leak to measure, not a 0 % leak
+        def mask(self, label):
+            return np.zeros(self.labels.shape, bool)
+
+    (e,) = run_clicks_protocol(Empty(scan), scan, 1, max_cases=1)
+    assert e.pred_voxels == 0 and e.other_share is None
+    both = summarise([r, e], [1], "clicks")
+    assert both["overall"]["1"]["other"] == pytest.approx(r.other_share)  # the empty mask is left out
+    assert summarise([e], [1], "clicks")["overall"]["1"]["other"] is None
+    assert "n/a" in markdown_table(summarise([e], [1], "clicks"), "t")
+
 
 def test_tiny_random_model_through_the_segment_session_writes_outputs(phantoms, tmp_path):
     from engines.torch_engine import TorchEngine
@@ -336,7 +347,11 @@ def test_cli_evaluate_bad_input_is_one_line(dataset, tmp_path):
     assert len(res.stderr.strip().splitlines()) == 1
     res = _bosam("evaluate", "--data", str(dataset), "--baseline", "threshold", "--clicks", "0,x")
     assert res.returncode == 2 and "--clicks" in res.stderr
-    for flags, message in ((["--nsd-mm", "-1"], "--nsd-mm: the surface Dice tolerance must be above 0 mm"),
+    for flags, message in ((["--nsd-mm", "-1"], "--nsd-mm: the surface Dice tolerance must be a finite number of mm above 0"),
+                           (["--nsd-mm", "inf"], "--nsd-mm: the surface Dice tolerance must be a finite number of mm above 0"),
+                           (["--threshold-hu", "nan"], "--threshold-hu: must be a finite HU value"),
+                           (["--radius-mm", "-5"], "--radius-mm: the growth limit must be a finite number of mm above 0"),
+                           (["--protocol", "bosam", "--no-clamp"], "--no-clamp: the bosam protocol's native grid clamps"),
                            (["--cases", "0"], "--cases: must be 1 or more, got 0"),
                            (["--out", str(dataset / "dataset.json")], "dataset.json: is a file; --out is the folder")):
         res = _bosam("evaluate", "--data", str(dataset), "--baseline", "threshold", *flags)
