@@ -752,7 +752,7 @@ def evaluate(
     threads: Optional[int] = typer.Option(None, "--threads", help="CPU threads for the engine."),
     clicks: str = typer.Option("1,5,10", "--clicks", help="Click counts to report, e.g. 1,5,10."),
     protocol: str = typer.Option("clicks", "--protocol", help="clicks (per bone on the full CT, Dice + NSD) or bosam (BoSAM's published crop protocol, best of N)."),
-    labels: Optional[str] = typer.Option(None, "--labels", help="Bones to evaluate: ids, ranges, names, 'bone' or a bone group of --labelmap."),
+    labels: Optional[str] = typer.Option(None, "--labels", help="Bones to evaluate: ids, ranges, names, 'bone' or a bone group of --labelmap \\[default: every label]."),
     labelmap: Optional[Path] = typer.Option(None, "--labelmap", help="Label-map JSON with names and bone ids."),
     cases: Optional[int] = typer.Option(None, "--cases", help="Evaluate only this many cases."),
     split: str = typer.Option("all", "--split", help="Which folders: tr, val, ts or all (imagesTr/Val/Ts)."),

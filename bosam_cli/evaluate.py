@@ -600,6 +600,10 @@ class EvaluateOptions:
     cache: str | None = None
 
 
+#: the most clicks ``--clicks`` may ask for per object (published protocols stop at 10-20)
+MAX_CLICKS = 100
+
+
 def parse_clicks(text: str) -> list[int]:
     """"1,5,10" -> [1, 5, 10] (each >= 1)."""
     from .errors import BosamError
@@ -610,6 +614,8 @@ def parse_clicks(text: str) -> list[int]:
         raise BosamError(f"--clicks: expected comma-separated click counts like 1,5,10, got {text!r}") from None
     if not vals or vals[0] < 1:
         raise BosamError(f"--clicks: click counts must be >= 1, got {text!r}")
+    if vals[-1] > MAX_CLICKS:
+        raise BosamError(f"--clicks: at most {MAX_CLICKS} clicks per object, got {vals[-1]}")
     return vals
 
 
@@ -669,6 +675,9 @@ def evaluate(
     if options.protocol == "bosam" and options.labels is None:
         notes.append("protocol bosam merged every label > 0 into one mask; for bones only pass --labels bone "
                      "--labelmap FILE (or the bone ids)")
+    elif options.labels is None:
+        notes.append("no --labels: every label of the label maps was evaluated, organs too if they hold any; "
+                     "for bones only pass --labels bone --labelmap FILE (or the bone ids)")
     who = baseline.describe() if baseline is not None else engine.info.as_dict()
     in_session = options.protocol == "clicks" and baseline is None  # the model through the segment session
     settings = {

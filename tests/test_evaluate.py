@@ -339,6 +339,9 @@ def test_cli_evaluate_checkpoint_and_baseline(dataset, tmp_path):
     assert res.returncode == 0, res.stderr
     assert "BoSAM published protocol" in res.stdout and "per-case BEST" in res.stdout
     assert "merged every label > 0" in res.stderr  # no --labels: told what was merged
+    res = _bosam("evaluate", "--data", str(dataset), "--baseline", "threshold", "--clicks", "1", "--cases", "1")
+    assert res.returncode == 0, res.stderr
+    assert "no --labels: every label of the label maps was evaluated" in " ".join(res.stderr.split())
 
 
 def test_cli_evaluate_bad_input_is_one_line(dataset, tmp_path):
@@ -353,6 +356,7 @@ def test_cli_evaluate_bad_input_is_one_line(dataset, tmp_path):
                            (["--radius-mm", "-5"], "--radius-mm: the growth limit must be a finite number of mm above 0"),
                            (["--protocol", "bosam", "--no-clamp"], "--no-clamp: the bosam protocol's native grid clamps"),
                            (["--cases", "0"], "--cases: must be 1 or more, got 0"),
+                           (["--clicks", "1," + "9" * 22], "--clicks: at most 100 clicks per object"),
                            (["--out", str(dataset / "dataset.json")], "dataset.json: is a file; --out is the folder")):
         res = _bosam("evaluate", "--data", str(dataset), "--baseline", "threshold", *flags)
         assert res.returncode == 2 and message in res.stderr and len(res.stderr.strip().splitlines()) == 1, res.stderr
