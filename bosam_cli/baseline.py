@@ -5,7 +5,8 @@ its positive clicks, the connected components of those that contain a positive c
 the parts geodesically nearer (mm along paths inside the mask) to a negative click than to
 every positive click cut away (after enclosed holes, such as the marrow inside a cortical
 shell, are filled). A positive click on a voxel below the threshold snaps to the nearest
-voxel above it within ``snap_mm``.
+voxel above it within ``snap_mm``; the clicked voxel itself joins the mask either way (the
+user said it is object).
 
 It is what a user gets from a threshold tool with seed points, and ``bosam evaluate
 --baseline threshold`` runs it through the very protocol code the model goes through.
@@ -154,12 +155,11 @@ class ThresholdSegmenter:
                 seeds.append(v)
                 continue
             cand = region & (d2 <= self.snap_mm**2)
-            if cand.any():
+            if cand.any():  # the nearest bone grows, and the clicked voxel is the object's too
                 flat = np.flatnonzero(cand.ravel())
                 seeds.append(tuple(int(x) for x in np.unravel_index(flat[np.argmin(d2.ravel()[flat])], sub_shape)))
-            else:  # no bone near the click: the click voxel itself
-                region[v] = True
-                seeds.append(v)
+            region[v] = True  # a positive click marks its voxel as object, bone-like HU or not
+            seeds.append(v)
         comps, _ = ndimage.label(region, structure=self.structure)
         keep_ids = {int(comps[s]) for s in seeds} - {0}
         mask = np.isin(comps, list(keep_ids))

@@ -232,6 +232,24 @@ def test_baseline_negative_click_cuts_the_leak():
     assert m[5:19, 8:12, 8:12].all() and not m[22:35].any()
 
 
+def test_baseline_positive_click_below_threshold_snaps_and_keeps_its_voxel():
+    """A positive click on a low-HU voxel of the bone (marrow, partial volume) grows from the
+    nearest bone and the clicked voxel joins the mask: the protocol's next click is not the
+    same voxel again."""
+    hu = np.full((30, 20, 20), -100, np.int16)
+    hu[5:25, 6:14, 6:14] = 700
+    hu[12:18, 9:11, 9:11] = 50  # a low-HU core inside the bone
+    seg = ThresholdSegmenter(threshold_hu=200, radius_mm=100)
+    seg.set_volume(Volume(hu, np.eye(4)))
+    seg.add_click(1, voxel=np.array([15, 10, 10]))
+    m = seg.mask(1)
+    assert m[15, 10, 10] and m[5:25, 6:14, 6:14].all() and m.sum() == 20 * 8 * 8  # the core is filled too
+    seg.reset()
+    seg.add_click(1, voxel=np.array([15, 2, 2]))  # soft tissue 4+ mm from the bone: snaps, keeps the voxel
+    m = seg.mask(1)
+    assert m[15, 2, 2] and m[5:25, 6:14, 6:14].all()
+
+
 # ---------------------------------------------------------------------------------------------
 # protocol "bosam"
 
