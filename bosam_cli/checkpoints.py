@@ -12,6 +12,7 @@ import io
 import json
 import os
 import re
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping
@@ -54,13 +55,15 @@ def _allowed_globals() -> list[Any]:
     import argparse
     import pathlib
 
-    allowed: list[Any] = [
-        argparse.Namespace,
-        pathlib.PosixPath,
-        pathlib.PurePosixPath,
-        pathlib.WindowsPath,
-        pathlib.PureWindowsPath,
-    ]
+    allowed: list[Any] = [argparse.Namespace, pathlib.PurePosixPath, pathlib.PureWindowsPath]
+    # A concrete path of the other OS cannot be instantiated here ("cannot instantiate
+    # 'WindowsPath' on your system"): its pure twin stands in. Python 3.13 pickles paths as
+    # pathlib._local.*; older Pythons as pathlib.*.
+    posix = pathlib.PurePosixPath if os.name == "nt" else pathlib.PosixPath
+    windows = pathlib.WindowsPath if os.name == "nt" else pathlib.PureWindowsPath
+    for mod in ("pathlib", "pathlib._local"):
+        allowed += [(posix, f"{mod}.PosixPath"), (windows, f"{mod}.WindowsPath"),
+                    (pathlib.PurePosixPath, f"{mod}.PurePosixPath"), (pathlib.PureWindowsPath, f"{mod}.PureWindowsPath")]
     try:
         import numpy as np
 
@@ -86,7 +89,9 @@ def _torch_load(path: Path) -> Any:
     if not magic:
         raise CheckpointError(f"{path}: file is empty, not a checkpoint")
     try:
-        with torch.serialization.safe_globals(_allowed_globals()):
+        # torch warns (two lines) about old pickle protocols; the outcome is reported in one line
+        with warnings.catch_warnings(), torch.serialization.safe_globals(_allowed_globals()):
+            warnings.simplefilter("ignore")
             return torch.load(str(path), map_location="cpu", weights_only=True)
     except CheckpointError:
         raise
@@ -132,6 +137,8 @@ def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, An
             meta = json.loads(raw_meta["bosam"])
         except json.JSONDecodeError:
             raise CheckpointError(f"{path}: safetensors metadata 'bosam' is not valid JSON") from None
+        if not isinstance(meta, dict):
+            raise CheckpointError(f"{path}: safetensors metadata 'bosam' is a JSON {type(meta).__name__}, not an object")
     return tensors, meta
 
 
@@ -198,13 +205,20 @@ def normalise_state_dict(sd: dict[str, torch.Tensor], path: Path) -> tuple[dict[
     sd, stripped = _strip_prefix(dict(sd), "module.")
     if stripped:
         notes.append("stripped 'module.' prefix")
-    if any(k.startswith("sam.") for k in sd) and any(k.startswith("w_As.") for k in sd):
-        notes.append("merged BoSAM LoRA deltas into qkv")
-        return _merge_bosam_lora(sd, path), "bosam-lora", notes
-    if any(".attn.qkv.qkv." in k for k in sd):
-        notes.append("merged LoRA deltas into qkv")
-        return _merge_bosam_lora_ours(sd), "bosam-lora", notes
-    return sd, "state-dict", notes
+    # BoSAM's LoRA_Sam3D: the wrapped model under 'sam.', its A/B tensors in w_As/w_Bs lists and/or
+    # inside the wrapped qkv modules; ours: the wrapped qkv modules without the 'sam.' prefix
+    lora_sam = any(k.startswith("sam.") for k in sd) and (
+        any(k.startswith(("w_As.", "w_Bs.")) for k in sd) or any(k.startswith("sam.") and ".attn.qkv.qkv." in k for k in sd))
+    if not (lora_sam or any(".attn.qkv.qkv." in k for k in sd)):
+        return sd, "state-dict", notes
+    try:
+        merged = _merge_bosam_lora(sd, path) if lora_sam else _merge_bosam_lora_ours(sd)
+    except KeyError as exc:
+        raise CheckpointError(f"{path}: LoRA layout without its base weight {exc}") from None
+    except RuntimeError as exc:  # A and B of mismatched ranks or shapes
+        raise CheckpointError(f"{path}: LoRA tensors do not fit together ({str(exc).splitlines()[0]})") from None
+    notes.append("merged BoSAM LoRA deltas into qkv" if lora_sam else "merged LoRA deltas into qkv")
+    return merged, "bosam-lora", notes
 
 
 def read_checkpoint(path: str | os.PathLike, keep_container: bool = False) -> Checkpoint:

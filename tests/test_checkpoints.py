@@ -145,6 +145,58 @@ def test_lora_merge_equals_applying_deltas_at_run_time(tmp_path):
         assert torch.allclose(ours.state_dict()[k], v)
 
 
+def test_training_checkpoint_saved_on_windows_loads(tmp_path):
+    """A training checkpoint whose args hold a path pickled on Windows (pathlib.WindowsPath,
+    which cannot be instantiated here) loads, its weights intact."""
+    import pathlib
+
+    class WinPath:  # pickles as pathlib.WindowsPath('C:/runs/ft') does on Windows
+        def __reduce__(self):
+            return (pathlib.WindowsPath, ("C:\\", "runs", "ft"))
+
+    sd = build_preset("tiny").state_dict()
+    p = tmp_path / "win.pth"
+    torch.save({"model_state_dict": sd, "args": argparse.Namespace(work_dir=WinPath(), lr=1e-4)}, p)
+    ck = read_checkpoint(p, keep_container=True)
+    assert str(ck.container["args"].work_dir) == "C:\\runs\\ft"
+    assert all(torch.equal(ck.state_dict[k], sd[k]) for k in sd)
+
+
+def test_malformed_lora_and_metadata_are_one_line_errors(tmp_path):
+    from safetensors.torch import save_file
+
+    lora = build_preset("tiny")
+    apply_lora(lora, 2)
+    bad = dict(lora.state_dict())
+    key = next(k for k in bad if k.endswith("linear_b_q.weight"))
+    bad[key] = torch.zeros(bad[key].shape[0], 3)  # rank 3 against A's rank 2
+    torch.save(bad, tmp_path / "ranks.pth")
+    with pytest.raises(CheckpointError, match=r"ranks\.pth: LoRA tensors do not fit together"):
+        read_checkpoint(tmp_path / "ranks.pth")
+    no_base = {k: v for k, v in lora.state_dict().items() if not k.endswith("attn.qkv.qkv.weight")}
+    torch.save(no_base, tmp_path / "nobase.pth")
+    with pytest.raises(CheckpointError, match=r"nobase\.pth: LoRA layout without its base weight"):
+        read_checkpoint(tmp_path / "nobase.pth")
+    save_file(build_preset("tiny").state_dict(), str(tmp_path / "meta.safetensors"), metadata={"bosam": "[1, 2]"})
+    with pytest.raises(CheckpointError, match="metadata 'bosam' is a JSON list, not an object"):
+        read_checkpoint(tmp_path / "meta.safetensors")
+    # BoSAM's wrapper saved without its w_As/w_Bs lists: the A/B tensors inside the qkv modules merge
+    torch.manual_seed(1)
+    for name, prm in lora.named_parameters():
+        if "linear_b" in name:
+            prm.data.normal_()
+    torch.save({"model_state_dict": {"sam." + k: v for k, v in lora.state_dict().items()}}, tmp_path / "sam.pth")
+    merged = read_checkpoint(tmp_path / "sam.pth").state_dict
+    assert all(torch.equal(merged[k], v) for k, v in plain_state_dict(lora).items())
+
+
+def test_old_pickle_warning_stays_off_the_error_line(tmp_path):
+    p = tmp_path / "raw.pth"
+    p.write_bytes(pickle.dumps({"a": 1}, protocol=4))
+    r = subprocess.run([sys.executable, "-m", "bosam_cli", "info", "-c", str(p)], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
 def test_malicious_pickle_is_refused_and_not_executed(tmp_path):
     marker = tmp_path / "pwned"
 
