@@ -620,6 +620,9 @@ def _build_model(cfg: TrainConfig, resume_ck: Any | None, device: torch.device) 
     elif cfg.init_from:
         ck = read_checkpoint(cfg.init_from)
         model = load_model(checkpoint=ck, preset=cfg.preset)
+        # what described the source run's making does not describe this one ("init" records it)
+        for key in ("lora", "bundled"):
+            model.checkpoint_metadata.pop(key, None)
         origin = {"from": str(cfg.init_from), "sha256": ck.sha256, "layout": ck.layout}
     elif cfg.preset:
         try:
@@ -669,9 +672,20 @@ def _check_config(cfg: TrainConfig) -> None:
         raise BosamError(f"--click-sim-on must be one of {', '.join(CLICK_SIM_ON)}, not {cfg.click_sim_on!r}")
     if cfg.precision not in PRECISIONS:
         raise BosamError(f"--precision must be one of {', '.join(PRECISIONS)}, not {cfg.precision!r}")
-    for name in ("epochs", "batch_size", "accumulation", "clicks"):
-        if int(getattr(cfg, name)) < 1:
-            raise BosamError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(cfg, name)}")
+    for name in ("epochs", "batch_size", "accumulation", "clicks", "steps_per_epoch", "threads", "val_cases",
+                 "val_clicks", "val_labels_per_case", "stop_after_steps"):
+        value = getattr(cfg, name)
+        if value is not None and int(value) < 1:
+            raise BosamError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+    for name, flag in (("checkpoint_every", "--checkpoint-every"), ("workers", "--workers"), ("max_shift_vox", "--max-shift")):
+        if int(getattr(cfg, name)) < 0:
+            raise BosamError(f"{flag} must be >= 0, got {getattr(cfg, name)}")
+    if not 0 <= int(cfg.seed) < 2**63:
+        raise BosamError(f"--seed must be in 0 .. 2**63-1, got {cfg.seed}")
+    for name in ("lr", "spacing_mm"):
+        value = getattr(cfg, name)
+        if value is not None and not (math.isfinite(value) and value > 0):
+            raise BosamError(f"--{name.replace('_mm', '').replace('_', '-')} must be a finite number above 0, got {value}")
     if cfg.lora_rank < 0:
         raise BosamError(f"--lora-rank must be >= 0, got {cfg.lora_rank}")
     if cfg.merge_lora and not cfg.lora_rank:
@@ -760,6 +774,8 @@ def _open_resume(cfg: TrainConfig, last_path: Path, world: int,
     now = cfg.plain()
     for k in sorted(now):
         if k in _RESUME_FREE or k not in old or old[k] == now[k]:
+            continue
+        if k in ("preset", "init_from") and now[k] is None:  # left out: the model comes from last.pth
             continue
         if k in _KEPT_ON_RESUME:
             warnings.append(f"--{k.replace('_', '-')} changed from {old[k]!r} to {now[k]!r}: ignored, a resumed "
@@ -970,8 +986,15 @@ def train(cfg: TrainConfig, console: Any = None, on_step: Callable[[dict[str, An
     """Run training as configured; returns where the checkpoints are and the history."""
     _check_config(cfg)
     dist_info = setup_distributed(cfg.device)
+    out_dir = Path(cfg.out_dir)
+    made_out = dist_info.main and not out_dir.exists()
     try:
         return _train(cfg, dist_info, console, on_step)
+    except BaseException:
+        # a run that fails before writing anything (bad --from, bad dataset) leaves no empty --out
+        if made_out and out_dir.is_dir() and not any(out_dir.iterdir()):
+            out_dir.rmdir()
+        raise
     finally:
         if dist_info.world > 1:
             import torch.distributed as dist

@@ -280,6 +280,8 @@ def test_resume_warns_when_auto_settings_resolve_differently_on_another_device(p
     assert len(warnings) == 2, warnings
     assert warnings[0].startswith("--flip changed from True to False: the resumed run will not match")
     assert warnings[1].startswith("--lr changed from None to 0.005: ignored, a resumed run keeps the learning rates")
+    # leaving out --preset (the model comes from last.pth) is not a change
+    assert _open_resume(dataclasses.replace(again, preset=None), tmp_path / "run" / LAST, 1, "cpu")[2] == []
     resumed = dataclasses.replace(changed, flip=True)
     train(resumed)
     meta = load_model(tmp_path / "run" / "final.pth").checkpoint_metadata
@@ -335,6 +337,14 @@ def test_lora_starts_at_the_base_model_and_merges_into_a_plain_checkpoint(phanto
     last = torch.load(out / "last.pth", map_location="cpu", weights_only=True)
     assert any(k.endswith("linear_b_q.weight") for k in last["lora"])
     assert any(k.endswith("attn.qkv.qkv.weight") for k in last["lora"])
+
+
+def test_full_fine_tune_of_a_lora_run_does_not_claim_lora(phantoms, tmp_path):
+    lora = train(_cfg(phantoms, tmp_path / "lora", lora_rank=2, merge_lora=True, steps_per_epoch=1))
+    assert load_model(lora.final).checkpoint_metadata["lora"]["rank"] == 2
+    full = train(_cfg(phantoms, tmp_path / "full", init_from=str(lora.final), preset=None, steps_per_epoch=1))
+    meta = load_model(full.final).checkpoint_metadata
+    assert "lora" not in meta and meta["init"]["from"] == str(lora.final)
 
 
 def test_lora_resume_is_exact(phantoms, tmp_path):
@@ -426,6 +436,20 @@ def test_cli_train_refuses_a_dataset_with_mismatched_grids(tmp_path):
     assert not (tmp_path / "run" / "last.pth").exists()
     res = _bosam("train", "--data", str(tmp_path / "nope"), "--out", str(tmp_path / "run"), "--preset", "tiny")
     assert res.returncode == 2 and "nope: no such dataset folder" in res.stderr
+    # a bad --from fails before anything is written, and leaves no empty --out behind
+    (tmp_path / "bad.pth").write_bytes(b"not a checkpoint")
+    res = _bosam("train", "--data", str(root), "--out", str(tmp_path / "fresh"), "--from", str(tmp_path / "bad.pth"),
+                 "--skip-bad", "--threads", "1")
+    assert res.returncode == 2 and "bad.pth" in res.stderr and len(res.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "fresh").exists()
+    for flags, message in ((["--threads", "-1"], "--threads must be >= 1"),
+                           (["--steps-per-epoch", "-2"], "--steps-per-epoch must be >= 1"),
+                           (["--checkpoint-every", "-1"], "--checkpoint-every must be >= 0"),
+                           (["--seed", "99999999999999999999"], "--seed must be in 0 .. 2**63-1"),
+                           (["--lr", "nan"], "--lr must be a finite number above 0")):
+        res = _bosam("train", "--data", str(root), "--out", str(tmp_path / "x"), "--preset", "tiny", *flags)
+        assert res.returncode == 2 and message in res.stderr and len(res.stderr.strip().splitlines()) == 1, (flags, res.stderr)
+        assert not (tmp_path / "x").exists()
 
 
 @pytest.mark.gpu
