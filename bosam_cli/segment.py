@@ -30,6 +30,7 @@ from .volume import (
     hu_warning,
     label_dtype,
     label_map_ending,
+    nifti_output_warning,
     read_volume,
     require_finite,
     write_label_map,
@@ -262,7 +263,8 @@ def segment_file(
         t_write = time.perf_counter()
 
         timings = {k: round(session.timings[k] - before.get(k, 0.0), 4) for k in session.timings}
-        warnings = [w for w in (hu_warning(volume), geometry_warning(volume)) if w]
+        warnings = [w for w in (hu_warning(volume), geometry_warning(volume),
+                                nifti_output_warning(volume, paths["label_map"])) if w]
         for o in objects:
             if not o["voxels"]:
                 why = ("every voxel went to other objects by the overlap rule" if o["voxels_before_overlap_rule"]
@@ -618,7 +620,7 @@ def interactive(
             current = obj.label
         save()
         say(f"loaded {points}: {len(prompts.objects)} objects")
-    for note in (hu_warning(volume), geometry_warning(volume)):
+    for note in (hu_warning(volume), geometry_warning(volume), nifti_output_warning(volume, paths["label_map"])):
         if note:
             say(f"warning: {note}")
     say(f"bosam interactive on {ct_path.name} {volume.shape} ({volume.axcodes}); coordinates {system}; "

@@ -207,7 +207,34 @@ def read_nifti(path: str | os.PathLike) -> Volume:
     arr = _apply_scaling(raw, img.dataobj.slope, img.dataobj.inter, path)
     affine, source = _nifti_affine(img.header, path)
     hdr = img.header.copy()
-    return Volume(arr, affine, hdr, path, {"affine_source": source, "format": "nifti"})
+    meta: dict[str, Any] = {"affine_source": source, "format": "nifti"}
+    if source == "sform" and int(hdr["qform_code"]) > 0:
+        try:
+            qform = np.asarray(hdr.get_qform(), dtype=np.float64)
+        except Exception:  # noqa: BLE001 - an unusable qform is not read, by bosam or by viewers that prefer the sform
+            qform = None
+        if qform is not None and np.all(np.isfinite(qform)):
+            meta["sform_code"], meta["qform_code"] = int(hdr["sform_code"]), int(hdr["qform_code"])
+            meta["qform_offset_mm"] = grid_offset_mm(affine, qform, shape)
+            meta["sform_skewed"] = affine_skew_mm(affine, shape) > 0.01
+    return Volume(arr, affine, hdr, path, meta)
+
+
+def grid_offset_mm(a: np.ndarray, b: np.ndarray, shape: tuple[int, ...]) -> float:
+    """How far apart (mm, largest over the grid's 8 corners) two voxel -> world affines put a grid."""
+    corners = np.array([[i, j, k, 1.0] for i in (0, shape[0] - 1) for j in (0, shape[1] - 1) for k in (0, shape[2] - 1)])
+    return float(np.max(np.linalg.norm((corners @ np.asarray(a, np.float64).T - corners @ np.asarray(b, np.float64).T)[:, :3], axis=1)))
+
+
+def affine_skew_mm(affine: np.ndarray, shape: tuple[int, ...]) -> float:
+    """How far (mm, largest over the grid's corners) the best rotation-and-scaling affine, which
+    is all a NIfTI qform (or an ITK direction matrix) holds, places the grid from ``affine``:
+    0 for an orthogonal grid, several mm for a gantry-tilted (sheared) one."""
+    import nibabel as nib
+
+    hdr = nib.Nifti1Header()
+    hdr.set_qform(np.asarray(affine, np.float64), code=1)
+    return grid_offset_mm(affine, hdr.get_qform(), shape)
 
 
 def _igzip() -> Any:
@@ -303,34 +330,100 @@ def require_finite(volume: Volume) -> Volume:
 def hu_warning(volume: Volume) -> str | None:
     """A one-line warning when a CT's values do not look like Hounsfield units, else None.
 
-    A CT in HU holds air (-1000) or at least fat (about -100) somewhere; one without any value
-    below 0 was most likely stored as HU + 1024 without its rescale intercept (or is not a CT).
-    The model's normalisation and ``--refine hu`` both read the values as HU, so such a CT gives
-    wrong masks without any error.
+    The model's normalisation and ``--refine hu`` both read the values as HU, so a CT on another
+    scale gives wrong masks without any error. Looked at on up to ~2 M evenly spaced voxels,
+    leaving out a padding value (the lowest value, below -1100, when many voxels hold exactly
+    it: the outside of a circular field of view, e.g. -2000 or -3024):
+
+    * nothing below 0: no air (-1000) or fat (about -100), most likely HU + 1024 stored without
+      its rescale intercept (or not a CT);
+    * much at 824..1224 and almost nothing below -500 (no air, no lung): the same 1024 offset,
+      with a few noisy voxels below 0;
+    * hardly any soft tissue at -200..200 but much at -1224..-824, or over 5 % below -1300 (far
+      under air): a rescale intercept applied twice (data already in HU saved with a leftover
+      ``scl_inter`` of -1024).
+
+    The soft-tissue rules need 50 000 voxels or more (a crop of one bone need hold none).
     """
     arr = volume.array
     if arr.size == 0 or arr.dtype.kind == "b":
         return None
-    low = arr.min()
-    if not np.isfinite(low) or low < 0:
+    sample = np.asarray(arr).ravel()[:: max(1, arr.size // 2_000_000)].astype(np.float32, copy=False)
+    sample = sample[np.isfinite(sample)]
+    if sample.size == 0:
         return None
     where = f"{volume.path}: " if volume.path is not None else ""
-    return (f"{where}no voxel below 0 (lowest {float(low):g}, highest {float(arr.max()):g}): this does not look like a "
-            "CT in Hounsfield units (air -1000, fat about -100); bosam reads the values as HU, so convert it first "
-            "(e.g. subtract 1024 where the rescale intercept was dropped)")
+    lowest = float(sample.min())
+    # -1000/-1024 are air, often clipped to exactly that; padding values lie well below (-2000, -3024 ...)
+    padding = lowest < -1100 and float(np.count_nonzero(sample == lowest)) / sample.size > 0.005
+    rest = sample[sample != lowest] if padding else sample
+    if rest.size == 0:
+        return None
+    aside = f" apart from the padding value {lowest:g}" if padding else ""
+    convert = ("bosam reads the values as HU, so convert it first (e.g. subtract 1024 where the rescale intercept "
+               "was dropped)")
+    if float(rest.min()) >= 0:
+        return (f"{where}no voxel below 0{aside} (lowest {float(rest.min()):g}, highest {float(rest.max()):g}): this "
+                f"does not look like a CT in Hounsfield units (air -1000, fat about -100); {convert}")
+    if rest.size < 50_000:  # a small crop (of one bone, say) need not hold any soft tissue
+        return None
+    twice = ("the rescale intercept looks applied twice (e.g. data already in HU saved with scl_inter -1024); bosam "
+             "reads the values as HU, so fix the scaling first")
+    shifted = float(np.mean((rest >= 824) & (rest <= 1224)))
+    if shifted > 0.2 and float(np.mean(rest < -500)) < 0.01:
+        return (f"{where}{100 * shifted:.0f} % of the voxels{aside} lie at 824..1224 and almost none below -500 (air, "
+                f"lung): this looks like HU + 1024 without its rescale intercept; {convert}")
+    soft = float(np.mean((rest >= -200) & (rest <= 200)))
+    down = float(np.mean((rest >= -1224) & (rest <= -824)))
+    if soft < 0.05 and down > 0.2:
+        return (f"{where}{100 * down:.0f} % of the voxels{aside} lie at -1224..-824 and only {100 * soft:.0f} % at "
+                f"-200..200 (soft tissue in HU): {twice}")
+    very_low = float(np.mean(rest < -1300))
+    if very_low > 0.05:
+        return f"{where}{100 * very_low:.0f} % of the voxels{aside} are below -1300, far under air (-1000 HU): {twice}"
+    return None
 
 
 def geometry_warning(volume: Volume) -> str | None:
-    """A one-line warning when the file does not say where the CT lies in patient space: a
-    NIfTI with neither sform nor qform (both codes 0), whose affine bosam (as nibabel) builds
-    from the voxel sizes alone. Viewers disagree about such files (ITK-based ones flip x and
-    y), so clicks in RAS/LPS millimetres taken in one may fall elsewhere here."""
-    if volume.meta.get("affine_source") != "pixdim":
-        return None
+    """A one-line warning when viewers disagree about where a NIfTI CT lies in patient space, so
+    that world clicks (RAS/LPS mm) taken in one may fall elsewhere here:
+
+    * neither sform nor qform (both codes 0): bosam (as nibabel) builds the affine from the
+      voxel sizes alone; ITK-based viewers flip x and y;
+    * an sform and a qform that place the grid more than 1 mm apart, where ITK-based viewers
+      (3D Slicer, ITK-SNAP, SimpleITK) read the qform: when the sform's code is not 1 (scanner;
+      registration tools write 2 or 4 beside a scanner qform), or when the sform is sheared
+      (a qform cannot hold a shear). bosam reads the sform, as nibabel and FSL do.
+    """
     where = f"{volume.path}: " if volume.path is not None else ""
-    return (f"{where}sform_code and qform_code are 0: the file does not say where the CT lies in patient space, "
-            "so bosam places it from the voxel sizes alone (as nibabel does; ITK-based viewers differ); "
-            "give voxel clicks, or world clicks taken on this same file")
+    meta = volume.meta
+    if meta.get("affine_source") == "pixdim":
+        return (f"{where}sform_code and qform_code are 0: the file does not say where the CT lies in patient space, "
+                "so bosam places it from the voxel sizes alone (as nibabel does; ITK-based viewers differ); "
+                "give voxel clicks, or world clicks taken on this same file")
+    offset = float(meta.get("qform_offset_mm") or 0.0)
+    if offset > 1.0 and (meta.get("sform_code") != 1 or meta.get("sform_skewed")):
+        why = "its sform is sheared" if meta.get("sform_skewed") else f"its sform_code is {meta.get('sform_code')}"
+        return (f"{where}sform and qform place the CT up to {offset:.1f} mm apart; bosam uses the sform (as nibabel "
+                f"and FSL do), while ITK-based viewers (3D Slicer, ITK-SNAP) use the qform here ({why}), so world "
+                "clicks taken in them land elsewhere: give voxel clicks, or clicks from a viewer that reads the sform")
+    return None
+
+
+def nifti_output_warning(volume: Volume, path: str | os.PathLike) -> str | None:
+    """A one-line warning when a NIfTI output cannot say where a non-NIfTI CT's grid lies for
+    every reader: a sheared grid (a gantry-tilted DICOM series) is exact in the sform, but a
+    qform holds no shear, and ITK-based viewers place such a file by its qform, up to the
+    returned distance off. NRRD, MetaImage and DICOM SEG outputs hold the grid exactly."""
+    name = Path(path).name.lower()
+    if not name.endswith((".nii", ".nii.gz")) or volume.meta.get("format") == "nifti":
+        return None  # a NIfTI CT's own header is reused: viewers place both files alike
+    skew = affine_skew_mm(volume.affine, volume.shape)
+    if skew <= 0.5:
+        return None
+    return (f"{path}: the CT's grid is sheared (gantry tilt?): a NIfTI file holds that exactly only in its sform, and "
+            f"ITK-based viewers (3D Slicer, ITK-SNAP) read its qform, up to {skew:.1f} mm off; write the label map "
+            "as .nrrd, .mha or .dcm (DICOM SEG) for such a CT")
 
 
 # ---------------------------------------------------------------------------------------------

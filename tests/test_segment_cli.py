@@ -418,6 +418,37 @@ def test_manifest_warns_about_empty_masks_and_says_why(tmp_path):
     assert m["model_window"]["click_memory"] == "newest"
 
 
+def test_a_sheared_non_nifti_ct_warns_when_its_label_map_is_nifti(tmp_path):
+    """A gantry-tilted grid (sheared affine) read from NRRD: a .nii.gz label map holds the
+    shear only in its sform, which ITK-based viewers do not read; the manifest says so and
+    names the formats that hold it. A .nrrd label map, or an orthogonal grid, gives no warning."""
+    nrrd = pytest.importorskip("nrrd")
+    from fake_engines import SphereEngine
+
+    from bosam_cli.segment import SegmentOptions, segment_file
+
+    tilt = np.deg2rad(15.0)
+    directions = np.array([[0.8, 0, 0], [0, 0.8, 0], [0, 2.5 * np.sin(tilt), 2.5 * np.cos(tilt)]])  # rows: axes (LPS)
+    arr = np.full((40, 40, 30), -1000, np.int16)
+    arr[10:30, 10:30, 5:25] = 600
+    click = {"xyz": [20, 20, 15], "positive": True}
+    prompts = tmp_path / "p.json"
+    prompts.write_text(json.dumps({"coordinate_system": "voxel", "objects": [{"label": 1, "clicks": [click]}]}))
+    for name, dirs in (("tilted", directions), ("straight", np.diag([0.8, 0.8, 2.5]))):
+        ct = tmp_path / f"{name}.nrrd"
+        nrrd.write(str(ct), arr, {"space": "left-posterior-superior", "space directions": dirs,
+                                  "space origin": np.zeros(3)})
+        for ending in (".nii.gz", ".nrrd"):
+            m = segment_file(ct, prompts, tmp_path / f"{name}_out{ending}", SphereEngine(radius_vox=4.0),
+                             SegmentOptions(refine="none"))
+            sheared = [w for w in m["warnings"] if "sheared" in w]
+            if name == "tilted" and ending == ".nii.gz":
+                assert len(sheared) == 1 and "ITK-based viewers" in sheared[0] and ".nrrd, .mha or .dcm" in sheared[0]
+                assert float(sheared[0].split("up to ")[1].split(" mm")[0]) > 5.0
+            else:
+                assert sheared == [], (name, ending)
+
+
 def test_a_failure_part_way_through_the_writes_leaves_no_output(tmp_path, monkeypatch):
     """The label map and the per-object masks are written, then the overlay fails (a full
     disk, say): the files this run wrote are removed, and the error goes on to the caller."""

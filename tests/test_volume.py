@@ -608,6 +608,58 @@ def test_a_nifti_without_sform_or_qform_is_placed_from_pixdim_with_a_warning(tmp
     assert geometry_warning(read_volume(tmp_path / "coded.nii.gz")) is None
 
 
+def test_sform_and_qform_that_disagree_are_warned_about_where_itk_viewers_read_the_qform(tmp_path):
+    from bosam_cli.volume import geometry_warning
+
+    data = np.zeros((30, 20, 10), np.int16)
+    qform = np.diag([0.8, 0.8, 2.0, 1.0])
+    sform = qform.copy()
+    sform[:3, 3] = [12.0, -5.0, 30.0]  # a registration moved it
+
+    def save(name, scode, s_aff):
+        img = nib.Nifti1Image(data, None)
+        img.header.set_qform(qform, code=1)
+        img.header.set_sform(s_aff, code=scode)
+        nib.save(img, str(tmp_path / name))
+        return read_volume(tmp_path / name)
+
+    aligned = save("aligned.nii.gz", 2, sform)
+    np.testing.assert_allclose(aligned.affine, sform)  # bosam reads the sform
+    note = geometry_warning(aligned)
+    assert note.startswith(f"{tmp_path / 'aligned.nii.gz'}: sform and qform place the CT up to 32.7 mm") and "sform_code is 2" in note
+    assert geometry_warning(save("scanner.nii.gz", 1, sform)) is None  # code 1: ITK reads the sform too
+    assert geometry_warning(save("agree.nii.gz", 4, qform)) is None
+    sheared = qform.copy()
+    sheared[1, 2] = 2.0 * np.sin(np.deg2rad(20))  # a gantry tilt kept in the sform
+    note = geometry_warning(save("tilt.nii.gz", 1, sheared))
+    assert note is not None and "its sform is sheared" in note
+
+
+def test_hu_warning_reads_the_distribution_not_just_the_lowest_value():
+    from bosam_cli.volume import hu_warning
+
+    rng = np.random.default_rng(0)
+    body = np.concatenate([rng.normal(-1000, 15, 40_000), rng.normal(-90, 20, 30_000),  # air, fat
+                           rng.normal(45, 15, 60_000), rng.normal(500, 200, 10_000)])  # muscle, bone
+    fov = np.full(60_000, -3024.0)  # outside the circular field of view
+
+    def vol(values):
+        return Volume(np.asarray(values).astype(np.float32).reshape(-1, 100, 20), np.eye(4))
+
+    assert hu_warning(vol(np.concatenate([body, fov]))) is None  # HU with padding
+    assert hu_warning(vol(body)) is None
+    raw = body + 1024
+    note = hu_warning(vol(np.concatenate([raw.clip(0), np.full(60_000, -2000.0)])))  # intercept dropped, GE padding
+    assert note is not None and "no voxel below 0 apart from the padding value -2000" in note
+    noisy = raw.copy()
+    noisy[:50] = -5.0  # a few noisy air voxels below 0
+    note = hu_warning(vol(noisy))
+    assert note is not None and "looks like HU + 1024" in note
+    note = hu_warning(vol(np.concatenate([body - 1024, np.full(60_000, -2048.0)])))  # intercept applied twice
+    assert note is not None and "applied twice" in note
+    assert hu_warning(vol(rng.normal(900, 300, 20_000))) is None  # a small crop of bone and marrow: not judged
+
+
 def write_enhanced_ct(series: Path, path: Path, *, order: list[int]) -> None:
     """The single-slice series at ``series`` as one enhanced (multi-frame) CT file: frames in
     ``order``, orientation and spacing shared, positions per frame, the rescale shared."""
