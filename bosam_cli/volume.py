@@ -348,7 +348,7 @@ def hu_warning(volume: Volume) -> str | None:
     arr = volume.array
     if arr.size == 0 or arr.dtype.kind == "b":
         return None
-    sample = np.asarray(arr).ravel()[:: max(1, arr.size // 2_000_000)].astype(np.float32, copy=False)
+    sample = np.asarray(arr).ravel(order="K")[:: max(1, arr.size // 2_000_000)].astype(np.float32, copy=False)
     sample = sample[np.isfinite(sample)]
     if sample.size == 0:
         return None
