@@ -5,8 +5,9 @@ its positive clicks, the connected components of those that contain a positive c
 the parts geodesically nearer (mm along paths inside the mask) to a negative click than to
 every positive click cut away (after enclosed holes, such as the marrow inside a cortical
 shell, are filled). A positive click on a voxel below the threshold snaps to the nearest
-voxel above it within ``snap_mm``; the clicked voxel itself joins the mask either way (the
-user said it is object).
+voxel above it within ``snap_mm`` (of a piece of at least ``SPECK_MM3``, when there is one:
+a noisy voxel or a calcification next to the click is passed over); the clicked voxel itself
+joins the mask either way (the user said it is object).
 
 It is what a user gets from a threshold tool with seed points, and ``bosam evaluate
 --baseline threshold`` runs it through the very protocol code the model goes through.
@@ -30,6 +31,10 @@ class _Object:
     clicks: list[tuple[np.ndarray, bool]] = field(default_factory=list)  # (ijk float, positive)
     box: tuple[slice, slice, slice] | None = None
     mask: np.ndarray | None = None
+
+
+#: connected bone pieces smaller than this (mm³) are passed over when a click snaps to bone
+SPECK_MM3 = 50.0
 
 
 class ThresholdSegmenter:
@@ -148,13 +153,19 @@ class ThresholdSegmenter:
         pos_d2 = [dist2_mm(c) for c in pos]
         near_pos = np.minimum.reduce(pos_d2)
         region = bone & (near_pos <= self.radius_mm**2)
+        # a click below the threshold snaps to the nearest bone, passing over specks (noise,
+        # calcifications) smaller than SPECK_MM3 when a bigger piece lies within snap_mm
+        comps, n = ndimage.label(region, structure=self.structure)
+        sizes = np.bincount(comps.ravel(), minlength=n + 1) * float(abs(np.linalg.det(lin)))
+        solid = region & (sizes >= SPECK_MM3)[comps]
         seeds = []
         for c, d2 in zip(pos, pos_d2):
             v = tuple(int(x) for x in np.rint(c) - lo)
             if region[v]:
                 seeds.append(v)
                 continue
-            cand = region & (d2 <= self.snap_mm**2)
+            near = d2 <= self.snap_mm**2
+            cand = solid & near if (solid & near).any() else region & near
             if cand.any():  # the nearest bone grows, and the clicked voxel is the object's too
                 flat = np.flatnonzero(cand.ravel())
                 seeds.append(tuple(int(x) for x in np.unravel_index(flat[np.argmin(d2.ravel()[flat])], sub_shape)))

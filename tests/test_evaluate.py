@@ -248,6 +248,12 @@ def test_baseline_positive_click_below_threshold_snaps_and_keeps_its_voxel():
     seg.add_click(1, voxel=np.array([15, 2, 2]))  # soft tissue 4+ mm from the bone: snaps, keeps the voxel
     m = seg.mask(1)
     assert m[15, 2, 2] and m[5:25, 6:14, 6:14].all()
+    # a noisy bright voxel nearer the click than the bone is passed over
+    hu[15, 3, 3] = 400
+    seg.set_volume(Volume(hu, np.eye(4)))
+    seg.add_click(1, voxel=np.array([15, 2, 2]))
+    m = seg.mask(1)
+    assert m[15, 2, 2] and m[5:25, 6:14, 6:14].all()
 
 
 # ---------------------------------------------------------------------------------------------
