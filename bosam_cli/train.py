@@ -549,7 +549,10 @@ class RunLog:
             try:
                 from torch.utils.tensorboard import SummaryWriter
 
-                self.tb = SummaryWriter(str(out_dir / "tensorboard"))
+                # a resumed run rewrites the steps after its checkpoint: TensorBoard drops the
+                # events a killed run logged past it, as the CSV drops its rows
+                purge = None if resume_step is None else resume_step + 1
+                self.tb = SummaryWriter(str(out_dir / "tensorboard"), purge_step=purge)
             except Exception:  # noqa: BLE001 - tensorboard is optional
                 self.tb = None
 

@@ -255,6 +255,40 @@ def test_resume_after_an_interruption_ends_with_the_same_weights(phantoms, tmp_p
     assert col(tmp_path / "whole") == col(tmp_path / "cut")
 
 
+def test_tensorboard_of_a_resumed_run_drops_the_events_past_its_checkpoint(tmp_path, monkeypatch):
+    """A killed run logged steps past its last checkpoint; the resumed run logs them again.
+    The CSV keeps only rows up to the checkpoint's step, and TensorBoard is told to purge the
+    events from the next step on."""
+    import types
+
+    from bosam_cli.train import RunLog
+
+    made = []
+
+    class Writer:
+        def __init__(self, log_dir, purge_step=None):
+            made.append(purge_step)
+
+        def add_scalar(self, *a, **k):
+            pass
+
+        def close(self):
+            pass
+
+    fake = types.ModuleType("torch.utils.tensorboard")
+    fake.SummaryWriter = Writer
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", fake)
+    first = RunLog(tmp_path, None, True)
+    for step in (1, 2, 3):
+        first.write(phase="train", epoch=0, step=step, loss=1.0)
+    first.close()
+    second = RunLog(tmp_path, 2, True)  # resumed from the checkpoint of step 2
+    second.close()
+    assert made == [None, 3]
+    steps = [r.split(",")[2] for r in (tmp_path / "log.csv").read_text().splitlines()[1:]]
+    assert steps == ["1", "2"]
+
+
 def test_resume_warns_when_auto_settings_resolve_differently_on_another_device(phantoms, tmp_path):
     """A run started on the CPU (auto: clicks on the host, fp32) and resumed where auto means
     the GPU's choices (clicks on the device, fp16) is warned about, flag by flag; the same
