@@ -1,9 +1,11 @@
 """File outputs and hashes. Outputs are atomic: written beside the target, fsynced, then
 renamed over it.
 
-A crash or an error leaves either the old file or the new one, never a partial file, and no
-temporary file behind. New files get the usual permissions (0666 minus the umask) rather than
-``mkstemp``'s private 0600.
+A crash or an error leaves either the old file or the new one, never a partial file. An error
+removes the temporary file; a hard kill (SIGKILL, power loss) mid-write can leave a hidden
+``.<name>.<random>.tmp`` beside the target, which ``remove_stale_temps`` clears (training does so
+for its checkpoints when it starts). New files get the usual permissions (0666 minus the umask)
+rather than ``mkstemp``'s private 0600.
 """
 
 from __future__ import annotations
@@ -39,6 +41,18 @@ def atomic_path(path: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def remove_stale_temps(folder: str | os.PathLike, names: "list[str] | tuple[str, ...]") -> list[Path]:
+    """Remove the temporary files that ``atomic_path`` left for ``names`` in ``folder`` when a
+    write was killed; returns what was removed. Only for a folder no other writer is using."""
+    removed = []
+    for name in names:
+        for p in Path(folder).glob(f".{name}.*.tmp*"):
+            if p.is_file():
+                p.unlink(missing_ok=True)
+                removed.append(p)
+    return removed
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:

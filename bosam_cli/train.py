@@ -786,6 +786,9 @@ def _open_resume(cfg: TrainConfig, last_path: Path, world: int,
         else:
             warnings.append(f"--{k.replace('_', '-')} changed from {old[k]!r} to {now[k]!r}: "
                             "the resumed run will not match an uninterrupted one")
+    reached = int(state.get("epoch", 0)) + (1 if int(state.get("step_in_epoch", 0)) > 0 else 0)
+    if cfg.epochs < reached:
+        raise BosamError(f"--epochs {cfg.epochs}: {last_path} is already in epoch {reached}; give --epochs {reached} or more")
     if int(state.get("world_size", 1)) != world:
         warnings.append(f"world size changed from {state.get('world_size')} to {world}")
     before = (ck.metadata or {}).get("training") or {}  # keeps the values the flags resolved to
@@ -1016,6 +1019,10 @@ def _train(cfg: TrainConfig, dist_info: Dist, console: Any, on_step: Callable[[d
     out_dir = Path(cfg.out_dir)
     if dist_info.main:
         out_dir.mkdir(parents=True, exist_ok=True)
+        from .atomic import remove_stale_temps
+
+        # a run killed while writing a checkpoint leaves its hidden temp file (hundreds of MB)
+        remove_stale_temps(out_dir, (LAST, BEST, FINAL, "final.safetensors"))
     resume_ck, state, warnings = _open_resume(cfg, out_dir / LAST, dist_info.world, dist_info.device.type)
     seed_everything(cfg.seed + dist_info.rank)
     if dist_info.device.type == "cuda" and dist_info.world > 1:

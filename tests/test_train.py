@@ -242,6 +242,12 @@ def test_resume_after_an_interruption_ends_with_the_same_weights(phantoms, tmp_p
     train(_cfg(phantoms, tmp_path / "whole", **kw))
     first = train(_cfg(phantoms, tmp_path / "cut", stop_after_steps=3, **kw))  # stops inside epoch 2
     assert first.stopped_early and first.global_step == 3 and not (tmp_path / "cut" / "final.pth").exists()
+    # a killed checkpoint write left its temp file; fewer epochs than the run has reached is refused
+    stale = tmp_path / "cut" / ".last.pth.abc123.tmp"
+    stale.write_bytes(b"partial")
+    with pytest.raises(BosamError, match="--epochs 1: .* is already in epoch 2"):
+        train(_cfg(phantoms, tmp_path / "cut", resume=True, **{**kw, "epochs": 1}))
+    assert not stale.exists()
     second = train(_cfg(phantoms, tmp_path / "cut", resume=True, **kw))
     assert second.global_step == 4 and not second.stopped_early
     a = read_checkpoint(tmp_path / "whole" / "last.pth", keep_container=True)
