@@ -158,7 +158,7 @@ class ThresholdSegmenter:
         comps, n = ndimage.label(region, structure=self.structure)
         sizes = np.bincount(comps.ravel(), minlength=n + 1) * float(abs(np.linalg.det(lin)))
         solid = region & (sizes >= SPECK_MM3)[comps]
-        seeds = []
+        seeds, clicked = [], []
         for c, d2 in zip(pos, pos_d2):
             v = tuple(int(x) for x in np.rint(c) - lo)
             if region[v]:
@@ -169,11 +169,17 @@ class ThresholdSegmenter:
             if cand.any():  # the nearest bone grows, and the clicked voxel is the object's too
                 flat = np.flatnonzero(cand.ravel())
                 seeds.append(tuple(int(x) for x in np.unravel_index(flat[np.argmin(d2.ravel()[flat])], sub_shape)))
-            region[v] = True  # a positive click marks its voxel as object, bone-like HU or not
-            seeds.append(v)
+            else:  # no bone near the click: the click voxel itself
+                region[v] = True
+                seeds.append(v)
+            clicked.append(v)
         comps, _ = ndimage.label(region, structure=self.structure)
         keep_ids = {int(comps[s]) for s in seeds} - {0}
         mask = np.isin(comps, list(keep_ids))
+        # a positive click marks its own voxel as object, bone-like HU or not; set after the
+        # components, so that a click in a joint space does not bridge two bones
+        for v in clicked:
+            mask[v] = True
         if self.fill_holes and mask.any():
             mask = ndimage.binary_fill_holes(mask)
         neg_in = [v for v in (tuple(int(x) for x in np.rint(c) - lo) for c in neg)
@@ -183,6 +189,8 @@ class ThresholdSegmenter:
             comps, _ = ndimage.label(mask, structure=self.structure)
             keep_ids = {int(comps[s]) for s in seeds} - {0}
             mask = np.isin(comps, list(keep_ids))
+            for v in clicked:
+                mask[v] = True
         obj.box, obj.mask = box, mask  # type: ignore[assignment]
 
     @staticmethod

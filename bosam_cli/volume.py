@@ -208,15 +208,16 @@ def read_nifti(path: str | os.PathLike) -> Volume:
     affine, source = _nifti_affine(img.header, path)
     hdr = img.header.copy()
     meta: dict[str, Any] = {"affine_source": source, "format": "nifti"}
-    if source == "sform" and int(hdr["qform_code"]) > 0:
-        try:
-            qform = np.asarray(hdr.get_qform(), dtype=np.float64)
-        except Exception:  # noqa: BLE001 - an unusable qform is not read, by bosam or by viewers that prefer the sform
-            qform = None
-        if qform is not None and np.all(np.isfinite(qform)):
-            meta["sform_code"], meta["qform_code"] = int(hdr["sform_code"]), int(hdr["qform_code"])
-            meta["qform_offset_mm"] = grid_offset_mm(affine, qform, shape)
-            meta["sform_skewed"] = affine_skew_mm(affine, shape) > 0.01
+    if source == "sform":
+        meta["sform_code"], meta["qform_code"] = int(hdr["sform_code"]), int(hdr["qform_code"])
+        meta["sform_skew_mm"] = affine_skew_mm(affine, shape)
+        if int(hdr["qform_code"]) > 0:
+            try:
+                qform = np.asarray(hdr.get_qform(), dtype=np.float64)
+            except Exception:  # noqa: BLE001 - an unusable qform is not read, by bosam or by viewers that prefer the sform
+                qform = None
+            if qform is not None and np.all(np.isfinite(qform)):
+                meta["qform_offset_mm"] = grid_offset_mm(affine, qform, shape)
     return Volume(arr, affine, hdr, path, meta)
 
 
@@ -227,14 +228,17 @@ def grid_offset_mm(a: np.ndarray, b: np.ndarray, shape: tuple[int, ...]) -> floa
 
 
 def affine_skew_mm(affine: np.ndarray, shape: tuple[int, ...]) -> float:
-    """How far (mm, largest over the grid's corners) the best rotation-and-scaling affine, which
-    is all a NIfTI qform (or an ITK direction matrix) holds, places the grid from ``affine``:
-    0 for an orthogonal grid, several mm for a gantry-tilted (sheared) one."""
-    import nibabel as nib
-
-    hdr = nib.Nifti1Header()
-    hdr.set_qform(np.asarray(affine, np.float64), code=1)
-    return grid_offset_mm(affine, hdr.get_qform(), shape)
+    """How far (mm, largest over the grid's corners) the nearest rotation-and-scaling affine,
+    which is all a NIfTI qform or an ITK direction matrix holds, places the grid from
+    ``affine``: ~0 for an orthogonal grid (oblique or not), several mm for a gantry-tilted
+    (sheared) one. Computed in float64 (a qform's float32 quaternion alone is off by up to
+    ~1 mm on a large grid rotated close to 180 degrees, as every LPS-stored CT is)."""
+    lin = np.asarray(affine, np.float64)[:3, :3]
+    scale = np.linalg.norm(lin, axis=0)
+    u, _, vt = np.linalg.svd(lin / scale)
+    nearest = (u @ vt) * scale
+    corners = np.array([[i, j, k] for i in (0, shape[0] - 1) for j in (0, shape[1] - 1) for k in (0, shape[2] - 1)], np.float64)
+    return float(np.max(np.linalg.norm(corners @ (lin - nearest).T, axis=1)))
 
 
 def _igzip() -> Any:
@@ -339,8 +343,8 @@ def hu_warning(volume: Volume) -> str | None:
       its rescale intercept (or not a CT);
     * much at 824..1224 and almost nothing below -500 (no air, no lung): the same 1024 offset,
       with a few noisy voxels below 0;
-    * hardly any soft tissue at -200..200 but much at -1224..-824, or over 5 % below -1300 (far
-      under air): a rescale intercept applied twice (data already in HU saved with a leftover
+    * under 1 % at -200..200 (soft tissue) but much at -1224..-824 and something below -1300,
+      or over 5 % below -1300 (far under air): a rescale intercept applied twice (data already in HU saved with a leftover
       ``scl_inter`` of -1024).
 
     The soft-tissue rules need 50 000 voxels or more (a crop of one bone need hold none).
@@ -375,7 +379,9 @@ def hu_warning(volume: Volume) -> str | None:
                 f"lung): this looks like HU + 1024 without its rescale intercept; {convert}")
     soft = float(np.mean((rest >= -200) & (rest <= 200)))
     down = float(np.mean((rest >= -1224) & (rest <= -824)))
-    if soft < 0.05 and down > 0.2:
+    # a wrist in a wide field of view is mostly air but ~5 % soft tissue; shifted data also hold
+    # values far under air (its air, or a padding value shifted with it)
+    if soft < 0.01 and down > 0.2 and lowest < -1300:
         return (f"{where}{100 * down:.0f} % of the voxels{aside} lie at -1224..-824 and only {100 * soft:.0f} % at "
                 f"-200..200 (soft tissue in HU): {twice}")
     very_low = float(np.mean(rest < -1300))
@@ -390,10 +396,14 @@ def geometry_warning(volume: Volume) -> str | None:
 
     * neither sform nor qform (both codes 0): bosam (as nibabel) builds the affine from the
       voxel sizes alone; ITK-based viewers flip x and y;
-    * an sform and a qform that place the grid more than 1 mm apart, where ITK-based viewers
-      (3D Slicer, ITK-SNAP, SimpleITK) read the qform: when the sform's code is not 1 (scanner;
-      registration tools write 2 or 4 beside a scanner qform), or when the sform is sheared
-      (a qform cannot hold a shear). bosam reads the sform, as nibabel and FSL do.
+    * a sheared sform (over 0.5 mm from the nearest orthogonal grid at a corner): ITK-based
+      viewers (3D Slicer, ITK-SNAP, SimpleITK) cannot hold a shear and read the qform or an
+      orthogonalised sform;
+    * an sform and a qform that place the grid more than 1 mm apart where those viewers read
+      the qform: when the sform's code is not 1 (scanner; registration tools write 2 or 4
+      beside a scanner qform).
+
+    bosam reads the sform, as nibabel and FSL do.
     """
     where = f"{volume.path}: " if volume.path is not None else ""
     meta = volume.meta
@@ -401,12 +411,18 @@ def geometry_warning(volume: Volume) -> str | None:
         return (f"{where}sform_code and qform_code are 0: the file does not say where the CT lies in patient space, "
                 "so bosam places it from the voxel sizes alone (as nibabel does; ITK-based viewers differ); "
                 "give voxel clicks, or world clicks taken on this same file")
+    skew = float(meta.get("sform_skew_mm") or 0.0)
+    if skew > 0.5:
+        return (f"{where}the sform is sheared (gantry tilt?): ITK-based viewers (3D Slicer, ITK-SNAP) cannot hold a "
+                f"shear and place this CT differently (the qform, or the sform made orthogonal: up to {skew:.1f} mm "
+                "off), so world clicks taken in them land elsewhere: give voxel clicks, or clicks from a viewer that "
+                "reads the sform (bosam reads it, as nibabel and FSL do)")
     offset = float(meta.get("qform_offset_mm") or 0.0)
-    if offset > 1.0 and (meta.get("sform_code") != 1 or meta.get("sform_skewed")):
-        why = "its sform is sheared" if meta.get("sform_skewed") else f"its sform_code is {meta.get('sform_code')}"
+    if offset > 1.0 and meta.get("sform_code") != 1:
         return (f"{where}sform and qform place the CT up to {offset:.1f} mm apart; bosam uses the sform (as nibabel "
-                f"and FSL do), while ITK-based viewers (3D Slicer, ITK-SNAP) use the qform here ({why}), so world "
-                "clicks taken in them land elsewhere: give voxel clicks, or clicks from a viewer that reads the sform")
+                f"and FSL do), while ITK-based viewers (3D Slicer, ITK-SNAP) use the qform here (its sform_code is "
+                f"{meta.get('sform_code')}, not 1), so world clicks taken in them land elsewhere: give voxel clicks, "
+                "or clicks from a viewer that reads the sform")
     return None
 
 

@@ -112,10 +112,11 @@ def test_center_click_ties_deterministic_or_random_with_rng():
     assert all(p[:2] == (7, 7) for p in picks)
 
 
-def test_tied_first_click_on_a_thin_bone_lands_midway_not_on_the_last_slice():
-    """A rib-like tube at 3 mm slices is one slice deep everywhere: every voxel ties. The click
-    goes to the tied voxel nearest their centroid (in mm), on the object and away from the CT's
-    edge slice, in either storage order."""
+def test_tied_first_click_on_a_thin_bone_lands_midway_not_at_one_end():
+    """A rib-like tube, three thin voxels across, is equally deep all along: every voxel of its
+    middle line ties. The click goes to the tied voxel nearest their centroid (in mm), midway
+    along the tube and on the object, in either storage order (the old rule took the first
+    voxel in memory order: one end of the tube)."""
     gt = np.zeros((60, 50, 12), dtype=bool)
     ii = np.arange(8, 52)
     jj = (25 + 12 * np.sin((ii - 8) / 44 * np.pi)).astype(int)  # a bent tube in the i-j plane

@@ -248,6 +248,15 @@ def test_baseline_positive_click_below_threshold_snaps_and_keeps_its_voxel():
     seg.add_click(1, voxel=np.array([15, 2, 2]))  # soft tissue 4+ mm from the bone: snaps, keeps the voxel
     m = seg.mask(1)
     assert m[15, 2, 2] and m[5:25, 6:14, 6:14].all()
+    # a click in a one-voxel joint space grows one of the two bones, never both
+    joint = np.full((30, 20, 20), -100, np.int16)
+    joint[3:14, 5:15, 5:15] = 700
+    joint[14, 5:15, 5:15] = 150  # the joint space, below the threshold
+    joint[15:26, 5:15, 5:15] = 700
+    seg.set_volume(Volume(joint, np.eye(4)))
+    seg.add_click(1, voxel=np.array([14, 10, 10]))
+    m = seg.mask(1)
+    assert m[14, 10, 10] and m[3:14].sum() + m[15:26].sum() == 11 * 10 * 10
     # a noisy bright voxel nearer the click than the bone is passed over
     hu[15, 3, 3] = 400
     seg.set_volume(Volume(hu, np.eye(4)))

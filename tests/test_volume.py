@@ -627,12 +627,36 @@ def test_sform_and_qform_that_disagree_are_warned_about_where_itk_viewers_read_t
     np.testing.assert_allclose(aligned.affine, sform)  # bosam reads the sform
     note = geometry_warning(aligned)
     assert note.startswith(f"{tmp_path / 'aligned.nii.gz'}: sform and qform place the CT up to 32.7 mm") and "sform_code is 2" in note
-    assert geometry_warning(save("scanner.nii.gz", 1, sform)) is None  # code 1: ITK reads the sform too
+    assert geometry_warning(save("scanner.nii.gz", 1, sform)) is None  # code 1 and orthogonal: ITK reads the sform too
     assert geometry_warning(save("agree.nii.gz", 4, qform)) is None
     sheared = qform.copy()
     sheared[1, 2] = 2.0 * np.sin(np.deg2rad(20))  # a gantry tilt kept in the sform
     note = geometry_warning(save("tilt.nii.gz", 1, sheared))
-    assert note is not None and "its sform is sheared" in note
+    assert note is not None and "the sform is sheared" in note
+    img = nib.Nifti1Image(data, sheared)  # nibabel's default for a sheared affine: sform code 2, qform code 0
+    nib.save(img, str(tmp_path / "tilt_noq.nii.gz"))
+    assert int(img.header["qform_code"]) == 0
+    note = geometry_warning(read_volume(tmp_path / "tilt_noq.nii.gz"))
+    assert note is not None and "the sform is sheared" in note
+
+
+def test_skew_is_measured_in_float64_on_large_oblique_grids():
+    """An orthogonal grid rotated close to 180 degrees (every LPS-stored CT read as RAS) is not
+    sheared, however large; a gantry tilt is, by millimetres."""
+    from scipy.spatial.transform import Rotation
+
+    from bosam_cli.volume import affine_skew_mm
+
+    rng = np.random.default_rng(0)
+    shape = (512, 512, 600)
+    for _ in range(200):
+        rot = Rotation.from_euler("z", 180.0).as_matrix() @ Rotation.from_rotvec(rng.normal(size=3) * 0.01).as_matrix()
+        aff = np.eye(4)
+        aff[:3, :3] = rot * np.array([0.7, 0.7, 1.25])
+        assert affine_skew_mm(aff, shape) < 1e-6
+    tilt = np.diag([0.7, 0.7, 1.25, 1.0])
+    tilt[1, 2] = 1.25 * np.sin(np.deg2rad(15))
+    assert affine_skew_mm(tilt, shape) > 50.0
 
 
 def test_hu_warning_reads_the_distribution_not_just_the_lowest_value():
@@ -658,6 +682,9 @@ def test_hu_warning_reads_the_distribution_not_just_the_lowest_value():
     note = hu_warning(vol(np.concatenate([body - 1024, np.full(60_000, -2048.0)])))  # intercept applied twice
     assert note is not None and "applied twice" in note
     assert hu_warning(vol(rng.normal(900, 300, 20_000))) is None  # a small crop of bone and marrow: not judged
+    # a wrist in a 200 mm field of view: mostly air, ~5 % soft tissue, some bone (HU, no padding)
+    wrist = np.concatenate([rng.normal(-1000, 15, 150_000), rng.normal(40, 30, 8_000), rng.normal(700, 300, 4_000)])
+    assert hu_warning(vol(wrist)) is None
 
 
 def write_enhanced_ct(series: Path, path: Path, *, order: list[int]) -> None:
