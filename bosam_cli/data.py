@@ -33,7 +33,7 @@ from typing import Any, Callable, Iterable, Sequence
 import numpy as np
 
 from .errors import BosamError, VolumeError
-from .volume import VOLUME_SUFFIXES, Volume
+from .volume import HU_CHECK_VERSION, VOLUME_SUFFIXES, Volume
 from .windows import (
     DEFAULT_CLAMP_HU,
     DEFAULT_SIZE,
@@ -491,6 +491,7 @@ def _write_cache_entry(cache: str | os.PathLike, case: Case, image: Volume, labe
         "labels": {str(k): v for k, v in present.items()},
         "bboxes": {str(k): v for k, v in boxes.items()},
         "hu_warning": hu_note,
+        "hu_check": HU_CHECK_VERSION,
     }
     tmp = meta_p.with_name(meta_p.name + ".tmp")
     tmp.write_text(json.dumps(meta))
@@ -525,6 +526,9 @@ def scan_case(
         shape = tuple(int(s) for s in entry["shape"])
         affine = entry["affine"]
         hu_note = entry.get("hu_warning")
+        if entry.get("hu_check") != HU_CHECK_VERSION:  # cached by an older check: judge the cached values again
+            arr = np.load(_cache_paths(cache, case)[1], mmap_mode="r")  # type: ignore[arg-type]
+            hu_note = hu_warning(Volume(arr, np.asarray(affine, np.float64), path=case.image))
         cached = True
     else:
         try:

@@ -331,6 +331,10 @@ def require_finite(volume: Volume) -> Volume:
     return volume
 
 
+#: bumped when ``hu_warning``'s rules change, so that dataset caches recompute their verdicts
+HU_CHECK_VERSION = 2
+
+
 def hu_warning(volume: Volume) -> str | None:
     """A one-line warning when a CT's values do not look like Hounsfield units, else None.
 

@@ -288,6 +288,17 @@ def test_a_ct_without_negative_values_is_a_warning_not_an_error(tmp_path):
         assert note.severity == "warning" and note.path == img
         assert "does not look like a CT in Hounsfield units" in note.message and "lowest" in note.message
     assert all(i.cached for i in scan.infos)
+    # a cache entry written by an older HU check is judged again from its cached values
+    metas = list((tmp_path / "cache").rglob("*.json"))
+    for meta_path in metas:
+        meta = json.loads(meta_path.read_text())
+        meta.pop("hu_check")
+        meta["hu_warning"] = None
+        meta_path.write_text(json.dumps(meta))
+    scan = scan_dataset([root], cache=tmp_path / "cache")
+    assert all(i.cached for i in scan.infos) and len(metas) == 2
+    (note,) = scan.problems
+    assert note.path == img and "does not look like a CT in Hounsfield units" in note.message
 
 
 def test_an_image_with_nan_voxels_is_an_error_naming_it(tmp_path):
