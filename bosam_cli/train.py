@@ -683,8 +683,8 @@ def _check_config(cfg: TrainConfig) -> None:
     for name, flag in (("checkpoint_every", "--checkpoint-every"), ("workers", "--workers"), ("max_shift_vox", "--max-shift")):
         if int(getattr(cfg, name)) < 0:
             raise BosamError(f"{flag} must be >= 0, got {getattr(cfg, name)}")
-    if not 0 <= int(cfg.seed) < 2**63:
-        raise BosamError(f"--seed must be in 0 .. 2**63-1, got {cfg.seed}")
+    if not 0 <= int(cfg.seed) < 2**32:  # the window and click streams are seeded with 32 bits
+        raise BosamError(f"--seed must be in 0 .. 2**32-1, got {cfg.seed}")
     for name in ("lr", "spacing_mm"):
         value = getattr(cfg, name)
         if value is not None and not (math.isfinite(value) and value > 0):

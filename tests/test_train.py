@@ -485,7 +485,7 @@ def test_cli_train_refuses_a_dataset_with_mismatched_grids(tmp_path):
     for flags, message in ((["--threads", "-1"], "--threads must be >= 1"),
                            (["--steps-per-epoch", "-2"], "--steps-per-epoch must be >= 1"),
                            (["--checkpoint-every", "-1"], "--checkpoint-every must be >= 0"),
-                           (["--seed", "99999999999999999999"], "--seed must be in 0 .. 2**63-1"),
+                           (["--seed", str(2**32)], "--seed must be in 0 .. 2**32-1"),
                            (["--lr", "nan"], "--lr must be a finite number above 0")):
         res = _bosam("train", "--data", str(root), "--out", str(tmp_path / "x"), "--preset", "tiny", *flags)
         assert res.returncode == 2 and message in res.stderr and len(res.stderr.strip().splitlines()) == 1, (flags, res.stderr)
