@@ -832,10 +832,41 @@ def evaluate(
     from rich.markdown import Markdown
 
     c = _console()
-    c.print(Markdown(markdown_table(result["summary"], result["title"])))
+    summary = result["summary"]
+    # the wide table (a column per metric and click count) needs ~24 columns per click count
+    if summary["protocol"] == "clicks" and c.width < 30 + 24 * len(summary["clicks"]):
+        _print_clicks_summary_long(c, summary, result["title"])
+    else:
+        c.print(Markdown(markdown_table(summary, result["title"])))
     c.print(f"[dim]{result['settings']['protocol_definition']}[/]")
     for k, v in result["paths"].items():
         c.print(f"  {esc(str(k))}: {esc(str(v))}")
+
+
+def _print_clicks_summary_long(con: Any, summary: dict, title: str) -> None:
+    """The clicks protocol's summary for a narrow terminal: a row per label and click count."""
+    from rich.table import Table
+
+    def f(v: Any, pct: bool = False) -> str:
+        if v is None:
+            return "n/a"
+        return f"{100 * v:.1f} %" if pct else f"{v:.3f}"
+
+    t = Table(title=esc(title))
+    for col in ("label", "objects", "clicks", "Dice", "NSD", "Other"):
+        t.add_column(col, justify="left" if col == "label" else "right", overflow="fold")
+    rows = list(summary["per_label"].items()) + [("mean", summary["overall"])]
+    for i, (name, per_click) in enumerate(rows):
+        bold = name == "mean" and i == len(rows) - 1
+        for j, n in enumerate(summary["clicks"]):
+            d = per_click.get(str(n))
+            if d is None:
+                continue
+            cells = [esc(name) if j == 0 else "", str(d["objects"]), str(n), f(d["dice"]), f(d["nsd"]), f(d["other"], True)]
+            t.add_row(*(f"[bold]{c}[/]" if bold and c else c for c in cells), end_section=j == len(summary["clicks"]) - 1)
+    con.print(t)
+    con.print("Other: share of the predicted voxels that the label map gives to another structure (a neighbouring "
+              "bone, an organ), mean over the objects with a non-empty mask.")
 
 
 def main() -> None:

@@ -47,9 +47,9 @@ def phantoms(tmp_path_factory) -> Path:
     return write_phantom_dataset(tmp_path_factory.mktemp("evalph") / "ph", [3], shape=(48, 48, 40), spacing_mm=(3.0, 3.0, 3.0))
 
 
-def _bosam(*args: str) -> subprocess.CompletedProcess:
+def _bosam(*args: str, columns: int = 200) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "bosam_cli", *args], capture_output=True, text=True, timeout=600,
-                          env={**os.environ, "COLUMNS": "200", "OMP_NUM_THREADS": "1"})
+                          env={**os.environ, "COLUMNS": str(columns), "OMP_NUM_THREADS": "1"})
 
 
 class OracleSegmenter:
@@ -375,6 +375,16 @@ def test_cli_evaluate_checkpoint_and_baseline(dataset, tmp_path):
     res = _bosam("evaluate", "--data", str(dataset), "--baseline", "threshold", "--clicks", "1", "--cases", "1")
     assert res.returncode == 0, res.stderr
     assert "no --labels: every label of the label maps was evaluated" in " ".join(res.stderr.split())
+    assert "Dice@1" in res.stdout  # a wide terminal gets the Markdown table
+    # an 80-column terminal gets a row per label and click count, every figure whole
+    res = _bosam("evaluate", "--data", str(dataset), "--baseline", "threshold", "--clicks", "1,5,10", "--cases", "1",
+                 "--labels", "29", "--out", str(tmp_path / "narrow"), columns=80)
+    assert res.returncode == 0, res.stderr
+    rows = json.loads((tmp_path / "narrow" / "evaluation.json").read_text())["summary"]["overall"]
+    assert max(len(line) for line in res.stdout.splitlines()) <= 80
+    for n in ("1", "5", "10"):
+        assert f"{rows[n]['dice']:.3f}" in res.stdout and f"{100 * rows[n]['other']:.1f} %" in res.stdout
+    assert "clicks" in res.stdout and "Dice@1" not in res.stdout
 
 
 def test_cli_evaluate_bad_input_is_one_line(dataset, tmp_path):
