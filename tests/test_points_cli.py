@@ -118,3 +118,19 @@ def test_points_check_bad_input(tmp_path, case):
     assert lines[0].startswith("error: ") and str(named) in lines[0], r.stderr
     if case == "unknown-system":
         assert "coordinate_system" in lines[0] and "unknown coordinate system" in lines[0]
+
+
+def test_flags_show_no_value_placeholder_in_help():
+    """Typer shows '<bool>' beside on/off flags, which reads as if a value were needed
+    ('--per-object true' then fails); every flag of every command is shown bare."""
+    from typer.testing import CliRunner
+
+    from bosam_cli.cli import app
+
+    runner = CliRunner()
+    names = [c.name or c.callback.__name__ for c in app.registered_commands]
+    assert {"segment", "train", "evaluate", "export", "demo"} <= set(names)
+    for name in names:
+        out = runner.invoke(app, [name, "--help"], env={"COLUMNS": "200"}).output
+        flagged = [line for line in out.splitlines() if "<bool>" in line and "--help" not in line]
+        assert not flagged, (name, flagged)
