@@ -252,6 +252,9 @@ def segment(
     )
     if not ct.exists():
         fail(f"{ct}: no such file or folder")
+    if not interactive_mode and coords.upper() != "RAS":
+        fail(f"--coords {coords}: sets the system of clicks typed with --interactive; a prompt file names its own "
+             "(its coordinate_system field)")
     if interactive_mode:
         eng = open_engine_for(engine, checkpoint, engine_dir, device, precision, threads)
         failures = interactive(ct, out, eng, options, coordinate_system=coords, points=points)

@@ -58,7 +58,7 @@ PROTOCOL_TEXT = {
     "clicks": "bosam 'clicks' protocol: per case and label on the original CT grid through the segment Session; "
               "click 1 at the object's deepest voxel, each next click at the centre of the largest error region "
               "(mm distance transform); Dice and NSD@{tol} mm after each click",
-    "bosam": "BoSAM published protocol (validation.py, FACTS.md section 6): one 128^3 crop per case (random bone "
+    "bosam": "BoSAM published protocol (its validation script): one 128^3 crop per case (random bone "
              "voxel, re-centred on the label bbox), RITM clicks 1-2 then uniform error-region clicks, one new point "
              "+ previous logits per decoder call, Dice on the crop with all selected labels merged, per-case BEST Dice "
              "of the first N clicks, mean over cases, seed {seed}; crop grid: {grid}",

@@ -144,6 +144,10 @@ def test_bad_inputs_fail_cleanly_without_output(tmp_path, random_checkpoint, pro
     r = bosam("segment", str(nan_ct), "--points", str(prompts_sm), "-c", str(random_checkpoint), "-o", str(out))
     _expect_clean_failure(r, "nan_ct.nii.gz", out)
     assert "image data: " in r.stderr and "NaN or infinite" in r.stderr
+    # --coords is for typed clicks: with a prompt file it would be silently ignored
+    r = bosam("segment", str(ct), "--points", str(prompts_sm), "--coords", "LPS", "-c", str(random_checkpoint), "-o", str(out))
+    _expect_clean_failure(r, "--coords LPS", out)
+    assert "coordinate_system" in r.stderr
     # a point outside the volume
     outside = tmp_path / "outside.json"
     outside.write_text(json.dumps({"coordinate_system": "voxel", "objects": [{"label": 1, "clicks": [{"xyz": [500, 1, 1]}]}]}))
