@@ -350,7 +350,7 @@ def _segment_batch_cli(cases: list, out: Optional[Path], eng, options, as_json: 
 @app.command("export")
 @handle_errors
 def export_command(
-    checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", "-c", help="Weights to export (any supported layout)."),
+    checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", "-c", help="Weights to export (any supported layout) \\[default: the bundled model, into engines/bosam-tiny, where segment's --engine auto looks]."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Engine folder \\[default: engines/<checkpoint stem or preset>, '-fp16' appended for fp16]."),
     preset: Optional[str] = typer.Option(None, "--preset", help="Model preset \\[default: detected from the checkpoint]; without --checkpoint, exports a randomly initialised model (for tests and benchmarks)."),
     trt: bool = typer.Option(False, "--trt", help="Also build TensorRT plans (needs TensorRT and a CUDA GPU).", metavar=""),
@@ -364,10 +364,11 @@ def export_command(
     """Export ONNX encoder + decoder (and TensorRT plans), verified against PyTorch."""
     from export.onnx_export import export_onnx
 
-    from .errors import BosamError
 
     if checkpoint is None and preset is None:
-        raise BosamError("--checkpoint is required (or --preset to export a randomly initialised model)")
+        from .segment import resolve_checkpoint
+
+        checkpoint = Path(resolve_checkpoint(None))  # the bundled model, as segment's default
     if threads:
         import torch
 

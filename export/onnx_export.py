@@ -428,6 +428,9 @@ def export_onnx(
 
     created = _make_parents(target.parent)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # the folder others use, not mkdtemp's private 0700
     try:
         manifest = _export_into(
             model, tmp, precision, max_points, opset, ckpt_path, ckpt_sha, preset_name, seed, threads, log

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 
@@ -57,11 +58,30 @@ def test_export_trt_fails_cleanly_here(tmp_path, ckpt):
 def test_export_argument_errors(tmp_path, ckpt):
     proc = fx.run_cli("export", "--checkpoint", str(ckpt), "-o", str(tmp_path / "x"), "--precision", "int8")
     assert proc.returncode == 2 and "precision" in _one_error_line(proc)
-    proc = fx.run_cli("export", "-o", str(tmp_path / "x"))
-    assert proc.returncode == 2 and "--checkpoint is required" in _one_error_line(proc)
     proc = fx.run_cli("export", "--checkpoint", str(tmp_path / "nope.pth"), "-o", str(tmp_path / "x"))
     assert proc.returncode == 2 and "nope.pth" in _one_error_line(proc)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_export_defaults_to_the_bundled_model_where_segment_looks(tmp_path):
+    """`bosam export` with no checkpoint exports the bundled model (segment's default) into
+    engines/<its stem> under the current folder, where `--engine auto` looks; the folder gets
+    the usual permissions, not mkdtemp's private 0700."""
+    from bosam_cli.atomic import sha256_file
+    from bosam_cli.segment import bundled_checkpoint
+
+    bundled = bundled_checkpoint()
+    assert bundled is not None
+    old = os.umask(0o022)
+    try:
+        proc = fx.run_cli("export", "--max-points", "2", "--threads", "2", cwd=tmp_path)
+    finally:
+        os.umask(old)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    folder = tmp_path / "engines" / bundled.stem
+    manifest = json.loads((folder / "manifest.json").read_text())
+    assert manifest["checkpoint_sha256"] == sha256_file(bundled) and manifest["verification"]["passed"]
+    assert folder.stat().st_mode & 0o777 == 0o755
 
 
 def test_bench_json(exported, ckpt):
