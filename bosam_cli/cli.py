@@ -221,7 +221,7 @@ def segment(
     engine: str = typer.Option("auto", "--engine", help=ENGINE_HELP),
     engine_dir: Optional[Path] = typer.Option(None, "--engine-dir", help="Folder written by 'bosam export' (ONNX / TensorRT engines)."),
     device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda, cuda:1 ... \\[default: best available]."),
-    precision: str = typer.Option("fp32", "--precision", help="fp32, bf16 or fp16 (torch autocast; fp16 needs CUDA)."),
+    precision: str = typer.Option("fp32", "--precision", help="fp32, bf16 or fp16: torch autocast (fp16 needs CUDA there; bf16 is torch only); an engine folder must have been exported in it."),
     spacing: Optional[float] = typer.Option(None, "--spacing", help="Model window spacing in mm \\[default: the checkpoint's, else 1.5]."),
     no_clamp: bool = typer.Option(False, "--no-clamp", help="Do not clamp HU to [-1000, 1000] before normalising.", metavar=""),
     max_windows: int = typer.Option(8, "--max-windows", help="Most 128^3 windows one bone may grow into."),

@@ -89,13 +89,20 @@ def open_engine(
         raise EngineError(f"unknown engine {kind!r}; choose one of {', '.join(KINDS)}")
     if kind == "torch":
         return _open_torch(checkpoint, preset, device, precision)
+    if precision == "bf16":  # engine folders are exported in fp32 or fp16; only torch computes in bf16
+        if kind != "auto" or engine_dir is not None:
+            raise EngineError("--precision bf16: only the torch engine runs bf16 (engine folders hold fp32 or fp16 "
+                              "graphs); use --engine torch, or --precision fp16 with a folder exported with it")
+        engine = _open_torch(checkpoint, preset, device, precision)
+        engine.info.details["auto"] = ["--precision bf16: torch (engine folders hold fp32 or fp16 graphs)"]
+        return engine
 
     if checkpoint is not None and not Path(checkpoint).is_file():
         raise EngineError(f"{checkpoint}: no such checkpoint file")
     ckpt_sha = sha256_file(checkpoint) if checkpoint is not None else None
     explicit = engine_dir is not None
     folder = Path(engine_dir) if explicit else default_engine_dir(checkpoint, preset, precision or "fp32")
-    folder_precision = None if precision in (None, "bf16") else precision
+    folder_precision = precision
 
     if kind in ("onnxruntime", "tensorrt"):
         if kind == "tensorrt":  # say first that TensorRT is missing, before any engine folder is looked for

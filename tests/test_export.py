@@ -417,6 +417,12 @@ def test_engine_dir_mismatch_refused(tmp_path, exported, ckpt, tmp_path_factory)
         open_engine("onnxruntime", engine_dir=out, preset="sam-med3d")
     with pytest.raises(EngineError, match="are fp32, not fp16"):
         open_engine("onnxruntime", engine_dir=out, precision="fp16")
+    # bf16 is a torch precision: an engine folder asked for it is refused, not silently run in fp32
+    for kind, folder in (("onnxruntime", out), ("tensorrt", out), ("auto", out)):
+        with pytest.raises(EngineError, match="--precision bf16: only the torch engine runs bf16"):
+            open_engine(kind, checkpoint=ckpt, engine_dir=folder, precision="bf16")
+    eng = open_engine("auto", checkpoint=ckpt, precision="bf16")  # no folder named: torch, and it says why
+    assert eng.info.name == "torch" and "bf16" in " ".join(eng.info.details["auto"])
     with pytest.raises(EngineError, match="randomly initialised"):
         open_engine("onnxruntime", checkpoint=ckpt, engine_dir=_manifest_only(tmp_path, on_disk, checkpoint_sha256=None))
     with pytest.raises(EngineError, match="format"):
