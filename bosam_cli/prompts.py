@@ -265,12 +265,9 @@ def _make_click(ctx: _Ctx, xyz: np.ndarray, system: str, positive: bool, jpath: 
         ras = xyz if system == "RAS" else (LPS_TO_RAS[:3, :3] @ xyz)
         ijk = vol.world_to_voxel(ras)[0]
     if ctx.check_inside and not bool(vol.contains_voxel(ijk)[0]):
-        unit = "" if system == "voxel" else " mm"
-        raise ctx.fail(
-            jpath,
-            f"point {_fmt(xyz)} {system}{unit} maps to voxel {_fmt(np.round(ijk, 2))}, "
-            f"outside the volume of shape {vol.shape}",
-        )
+        where = (f"voxel {_fmt(xyz)} lies" if system == "voxel"
+                 else f"point {_fmt(xyz)} {system} mm maps to voxel {_fmt(np.round(ijk, 2))},")
+        raise ctx.fail(jpath, f"{where} outside the volume of shape {vol.shape}")
     return Click(ijk=ijk, ras=np.asarray(ras, dtype=np.float64), positive=positive)
 
 

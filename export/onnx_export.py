@@ -452,7 +452,6 @@ def export_onnx(
                 break
         raise
     manifest["path"] = str(target)
-    log(f"wrote {target}")
     return manifest
 
 
