@@ -336,7 +336,7 @@ def _segment_batch_cli(cases: list, out: Optional[Path], eng, options, as_json: 
                 t.add_row(esc(Path(r["ct"]).name), "[green]ok[/]", str(len(m["objects"])),
                           f"{sum(o['voxels'] for o in m['objects']):,}", f"{m['timings_s']['total']:.1f}")
             else:
-                t.add_row(esc(Path(r["ct"]).name), "[red]failed[/]", "", "", esc(r["error"]))
+                t.add_row(esc(Path(r["ct"]).name), "[red]failed[/] (below)", "", "", "")  # the error follows, on stderr
         _console().print(t)
         for r in results:
             if r["ok"]:
