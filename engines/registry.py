@@ -114,10 +114,10 @@ def open_engine(
         if kind == "onnxruntime":
             from .ort_engine import OrtEngine
 
-            return OrtEngine(folder, providers=device, threads=threads, manifest=manifest)
+            return _with_checkpoint_path(OrtEngine(folder, providers=device, threads=threads, manifest=manifest), checkpoint)
         from .trt_engine import TrtEngine
 
-        return TrtEngine(folder, device=_cuda_index(device), manifest=manifest)
+        return _with_checkpoint_path(TrtEngine(folder, device=_cuda_index(device), manifest=manifest), checkpoint)
 
     # auto
     notes: list[str] = []
@@ -136,9 +136,19 @@ def open_engine(
     engine: Any = None
     if manifest is not None:
         engine = _auto_from_folder(folder, manifest, device, threads, notes)
+        if engine is not None:
+            _with_checkpoint_path(engine, checkpoint)
     if engine is None:
         engine = _open_torch(checkpoint, preset or (manifest or {}).get("preset"), device, precision)
     engine.info.details["auto"] = notes
+    return engine
+
+
+def _with_checkpoint_path(engine: Any, checkpoint: str | os.PathLike | None) -> Any:
+    """Record the checkpoint a folder engine was opened for (its sha256 was checked against the
+    folder's), so that manifests name the weights whatever the engine."""
+    if checkpoint is not None:
+        engine.info.details.setdefault("checkpoint_path", str(checkpoint))
     return engine
 
 

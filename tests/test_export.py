@@ -423,6 +423,10 @@ def test_engine_dir_mismatch_refused(tmp_path, exported, ckpt, tmp_path_factory)
             open_engine(kind, checkpoint=ckpt, engine_dir=folder, precision="bf16")
     eng = open_engine("auto", checkpoint=ckpt, precision="bf16")  # no folder named: torch, and it says why
     assert eng.info.name == "torch" and "bf16" in " ".join(eng.info.details["auto"])
+    # a folder engine names the weights it was opened for (a segment manifest's checkpoint.path)
+    for kind in ("onnxruntime", "auto"):
+        eng = open_engine(kind, checkpoint=ckpt, engine_dir=out, device="cpu")
+        assert eng.info.name == "onnxruntime" and eng.info.details["checkpoint_path"] == str(ckpt)
     with pytest.raises(EngineError, match="randomly initialised"):
         open_engine("onnxruntime", checkpoint=ckpt, engine_dir=_manifest_only(tmp_path, on_disk, checkpoint_sha256=None))
     with pytest.raises(EngineError, match="format"):
