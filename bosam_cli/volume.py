@@ -348,8 +348,8 @@ def hu_warning(volume: Volume) -> str | None:
     * much at 824..1224 and almost nothing below -500 (no air, no lung): the same 1024 offset,
       with a few noisy voxels below 0;
     * under 1 % at -200..200 (soft tissue) but much at -1224..-824 and something below -1300,
-      or over 5 % below -1300 (far under air): a rescale intercept applied twice (data already in HU saved with a leftover
-      ``scl_inter`` of -1024).
+      or over 5 % below -1300 (far under air): a rescale intercept applied twice (data already
+      in HU saved with a leftover ``scl_inter`` of -1024).
 
     The soft-tissue rules need 50 000 voxels or more (a crop of one bone need hold none).
     """
