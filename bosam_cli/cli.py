@@ -149,7 +149,7 @@ def points_check(
 
     t = Table(title=esc(f"clicks of {prompts} in {ct}"))
     for col in ("object", "label", "click", "+/-", "RAS mm", "voxel i,j,k", "HU", "inside"):
-        t.add_column(col, justify="right" if col in ("label", "click", "HU") else "left")
+        t.add_column(col, justify="right" if col in ("label", "click", "HU") else "left", overflow="fold")  # names wrap, never cut
     for r in records:
         t.add_row(
             esc(r["object"]),
@@ -496,7 +496,8 @@ def bench(
     con = _wide_console()
     base = next((r["encoder_s"]["median"] for r in results if r["engine"] == "torch"), None)
     m = report["machine"]
-    t = Table(title=f"bosam bench: {preset or 'checkpoint'} on {m['cpu'] or m['platform']} ({m['cpu_count']} CPUs, threads {threads or 'default'})")
+    what = Path(checkpoint).name if checkpoint else (preset or "model")
+    t = Table(title=esc(f"bosam bench: {what} on {m['cpu'] or m['platform']} ({m['cpu_count']} CPUs, threads {threads or 'default'})"))
     for col in ("engine", "device", "precision", "encoder s (median / min)", "vs torch", "click 1 pt ms", "click 10 pts ms"):
         t.add_column(col, justify="left" if col in ("engine", "device", "precision") else "right")
     for r in results:
