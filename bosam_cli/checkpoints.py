@@ -202,9 +202,14 @@ def _merge_bosam_lora_ours(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tenso
 def normalise_state_dict(sd: dict[str, torch.Tensor], path: Path) -> tuple[dict[str, torch.Tensor], str, list[str]]:
     """Strip wrappers and merge LoRA; returns (plain state dict, layout, notes)."""
     notes: list[str] = []
-    sd, stripped = _strip_prefix(dict(sd), "module.")
-    if stripped:
-        notes.append("stripped 'module.' prefix")
+    sd = dict(sd)
+    for prefix in ("module.", "_orig_mod.", "module."):  # DDP, torch.compile, or both (either order)
+        sd, stripped = _strip_prefix(sd, prefix)
+        if stripped:
+            notes.append(f"stripped '{prefix}' prefix")
+    if sd and all(re.fullmatch(r"w_[AB]s\.\d+\.weight", k) for k in sd):
+        raise CheckpointError(f"{path}: holds only LoRA adapters ({len(sd)} w_As/w_Bs tensors) and no base model; "
+                              "load the full LoRA checkpoint BoSAM's training saved (its 'sam.' weights with them)")
     # BoSAM's LoRA_Sam3D: the wrapped model under 'sam.', its A/B tensors in w_As/w_Bs lists and/or
     # inside the wrapped qkv modules; ours: the wrapped qkv modules without the 'sam.' prefix
     lora_sam = any(k.startswith("sam.") for k in sd) and (

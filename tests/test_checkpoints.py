@@ -197,6 +197,17 @@ def test_old_pickle_warning_stays_off_the_error_line(tmp_path):
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
 
 
+def test_compiled_model_prefix_is_stripped_and_adapter_only_files_are_explained(tmp_path):
+    sd = build_preset("tiny").state_dict()
+    torch.save({"model_state_dict": {f"module._orig_mod.{k}": v for k, v in sd.items()}}, tmp_path / "compiled.pth")
+    ck = read_checkpoint(tmp_path / "compiled.pth")
+    assert set(ck.state_dict) == set(sd) and "stripped '_orig_mod.' prefix" in ck.notes
+    adapters = {f"w_{ab}s.{i}.weight": torch.zeros(2, 2) for ab in "AB" for i in range(4)}
+    torch.save(adapters, tmp_path / "adapters.pth")
+    with pytest.raises(CheckpointError, match=r"adapters\.pth: holds only LoRA adapters \(8 w_As/w_Bs tensors\)"):
+        read_checkpoint(tmp_path / "adapters.pth")
+
+
 def test_malicious_pickle_is_refused_and_not_executed(tmp_path):
     marker = tmp_path / "pwned"
 
