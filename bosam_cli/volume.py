@@ -208,6 +208,10 @@ def read_nifti(path: str | os.PathLike) -> Volume:
     affine, source = _nifti_affine(img.header, path)
     hdr = img.header.copy()
     meta: dict[str, Any] = {"affine_source": source, "format": "nifti"}
+    try:
+        meta["spatial_unit"] = str(hdr.get_xyzt_units()[0])
+    except Exception:  # noqa: BLE001 - an unknown unit code reads as unknown
+        meta["spatial_unit"] = "unknown"
     if source == "sform":
         meta["sform_code"], meta["qform_code"] = int(hdr["sform_code"]), int(hdr["qform_code"])
         meta["sform_skew_mm"] = affine_skew_mm(affine, shape)
@@ -400,6 +404,8 @@ def geometry_warning(volume: Volume) -> str | None:
 
     * neither sform nor qform (both codes 0): bosam (as nibabel) builds the affine from the
       voxel sizes alone; ITK-based viewers flip x and y;
+    * spatial units declared as metres or microns: bosam (as nibabel) reads mm regardless;
+      ITK-based viewers scale;
     * a sheared sform (over 0.5 mm from the nearest orthogonal grid at a corner): ITK-based
       viewers (3D Slicer, ITK-SNAP, SimpleITK) cannot hold a shear and read the qform or an
       orthogonalised sform;
@@ -415,6 +421,12 @@ def geometry_warning(volume: Volume) -> str | None:
         return (f"{where}sform_code and qform_code are 0: the file does not say where the CT lies in patient space, "
                 "so bosam places it from the voxel sizes alone (as nibabel does; ITK-based viewers differ); "
                 "give voxel clicks, or world clicks taken on this same file")
+    unit = meta.get("spatial_unit")
+    if unit in ("meter", "micron"):
+        return (f"{where}xyzt_units: the voxel sizes are declared in {unit}s; bosam reads the affine as millimetres "
+                "(as nibabel does, whatever the unit), while ITK-based viewers (3D Slicer, ITK-SNAP) scale it to mm, so "
+                "the CT's size and world clicks differ between them: set the unit to mm if the numbers are mm, or "
+                "convert the file")
     skew = float(meta.get("sform_skew_mm") or 0.0)
     if skew > 0.5:
         return (f"{where}the sform is sheared (gantry tilt?): ITK-based viewers (3D Slicer, ITK-SNAP) cannot hold a "

@@ -640,6 +640,21 @@ def test_sform_and_qform_that_disagree_are_warned_about_where_itk_viewers_read_t
     assert note is not None and "the sform is sheared" in note
 
 
+def test_a_nifti_declared_in_metres_is_warned_about(tmp_path):
+    from bosam_cli.volume import geometry_warning
+
+    img = nib.Nifti1Image(np.zeros((4, 5, 6), np.int16), np.diag([0.8, 0.8, 2.0, 1.0]))
+    img.header.set_xyzt_units("meter")
+    nib.save(img, str(tmp_path / "m.nii.gz"))
+    vol = read_volume(tmp_path / "m.nii.gz")
+    np.testing.assert_allclose(vol.affine, np.diag([0.8, 0.8, 2.0, 1.0]))  # read as mm, as nibabel does
+    note = geometry_warning(vol)
+    assert note is not None and "declared in meters" in note
+    img.header.set_xyzt_units("mm")
+    nib.save(img, str(tmp_path / "mm.nii.gz"))
+    assert geometry_warning(read_volume(tmp_path / "mm.nii.gz")) is None
+
+
 def test_skew_is_measured_in_float64_on_large_oblique_grids():
     """An orthogonal grid rotated close to 180 degrees (every LPS-stored CT read as RAS) is not
     sheared, however large; a gantry tilt is, by millimetres."""
