@@ -872,6 +872,9 @@ def _print_clicks_summary_long(con: Any, summary: dict, title: str) -> None:
     con.print(t)
     con.print("Other: share of the predicted voxels that the label map gives to another structure (a neighbouring "
               "bone, an organ), mean over the objects with a non-empty mask.")
+    sec = summary.get("seconds_per_click") or {}
+    two = {k: "n/a" if sec.get(k) is None else f"{sec[k]:.2f}" for k in ("first", "later")}
+    con.print(f"Seconds per click: first {two['first']}, later {two['later']}.")
 
 
 def main() -> None:

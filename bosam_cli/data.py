@@ -527,8 +527,14 @@ def scan_case(
         affine = entry["affine"]
         hu_note = entry.get("hu_warning")
         if entry.get("hu_check") != HU_CHECK_VERSION:  # cached by an older check: judge the cached values again
-            arr = np.load(_cache_paths(cache, case)[1], mmap_mode="r")  # type: ignore[arg-type]
-            hu_note = hu_warning(Volume(arr, np.asarray(affine, np.float64), path=case.image))
+            meta_p, img_p, _ = _cache_paths(cache, case)  # type: ignore[arg-type]
+            hu_note = hu_warning(Volume(np.load(img_p, mmap_mode="r"), np.asarray(affine, np.float64), path=case.image))
+            try:  # and keep the new verdict, so later scans need not read the image again
+                tmp = meta_p.with_name(meta_p.name + ".tmp")
+                tmp.write_text(json.dumps({**entry, "hu_warning": hu_note, "hu_check": HU_CHECK_VERSION}))
+                os.replace(tmp, meta_p)
+            except OSError:  # a read-only cache: judged again next time
+                pass
         cached = True
     else:
         try:

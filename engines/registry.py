@@ -52,6 +52,9 @@ def _open_torch(checkpoint: Any, preset: str | None, device: str | None, precisi
         import torch
 
         device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "tensorrt":  # ONNX Runtime's TensorRT provider; torch has no such device
+        raise EngineError("--device tensorrt selects ONNX Runtime's TensorRT provider, which needs an engine folder "
+                          "(bosam export); no usable folder was found, and torch runs on cpu or cuda")
     try:
         return TorchEngine.from_checkpoint(
             str(checkpoint) if checkpoint is not None else None, preset=preset, device=device, precision=precision or "fp32"
@@ -114,10 +117,12 @@ def open_engine(
         if kind == "onnxruntime":
             from .ort_engine import OrtEngine
 
-            return _with_checkpoint_path(OrtEngine(folder, providers=device, threads=threads, manifest=manifest), checkpoint)
+            return _with_checkpoint_path(OrtEngine(folder, providers=device, threads=threads, manifest=manifest),
+                                         checkpoint or manifest.get("checkpoint_path"))
         from .trt_engine import TrtEngine
 
-        return _with_checkpoint_path(TrtEngine(folder, device=_cuda_index(device), manifest=manifest), checkpoint)
+        return _with_checkpoint_path(TrtEngine(folder, device=_cuda_index(device), manifest=manifest),
+                                     checkpoint or manifest.get("checkpoint_path"))
 
     # auto
     notes: list[str] = []
@@ -137,7 +142,7 @@ def open_engine(
     if manifest is not None:
         engine = _auto_from_folder(folder, manifest, device, threads, notes)
         if engine is not None:
-            _with_checkpoint_path(engine, checkpoint)
+            _with_checkpoint_path(engine, checkpoint or manifest.get("checkpoint_path"))
     if engine is None:
         engine = _open_torch(checkpoint, preset or (manifest or {}).get("preset"), device, precision)
     engine.info.details["auto"] = notes
@@ -146,7 +151,8 @@ def open_engine(
 
 def _with_checkpoint_path(engine: Any, checkpoint: str | os.PathLike | None) -> Any:
     """Record the checkpoint a folder engine was opened for (its sha256 was checked against the
-    folder's), so that manifests name the weights whatever the engine."""
+    folder's; without one, the path the folder was exported from), so that manifests name the
+    weights whatever the engine."""
     if checkpoint is not None:
         engine.info.details.setdefault("checkpoint_path", str(checkpoint))
     return engine

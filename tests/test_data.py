@@ -26,7 +26,7 @@ from bosam_cli.data import (
     scan_dataset,
 )
 from bosam_cli.errors import BosamError
-from bosam_cli.volume import read_volume
+from bosam_cli.volume import HU_CHECK_VERSION, read_volume
 from bosam_cli.windows import normalise, sample_labels, sample_window
 from conftest import DATA
 
@@ -299,6 +299,7 @@ def test_a_ct_without_negative_values_is_a_warning_not_an_error(tmp_path):
     assert all(i.cached for i in scan.infos) and len(metas) == 2
     (note,) = scan.problems
     assert note.path == img and "does not look like a CT in Hounsfield units" in note.message
+    assert all(json.loads(m.read_text())["hu_check"] == HU_CHECK_VERSION for m in metas)  # the new verdicts are kept
 
 
 def test_an_image_with_nan_voxels_is_an_error_naming_it(tmp_path):

@@ -427,6 +427,11 @@ def test_engine_dir_mismatch_refused(tmp_path, exported, ckpt, tmp_path_factory)
     for kind in ("onnxruntime", "auto"):
         eng = open_engine(kind, checkpoint=ckpt, engine_dir=out, device="cpu")
         assert eng.info.name == "onnxruntime" and eng.info.details["checkpoint_path"] == str(ckpt)
+    eng = open_engine("onnxruntime", engine_dir=out, device="cpu")  # no checkpoint named: the folder's own
+    assert eng.info.details["checkpoint_path"] == on_disk["checkpoint_path"]
+    # --device tensorrt (ORT's provider) falling back to torch is one clear error, not a torch traceback
+    with pytest.raises(EngineError, match="--device tensorrt selects ONNX Runtime's TensorRT provider"):
+        open_engine("auto", checkpoint=ckpt, engine_dir=None, device="tensorrt", precision="bf16")
     with pytest.raises(EngineError, match="randomly initialised"):
         open_engine("onnxruntime", checkpoint=ckpt, engine_dir=_manifest_only(tmp_path, on_disk, checkpoint_sha256=None))
     with pytest.raises(EngineError, match="format"):

@@ -128,9 +128,12 @@ def test_flags_show_no_value_placeholder_in_help():
     from bosam_cli.cli import app
 
     runner = CliRunner()
-    names = [c.name or c.callback.__name__ for c in app.registered_commands]
-    assert {"segment", "train", "evaluate", "export", "demo"} <= set(names)
-    for name in names:
-        out = runner.invoke(app, [name, "--help"], env={"COLUMNS": "200"}).output
+    paths = [[c.name or c.callback.__name__] for c in app.registered_commands]
+    for group in app.registered_groups:  # sub-commands such as 'points check'
+        paths += [[group.name, c.name or c.callback.__name__] for c in group.typer_instance.registered_commands]
+    assert {"segment", "train", "evaluate", "export", "demo"} <= {p[0] for p in paths} and ["points", "check"] in paths
+    for path in paths + [[]]:
+        out = runner.invoke(app, [*path, "--help"], env={"COLUMNS": "200"}).output
+        assert "Usage" in out, path
         flagged = [line for line in out.splitlines() if "<bool>" in line and "--help" not in line]
-        assert not flagged, (name, flagged)
+        assert not flagged, (path, flagged)
