@@ -596,7 +596,7 @@ def _clamp_option(text: Optional[str]) -> Optional[tuple]:
 @handle_errors
 def prepare(
     data: list[Path] = typer.Option(..., "--data", "-d", help="nnU-Net-style dataset folder (imagesTr/, labelsTr/); repeat for several."),
-    check: bool = typer.Option(False, "--check", help="Check every case: unpaired files, unreadable files, image/label shape or affine mismatch, empty labels.", metavar=""),
+    check: bool = typer.Option(False, "--check", help="Check every case: unpaired files, unreadable files, image/label shape or affine mismatch, empty or non-integer labels, NaN voxels, non-HU values (a warning).", metavar=""),
     cache: Optional[Path] = typer.Option(None, "--cache", help="Write decoded volumes here (uncompressed .npy + JSON) so training does not spend its time un-gzipping."),
     labels: Optional[str] = typer.Option(None, "--labels", help="Labels to use: ids, ranges (25-50), names, 'bone' or a bone group (spine, rib ...) of --labelmap."),
     labelmap: Optional[Path] = typer.Option(None, "--labelmap", help="Label-map JSON with names, bone ids and bone groups (e.g. TotalSegmentator's)."),
