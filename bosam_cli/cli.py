@@ -364,7 +364,6 @@ def export_command(
     """Export ONNX encoder + decoder (and TensorRT plans), verified against PyTorch."""
     from export.onnx_export import export_onnx
 
-
     if checkpoint is None and preset is None:
         from .segment import resolve_checkpoint
 
@@ -852,29 +851,23 @@ def _print_clicks_summary_long(con: Any, summary: dict, title: str) -> None:
     """The clicks protocol's summary for a narrow terminal: a row per label and click count."""
     from rich.table import Table
 
-    def f(v: Any, pct: bool = False) -> str:
-        if v is None:
-            return "n/a"
-        return f"{100 * v:.1f} %" if pct else f"{v:.3f}"
+    from .evaluate import OTHER_NOTE, _f, _pct, seconds_line
 
     t = Table(title=esc(title))
     for col in ("label", "objects", "clicks", "Dice", "NSD", "Other"):
         t.add_column(col, justify="left" if col == "label" else "right", overflow="fold")
     rows = list(summary["per_label"].items()) + [("mean", summary["overall"])]
     for i, (name, per_click) in enumerate(rows):
-        bold = name == "mean" and i == len(rows) - 1
+        bold = i == len(rows) - 1  # the mean
         for j, n in enumerate(summary["clicks"]):
             d = per_click.get(str(n))
             if d is None:
                 continue
-            cells = [esc(name) if j == 0 else "", str(d["objects"]), str(n), f(d["dice"]), f(d["nsd"]), f(d["other"], True)]
+            cells = [esc(name) if j == 0 else "", str(d["objects"]), str(n), _f(d["dice"]), _f(d["nsd"]), _pct(d["other"])]
             t.add_row(*(f"[bold]{c}[/]" if bold and c else c for c in cells), end_section=j == len(summary["clicks"]) - 1)
     con.print(t)
-    con.print("Other: share of the predicted voxels that the label map gives to another structure (a neighbouring "
-              "bone, an organ), mean over the objects with a non-empty mask.")
-    sec = summary.get("seconds_per_click") or {}
-    two = {k: "n/a" if sec.get(k) is None else f"{sec[k]:.2f}" for k in ("first", "later")}
-    con.print(f"Seconds per click: first {two['first']}, later {two['later']}.")
+    con.print(f"Other: {OTHER_NOTE}")
+    con.print(seconds_line(summary))
 
 
 def main() -> None:

@@ -493,6 +493,11 @@ def _write_cache_entry(cache: str | os.PathLike, case: Case, image: Volume, labe
         "hu_warning": hu_note,
         "hu_check": HU_CHECK_VERSION,
     }
+    _write_cache_meta(meta_p, meta)
+
+
+def _write_cache_meta(meta_p: Path, meta: dict[str, Any]) -> None:
+    """A cache entry's JSON, replaced whole (the image and label arrays are written before it)."""
     tmp = meta_p.with_name(meta_p.name + ".tmp")
     tmp.write_text(json.dumps(meta))
     os.replace(tmp, meta_p)
@@ -530,9 +535,7 @@ def scan_case(
             meta_p, img_p, _ = _cache_paths(cache, case)  # type: ignore[arg-type]
             hu_note = hu_warning(Volume(np.load(img_p, mmap_mode="r"), np.asarray(affine, np.float64), path=case.image))
             try:  # and keep the new verdict, so later scans need not read the image again
-                tmp = meta_p.with_name(meta_p.name + ".tmp")
-                tmp.write_text(json.dumps({**entry, "hu_warning": hu_note, "hu_check": HU_CHECK_VERSION}))
-                os.replace(tmp, meta_p)
+                _write_cache_meta(meta_p, {**entry, "hu_warning": hu_note, "hu_check": HU_CHECK_VERSION})
             except OSError:  # a read-only cache: judged again next time
                 pass
         cached = True

@@ -529,11 +529,19 @@ def markdown_table(summary: dict[str, Any], title: str) -> str:
         cells = " | ".join(f"**{_f(ov[str(n)]['dice'])}** | **{_f(ov[str(n)]['nsd'])}** | **{_pct(ov[str(n)]['other'])}**"
                            for n in clicks)
         lines.append(f"| **mean** | {summary['objects']} | {cells} |")
-        lines += ["", "Other@n: share of the predicted voxels that the label map gives to another structure "
-                      "(a neighbouring bone, an organ), mean over the objects with a non-empty mask."]
-    t = summary["seconds_per_click"]
-    lines += ["", f"Seconds per click: first {_f(t['first'], 2)}, later {_f(t['later'], 2)}."]
+        lines += ["", f"Other@n: {OTHER_NOTE}"]
+    lines += ["", seconds_line(summary)]
     return "\n".join(lines) + "\n"
+
+
+#: what the Other@n column measures (under every table of the clicks protocol)
+OTHER_NOTE = ("share of the predicted voxels that the label map gives to another structure (a neighbouring bone, "
+              "an organ), mean over the objects with a non-empty mask.")
+
+
+def seconds_line(summary: dict[str, Any]) -> str:
+    t = summary["seconds_per_click"]
+    return f"Seconds per click: first {_f(t['first'], 2)}, later {_f(t['later'], 2)}."
 
 
 def _f(v: float | None, digits: int = 3) -> str:

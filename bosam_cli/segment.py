@@ -87,6 +87,12 @@ def resolve_checkpoint(checkpoint: str | os.PathLike | None) -> str:
     return str(bundled)
 
 
+def ct_warnings(volume: Volume, label_map: Path) -> list[str]:
+    """What the CT or its label map's format may get wrong without an error: non-HU values,
+    geometry viewers disagree about, a sheared grid written to NIfTI."""
+    return [w for w in (hu_warning(volume), geometry_warning(volume), nifti_output_warning(volume, label_map)) if w]
+
+
 def make_session(engine: Any, options: SegmentOptions, metadata: dict[str, Any] | None = None) -> Session:
     """A session configured from options, falling back to the checkpoint's metadata."""
     meta = metadata or {}
@@ -263,8 +269,7 @@ def segment_file(
         t_write = time.perf_counter()
 
         timings = {k: round(session.timings[k] - before.get(k, 0.0), 4) for k in session.timings}
-        warnings = [w for w in (hu_warning(volume), geometry_warning(volume),
-                                nifti_output_warning(volume, paths["label_map"])) if w]
+        warnings = ct_warnings(volume, paths["label_map"])
         for o in objects:
             if not o["voxels"]:
                 why = ("every voxel went to other objects by the overlap rule" if o["voxels_before_overlap_rule"]
@@ -620,9 +625,8 @@ def interactive(
             current = obj.label
         save()
         say(f"loaded {points}: {len(prompts.objects)} objects")
-    for note in (hu_warning(volume), geometry_warning(volume), nifti_output_warning(volume, paths["label_map"])):
-        if note:
-            say(f"warning: {note}")
+    for note in ct_warnings(volume, paths["label_map"]):
+        say(f"warning: {note}")
     say(f"bosam interactive on {ct_path.name} {volume.shape} ({volume.axcodes}); coordinates {system}; "
         f"engine {engine.info.name}/{engine.info.device}; output {paths['label_map']}; 'help' lists commands")
     for raw in stdin:

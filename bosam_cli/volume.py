@@ -225,10 +225,15 @@ def read_nifti(path: str | os.PathLike) -> Volume:
     return Volume(arr, affine, hdr, path, meta)
 
 
+def _grid_corners(shape: tuple[int, ...]) -> np.ndarray:
+    """(8, 3) voxel indices of a grid's corners."""
+    return np.array([[i, j, k] for i in (0, shape[0] - 1) for j in (0, shape[1] - 1) for k in (0, shape[2] - 1)], np.float64)
+
+
 def grid_offset_mm(a: np.ndarray, b: np.ndarray, shape: tuple[int, ...]) -> float:
     """How far apart (mm, largest over the grid's 8 corners) two voxel -> world affines put a grid."""
-    corners = np.array([[i, j, k, 1.0] for i in (0, shape[0] - 1) for j in (0, shape[1] - 1) for k in (0, shape[2] - 1)])
-    return float(np.max(np.linalg.norm((corners @ np.asarray(a, np.float64).T - corners @ np.asarray(b, np.float64).T)[:, :3], axis=1)))
+    diff = np.asarray(a, np.float64) - np.asarray(b, np.float64)
+    return float(np.max(np.linalg.norm(_grid_corners(shape) @ diff[:3, :3].T + diff[:3, 3], axis=1)))
 
 
 def affine_skew_mm(affine: np.ndarray, shape: tuple[int, ...]) -> float:
@@ -241,8 +246,7 @@ def affine_skew_mm(affine: np.ndarray, shape: tuple[int, ...]) -> float:
     scale = np.linalg.norm(lin, axis=0)
     u, _, vt = np.linalg.svd(lin / scale)
     nearest = (u @ vt) * scale
-    corners = np.array([[i, j, k] for i in (0, shape[0] - 1) for j in (0, shape[1] - 1) for k in (0, shape[2] - 1)], np.float64)
-    return float(np.max(np.linalg.norm(corners @ (lin - nearest).T, axis=1)))
+    return float(np.max(np.linalg.norm(_grid_corners(shape) @ (lin - nearest).T, axis=1)))
 
 
 def _igzip() -> Any:

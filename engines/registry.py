@@ -105,7 +105,6 @@ def open_engine(
     ckpt_sha = sha256_file(checkpoint) if checkpoint is not None else None
     explicit = engine_dir is not None
     folder = Path(engine_dir) if explicit else default_engine_dir(checkpoint, preset, precision or "fp32")
-    folder_precision = precision
 
     if kind in ("onnxruntime", "tensorrt"):
         if kind == "tensorrt":  # say first that TensorRT is missing, before any engine folder is looked for
@@ -113,16 +112,15 @@ def open_engine(
 
             import_tensorrt()
         manifest = load_manifest(folder)
-        check_manifest(manifest, folder, checkpoint, preset, folder_precision, ckpt_sha)
+        check_manifest(manifest, folder, checkpoint, preset, precision, ckpt_sha)
         if kind == "onnxruntime":
             from .ort_engine import OrtEngine
 
             return _with_checkpoint_path(OrtEngine(folder, providers=device, threads=threads, manifest=manifest),
-                                         checkpoint or manifest.get("checkpoint_path"))
+                                         checkpoint, manifest)
         from .trt_engine import TrtEngine
 
-        return _with_checkpoint_path(TrtEngine(folder, device=_cuda_index(device), manifest=manifest),
-                                     checkpoint or manifest.get("checkpoint_path"))
+        return _with_checkpoint_path(TrtEngine(folder, device=_cuda_index(device), manifest=manifest), checkpoint, manifest)
 
     # auto
     notes: list[str] = []
@@ -130,7 +128,7 @@ def open_engine(
     if (folder / MANIFEST_NAME).is_file() or explicit:
         try:
             manifest = load_manifest(folder)
-            check_manifest(manifest, folder, checkpoint, preset, folder_precision, ckpt_sha)
+            check_manifest(manifest, folder, checkpoint, preset, precision, ckpt_sha)
         except EngineError as exc:
             if explicit:
                 raise
@@ -142,19 +140,20 @@ def open_engine(
     if manifest is not None:
         engine = _auto_from_folder(folder, manifest, device, threads, notes)
         if engine is not None:
-            _with_checkpoint_path(engine, checkpoint or manifest.get("checkpoint_path"))
+            _with_checkpoint_path(engine, checkpoint, manifest)
     if engine is None:
         engine = _open_torch(checkpoint, preset or (manifest or {}).get("preset"), device, precision)
     engine.info.details["auto"] = notes
     return engine
 
 
-def _with_checkpoint_path(engine: Any, checkpoint: str | os.PathLike | None) -> Any:
+def _with_checkpoint_path(engine: Any, checkpoint: str | os.PathLike | None, manifest: dict[str, Any]) -> Any:
     """Record the checkpoint a folder engine was opened for (its sha256 was checked against the
     folder's; without one, the path the folder was exported from), so that manifests name the
     weights whatever the engine."""
-    if checkpoint is not None:
-        engine.info.details.setdefault("checkpoint_path", str(checkpoint))
+    path = checkpoint if checkpoint is not None else manifest.get("checkpoint_path")
+    if path is not None:
+        engine.info.details.setdefault("checkpoint_path", str(path))
     return engine
 
 

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from bosam_cli import __version__
+from bosam_cli.atomic import current_umask
 from bosam_cli.errors import EngineError
 from engines.manifest import (
     DECODER_INPUTS,
@@ -428,9 +429,7 @@ def export_onnx(
 
     created = _make_parents(target.parent)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)  # the folder others use, not mkdtemp's private 0700
+    os.chmod(tmp, 0o777 & ~current_umask())  # the folder others use, not mkdtemp's private 0700
     try:
         manifest = _export_into(
             model, tmp, precision, max_points, opset, ckpt_path, ckpt_sha, preset_name, seed, threads, log
