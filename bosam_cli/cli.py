@@ -14,11 +14,32 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 import typer
+from typer.core import TyperCommand, TyperGroup
 
 from . import __version__
 
+
+class _BareHelp:
+    """Typer shows '<bool>' beside '--help' as if it took a value; show it bare like every other flag."""
+
+    def get_help_option(self, ctx):
+        option = super().get_help_option(ctx)
+        if option is not None:
+            option.metavar = ""
+        return option
+
+
+class _Command(_BareHelp, TyperCommand):
+    pass
+
+
+class _Group(_BareHelp, TyperGroup):
+    pass
+
+
 app = typer.Typer(
     name="bosam",
+    cls=_Group,
     help="Promptable 3-D bone segmentation in CT from a few clicks (SAM-Med3D / BoSAM compatible).",
     no_args_is_help=True,
     add_completion=False,
@@ -127,7 +148,7 @@ def info(
         con.print(t)
 
 
-points_app = typer.Typer(help="Prompt files: check where clicks land before inference.", no_args_is_help=True)
+points_app = typer.Typer(help="Prompt files: check where clicks land before inference.", no_args_is_help=True, cls=_Group)
 app.add_typer(points_app, name="points")
 
 
@@ -868,6 +889,11 @@ def _print_clicks_summary_long(con: Any, summary: dict, title: str) -> None:
     con.print(t)
     con.print(f"Other: {OTHER_NOTE}")
     con.print(seconds_line(summary))
+
+
+for _typer_app in (app, points_app):  # every command shows a bare '--help' (see _BareHelp)
+    for _info in _typer_app.registered_commands:
+        _info.cls = _Command
 
 
 def main() -> None:
