@@ -143,15 +143,32 @@ def test_padding_point_appended_and_labels_select_embeddings(tiny_model):
     pe = tiny_model.prompt_encoder
     pts = torch.tensor([[[3.0, 4.0, 5.0], [60.0, 61.0, 62.0]]])
     labels = torch.tensor([[1, 0]])
-    sparse, dense = pe((pts, labels), torch.zeros(1, 1, 32, 32, 32))
+    sparse, dense = pe((pts, labels), None, torch.zeros(1, 1, 32, 32, 32))
     assert sparse.shape == (1, 3, pe.embed_dim)
     assert torch.allclose(sparse[0, 2], pe.not_a_point_embed.weight[0])
     raw = pe.pe_layer.forward_with_coords(pts + 0.5, (128, 128, 128))[0]
     assert torch.allclose(sparse[0, 0], raw[0] + pe.point_embeddings[1].weight[0], atol=1e-6)
     assert torch.allclose(sparse[0, 1], raw[1] + pe.point_embeddings[0].weight[0], atol=1e-6)
     # label -1 rows become not_a_point regardless of the coordinates
-    s2, _ = pe((pts, torch.tensor([[-1, 0]])), torch.zeros(1, 1, 32, 32, 32))
+    s2, _ = pe((pts, torch.tensor([[-1, 0]])), None, torch.zeros(1, 1, 32, 32, 32))
     assert torch.allclose(s2[0, 0], pe.not_a_point_embed.weight[0])
+
+
+def test_prompt_encoder_takes_the_reference_call_styles(tiny_model):
+    """Code written against the reference calls prompt_encoder(points=..., boxes=None, masks=...)
+    or positionally (points, None, masks); both must reach the mask, never the untrained
+    no_mask_embed, and a box prompt (no weights for it) is refused."""
+    pe = tiny_model.prompt_encoder
+    pts, labels = torch.tensor([[[3.0, 4.0, 5.0]]]), torch.tensor([[1]])
+    mask = torch.randn(1, 1, 32, 32, 32)
+    sparse, dense = pe(points=(pts, labels), boxes=None, masks=mask)
+    assert torch.equal(dense, pe.embed_mask(mask)) and torch.equal(sparse, pe.embed_points(pts, labels))
+    s2, d2 = pe((pts, labels), None, mask)
+    assert torch.equal(s2, sparse) and torch.equal(d2, dense)
+    s3, d3 = pe(None, None, None)
+    assert s3.shape == (1, 0, pe.embed_dim) and torch.equal(d3[0, :, 0, 0, 0], pe.no_mask_embed.weight[0])
+    with pytest.raises(ValueError, match="box"):
+        pe((pts, labels), torch.zeros(1, 6), mask)
 
 
 def test_decode_shapes_and_mask_prompt_feedback(tiny_model):

@@ -119,10 +119,18 @@ class PromptEncoder3D(nn.Module):
     def forward(
         self,
         points: tuple[torch.Tensor, torch.Tensor] | None,
-        masks: torch.Tensor | None,
+        boxes: torch.Tensor | None = None,
+        masks: torch.Tensor | None = None,
+        *,
         batch_size: int = 1,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Sparse (B, N + 1 or 0, C) and dense (B, C, d, h, w) prompt embeddings."""
+        """Sparse (B, N + 1 or 0, C) and dense (B, C, d, h, w) prompt embeddings.
+
+        Called as the reference calls it, ``(points, boxes, masks)``; the 3-D weights have no box
+        embeddings, so ``boxes`` must be None.
+        """
+        if boxes is not None:
+            raise ValueError("box prompts are not supported: the SAM-Med3D weights have no box embeddings")
         if points is not None:
             batch_size = points[0].shape[0]
             sparse = self.embed_points(points[0], points[1])

@@ -80,7 +80,7 @@ class Sam3D(nn.Module):
             if labels is None:
                 raise ValueError("labels are required with points")
             pts = (points.to(embedding.dtype), labels.to(torch.int64))
-        sparse, dense = self.prompt_encoder(pts, mask_prompt, batch_size=embedding.shape[0])
+        sparse, dense = self.prompt_encoder(pts, None, mask_prompt, batch_size=embedding.shape[0])
         return self.mask_decoder(
             embedding, self.prompt_encoder.get_dense_pe().to(embedding.dtype), sparse, dense, False
         )
