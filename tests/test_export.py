@@ -524,3 +524,33 @@ def test_engine_folder_carries_the_checkpoints_spacing_and_clamp(tmp_path):
     torch_session = make_session(torch_eng, SegmentOptions(), engine_metadata(torch_eng))
     assert torch_session.spacing_mm == 2.0 and torch_session.intensity.clamp_hu is None
     assert torch_session.click_memory == "all"
+
+
+def test_windowed_attention_exports_without_reduce_logsumexp(tmp_path):
+    """The published encoders' windowed blocks add the padded keys' softmax mass through
+    log-sum-exps. TensorRT's ONNX importer computes ReduceLogSumExp as log(sum(exp(x))) with
+    no maximum taken out (inf past 88 in fp32), so the graph must spell them out stably; ONNX
+    Runtime then still matches torch on logits far past that range."""
+    import onnx
+    import onnxruntime as ort
+    import torch
+
+    from bosam_cli.model.image_encoder import Attention3D
+    from export.onnx_export import _export_one
+
+    attn = Attention3D(32, 2, 4, 6).eval()  # a 4^3 grid padded to 6^3 windows
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for p in attn.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+        for table in (attn.rel_pos_d, attn.rel_pos_h, attn.rel_pos_w):
+            table.mul_(60.0)  # relative-position logits in the hundreds
+    x = torch.randn(1, 4, 4, 4, 32, generator=g)
+    path = tmp_path / "attn.onnx"
+    _export_one(attn, (x,), path, ("x",), ("y",), 18, None, lambda *_: None, {"y": (1, 4, 4, 4, 32)})
+    ops = {node.op_type for node in onnx.load(str(path)).graph.node}
+    assert "ReduceLogSumExp" not in ops and "ReduceMax" in ops
+    with torch.inference_mode():
+        want = attn(x).numpy()
+    got = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"x": x.numpy()})[0]
+    assert np.isfinite(got).all() and np.abs(got - want).max() <= 1e-4 * (1 + np.abs(want).max())

@@ -35,6 +35,13 @@ def _rel_index(side: int) -> torch.Tensor:
     return coords[:, None] - coords[None, :] + (side - 1)
 
 
+def _logsumexp(x: torch.Tensor, dim: int) -> torch.Tensor:
+    """logsumexp with elementary ops, the maximum taken out. Exported as such: TensorRT's ONNX
+    importer computes ReduceLogSumExp as log(sum(exp(x))), which overflows."""
+    m = x.amax(dim=dim, keepdim=True)
+    return (m + torch.log(torch.exp(x - m).sum(dim=dim, keepdim=True))).squeeze(dim)
+
+
 def _logaddexp(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """log(exp(a) + exp(b)) with elementary ops (exports everywhere)."""
     m = torch.maximum(a, b)
@@ -185,17 +192,17 @@ class Attention3D(nn.Module):
 
         # Padded keys: log of their total softmax mass for every real query, computed from
         # sums of positive terms only (no cancellation).
-        lb_real = torch.logsumexp(bm[:, :, :, :, :g, :], dim=-2)  # (B, h, qd, qh, kw)
-        lb_pad = torch.logsumexp(bm[:, :, :, :, g:, :], dim=-2)
-        lc_real = torch.logsumexp(cm[:, :, :, :, :g, :], dim=-2)
-        lc_pad = torch.logsumexp(cm[:, :, :, :, g:, :], dim=-2)
+        lb_real = _logsumexp(bm[:, :, :, :, :g, :], dim=-2)  # (B, h, qd, qh, kw)
+        lb_pad = _logsumexp(bm[:, :, :, :, g:, :], dim=-2)
+        lc_real = _logsumexp(cm[:, :, :, :, :g, :], dim=-2)
+        lc_pad = _logsumexp(cm[:, :, :, :, g:, :], dim=-2)
         lb_all = _logaddexp(lb_real, lb_pad)
         lc_all = _logaddexp(lc_real, lc_pad)
         # kw < G: pad in kd or in kh;  kw >= G: every (kd, kh).
         t_real = _logaddexp(lb_pad + lc_all, lb_real + lc_pad)[..., :g]
         t_pad = (lb_all + lc_all)[..., g:]
         t = torch.cat([t_real, t_pad], dim=-1)  # (B, h, qd, qh, S)
-        log_mass = torch.logsumexp(a + t.unsqueeze(4), dim=-1).reshape(b, h, n, 1)
+        log_mass = _logsumexp(a + t.unsqueeze(4), dim=-1).reshape(b, h, n, 1)
         log_mass = log_mass + (q @ k_bias.reshape(1, h, hd, 1)) * self.scale
         p = torch.cat([logits, log_mass], dim=-1).softmax(dim=-1)
         out = p[..., :n] @ v + p[..., n:] * v_bias.reshape(1, h, 1, hd)
