@@ -52,7 +52,8 @@ def resolve_providers(providers: str | Sequence[str] | None) -> tuple[tuple[str,
 
 
 def _provider_options(provider: str, device_id: int, folder: Path, max_points: int | None) -> dict[str, Any]:
-    """Options of one execution provider. ORT's TensorRT provider otherwise builds its engines
+    """Options of one execution provider. The CUDA provider runs fp32 as fp32 (no TF32), as
+    torch on the CPU does. ORT's TensorRT provider otherwise builds its engines
     again in every session, and again whenever the number of points leaves the range it has seen
     (each new click): so it gets the decoder's point range as its optimisation profile (1 / 5 /
     max, as ``bosam export --trt``) and an engine and timing cache beside the ONNX files (in the
@@ -60,6 +61,8 @@ def _provider_options(provider: str, device_id: int, folder: Path, max_points: i
     if provider not in GPU_PROVIDERS:
         return {}
     opts: dict[str, Any] = {"device_id": device_id}
+    if provider == CUDA:
+        opts["use_tf32"] = 0  # on by default: fp32 convolutions and matmuls would run in TF32
     if provider != TENSORRT:
         return opts
     cache = folder / "ort_trt_cache"

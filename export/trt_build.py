@@ -6,7 +6,8 @@ Works with TensorRT 10.x and 11.x:
   TensorRT 11 makes strong typing the only mode and ignores the flag, so it is set only
   when the enum still has the member). Precision therefore comes from the ONNX itself: an
   fp32 export gives fp32 engines, the mixed fp16 export gives fp16 engines with fp32 islands.
-  No ``BuilderFlag.FP16`` (removed in 11.x);
+  No ``BuilderFlag.FP16`` (removed in 11.x); ``BuilderFlag.TF32``, on by default, is cleared
+  where it exists, so that fp32 layers really run in fp32;
 * one optimisation profile for the decoder's dynamic number of points: min 1, opt 5
   (or max_points if smaller), max ``max_points``, on every dynamic input (points, labels);
 * a timing cache file, keyed by TensorRT version and GPU, read before and written after each
@@ -160,6 +161,11 @@ def build_plan(
         raise EngineError("TensorRT could not create a builder (is the CUDA driver working?)")
     network, _parser = _parse(trt, builder, logger, onnx_path)
     config = builder.create_builder_config()
+    tf32 = getattr(getattr(trt, "BuilderFlag", None), "TF32", None)
+    if tf32 is not None:
+        # TensorRT runs fp32 convolutions and matmuls in TF32 unless told otherwise (10 mantissa
+        # bits: logits off by ~3e-4, more than an fp32 engine may differ from torch).
+        config.clear_flag(tf32)
     if workspace_gib:
         config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_gib * (1 << 30)))
     cache_bytes = timing_cache.read_bytes() if timing_cache is not None and timing_cache.is_file() else b""

@@ -451,7 +451,8 @@ def test_ort_tensorrt_provider_gets_the_point_range_and_an_engine_cache(tmp_path
     from engines.ort_engine import CPU, CUDA, TENSORRT, _provider_options
 
     assert _provider_options(CPU, 0, tmp_path, 64) == {}
-    assert _provider_options(CUDA, 1, tmp_path, 64) == {"device_id": 1}
+    # fp32 layers in fp32: ORT's CUDA provider otherwise runs convolutions and matmuls in TF32
+    assert _provider_options(CUDA, 1, tmp_path, 64) == {"device_id": 1, "use_tf32": 0}
     dec = _provider_options(TENSORRT, 1, tmp_path, 64)
     assert dec["device_id"] == 1 and dec["trt_engine_cache_enable"] and dec["trt_timing_cache_enable"]
     assert dec["trt_engine_cache_path"] == str(tmp_path / "ort_trt_cache") and (tmp_path / "ort_trt_cache").is_dir()

@@ -164,6 +164,9 @@ class FakeTRT(types.ModuleType):
             def set_memory_pool_limit(self, pool, size):
                 fake.calls.append(("workspace", pool.name, size))
 
+            def clear_flag(self, flag):
+                fake.calls.append(("clear_flag", flag.name))
+
             def create_timing_cache(self, data):
                 fake.calls.append(("create_timing_cache", bytes(data)))
                 return TimingCache(data)
@@ -353,6 +356,19 @@ def folder(tmp_path, tmp_path_factory):
 
 # --------------------------------------------------------------------------------------------
 # building
+
+
+def test_build_clears_tf32_where_tensorrt_has_the_flag(fake_trt, folder):
+    """TensorRT 10 runs fp32 layers in TF32 by default (logits ~3e-4 off torch, over the
+    contract tolerance); every build clears the flag. A TensorRT without BuilderFlag.TF32 is
+    left alone (the default fake has no BuilderFlag at all)."""
+    from export import build_trt_engines
+
+    build_trt_engines(folder)
+    assert fake_trt.of("clear_flag") == []
+    fake_trt.BuilderFlag = types.SimpleNamespace(TF32=_Enum("TF32", 7))
+    build_trt_engines(folder)
+    assert [c[1] for c in fake_trt.of("clear_flag")] == ["TF32", "TF32"]  # encoder and decoder
 
 
 def test_build_profile_flags_cache_and_manifest(fake_trt, folder, tmp_path):
