@@ -44,10 +44,25 @@ def versions(with_torch: bool = True) -> dict[str, Any]:
         import torch
 
         out["torch"] = torch.__version__
-    trt = tensorrt_version()
+    trt = tensorrt_installed_version()
     if trt:
         out["tensorrt"] = trt
     return out
+
+
+TENSORRT_DISTS = ("tensorrt", "tensorrt-cu13", "tensorrt-cu12", "tensorrt-cu11")
+
+
+def tensorrt_installed_version() -> str | None:
+    """TensorRT's version as installed, without importing it (loading its CUDA libraries takes
+    seconds and every manifest asks): the imported module's if some code has already loaded it."""
+    if "tensorrt" in sys.modules:
+        return getattr(sys.modules["tensorrt"], "__version__", "unknown")
+    for name in TENSORRT_DISTS:
+        found = dist_version(name)
+        if found:
+            return found
+    return None
 
 
 def tensorrt_version() -> str | None:

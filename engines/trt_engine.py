@@ -50,6 +50,8 @@ class _TorchCudaMemory:
             raise EngineError("the TensorRT engine needs torch with CUDA for its device buffers") from None
         if not torch.cuda.is_available():
             raise EngineError("no CUDA GPU is visible here; the TensorRT engine needs one")
+        if not 0 <= device < torch.cuda.device_count():
+            raise EngineError(f"CUDA device {device} does not exist ({torch.cuda.device_count()} visible)")
         self.torch = torch
         self.device = torch.device("cuda", device)
         self.stream = torch.cuda.Stream(self.device)

@@ -12,7 +12,9 @@ import contextlib
 import importlib.abc
 import importlib.machinery
 import json
+import os
 import shutil
+import subprocess
 import sys
 import types
 from pathlib import Path
@@ -615,3 +617,33 @@ def test_auto_skips_tensorrt_without_gpu(fake_trt, folder, monkeypatch):
     eng = open_engine("auto", engine_dir=folder)
     assert eng.info.name == "onnxruntime"
     assert any("tensorrt:" in n and "no CUDA GPU" in n for n in eng.info.details["auto"])
+
+
+def test_manifest_versions_name_tensorrt_without_importing_it(tmp_path):
+    """Every manifest records the TensorRT version; importing tensorrt for that loads its CUDA
+    libraries (seconds, and warnings on a machine without a GPU). The installed distribution's
+    metadata is read instead."""
+    site = tmp_path / "site"
+    (site / "tensorrt").mkdir(parents=True)
+    (site / "tensorrt" / "__init__.py").write_text("raise SystemExit('tensorrt was imported')\n")
+    info = site / "tensorrt_cu13-10.14.1.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: tensorrt-cu13\nVersion: 10.14.1\n")
+    code = ("import sys; from bosam_cli.runtime_info import versions; v = versions(with_torch=False); "
+            "print(v['tensorrt'], 'tensorrt' in sys.modules)")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(site), str(fx.REPO)])}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.split() == ["10.14.1", "False"]
+
+
+def test_tensorrt_engine_refuses_a_cuda_index_past_the_last_gpu(monkeypatch):
+    """'--engine tensorrt --device cuda:3' on a one-GPU machine: one line, not torch's traceback."""
+    import torch
+
+    from engines.trt_engine import _TorchCudaMemory
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(EngineError, match=r"CUDA device 3 does not exist \(1 visible\)"):
+        _TorchCudaMemory(3)
