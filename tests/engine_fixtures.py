@@ -19,6 +19,15 @@ MAX_POINTS = 16
 _CACHE: dict[str, Any] = {}
 
 
+def ort_default_providers() -> set[str]:
+    """What ONNX Runtime may run on when no device is asked for: CUDA where onnxruntime-gpu
+    has it (when it really starts), else the CPU."""
+    import onnxruntime as ort
+
+    cuda = "CUDAExecutionProvider"
+    return {"CPUExecutionProvider", cuda} if cuda in ort.get_available_providers() else {"CPUExecutionProvider"}
+
+
 def run_cli(*args: str, cwd: Path | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
     """``python -m bosam_cli ARGS`` in a subprocess (two CPU threads, like the tests)."""
     env = dict(os.environ, OMP_NUM_THREADS="2", PYTHONWARNINGS="ignore")
