@@ -3,8 +3,8 @@
 The recipe follows the published one (``reference/FACTS.md`` section 5):
 
 * one image embedding per batch, then ``clicks`` decoder calls; each call gets one new point,
-  simulated uniformly in the current error region (so the first click is a random object
-  voxel), plus the previous low-res logits as mask prompt; two calls get the mask prompt only
+  simulated uniformly in the current error region (prediction: upsampled logits > 0.5, as
+  published; so the first click is a random object voxel), plus the previous low-res logits as mask prompt; two calls get the mask prompt only
   (``clicks.training_schedule``); gradients flow back through the iterations (BPTT) unless
   ``detach_mask``;
 * loss = MONAI DiceCE (sigmoid, squared_pred) or Generalized Dice + Focal on the logits
@@ -236,6 +236,11 @@ def build_loss(name: str) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor
     raise BosamError(f"--loss must be one of {', '.join(LOSSES)}, not {name!r}")
 
 
+#: the published simulator's prediction: upsampled logits above 0.5, not 0 (FACTS.md section 5);
+#: a voxel with a logit in (0, 0.5] still counts as missed, and can draw a positive click
+CLICK_SIM_LOGIT = 0.5
+
+
 class ClickLoop(nn.Module):
     """One training forward pass: encoder once, ``n`` decoder calls with simulated clicks, loss
     summed over the calls. A module so that DDP sees the whole step as one forward.
@@ -327,7 +332,7 @@ class ClickLoop(nn.Module):
 
         def prompts(has_point: bool, logits: torch.Tensor | None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
             if has_point:
-                pred = np.zeros(gt.shape, bool) if logits is None else (logits.detach() > 0).squeeze(1).cpu().numpy()
+                pred = np.zeros(gt.shape, bool) if logits is None else (logits.detach() > CLICK_SIM_LOGIT).squeeze(1).cpu().numpy()
                 pts = np.zeros((b, 1, 3), np.float32)
                 labs = np.zeros((b, 1), np.int64)
                 for i in range(b):
@@ -366,7 +371,7 @@ class ClickLoop(nn.Module):
             nonlocal hist_p, hist_l
             points = labels = None
             if has_point:
-                pred = torch.zeros_like(gt) if logits is None else (logits.detach() > 0)[:, 0]
+                pred = torch.zeros_like(gt) if logits is None else (logits.detach() > CLICK_SIM_LOGIT)[:, 0]
                 interior = [self.click_sim == "mixed" and bool(rng.random() < 0.5) for _ in range(b)]
                 points, labels = sim_clicks(pred, gt, interior, gen)
                 if self.click_memory == "all":

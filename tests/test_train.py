@@ -57,6 +57,26 @@ def test_matmul_upsampling_is_torch_trilinear():
     assert (Upsampler(32, 128)(low) - ref).abs().max() < 1e-5
 
 
+@pytest.mark.parametrize("sim_on", ["host", "device"])
+def test_training_clicks_see_the_prediction_as_logits_above_one_half(sim_on):
+    """The published simulator thresholds the upsampled logits at 0.5 (FACTS.md section 5): a
+    window predicted at logit 0.3 everywhere is an empty prediction, so the click is a
+    positive one inside the bone, not a negative one in the background."""
+    from bosam_cli.model import build_preset
+
+    loop = ClickLoop(build_preset("tiny"), build_loss("dicece"), sim_on=sim_on)
+    gt = np.zeros((1, 16, 16, 16), bool)
+    gt[0, 4:9, 5:10, 6:11] = True
+    targets = torch.from_numpy(gt[:, None].astype(np.float32))
+    logits = torch.full((1, 1, 16, 16, 16), 0.3)
+    for seed in range(5):
+        rng = np.random.default_rng(seed)
+        prompts = loop._host_prompts(gt, rng, torch.device("cpu")) if sim_on == "host" else loop._device_prompts(targets, rng)
+        points, labels = prompts(True, logits)
+        i, j, k = (int(round(float(v))) for v in points[0, 0])
+        assert int(labels[0, 0]) == 1 and gt[0, i, j, k], (seed, points, labels)
+
+
 def test_click_loop_learns_a_fixed_window():
     """Loss summed over click iterations, BPTT through the mask prompt: a few AdamW steps on one
     window lower it (the loop, loss and optimiser groups are wired to the right parameters)."""
