@@ -23,7 +23,10 @@ Two protocols, both driven by simulated users from ``clicks.py``:
     published) cuts the crop from the stored voxel array at its own spacing, clamping HU only
     for paths containing ``/ct_``; ``grid="model"`` cuts it as a model window (1.5 mm, RAS,
     the checkpoint's clamp). The random streams are NumPy's, not the original's torch/NumPy
-    mix, so individual crops and clicks differ from a run of the original script.
+    mix, so individual crops and clicks differ from a run of the original script. The script
+    centres the crop on a voxel of label 1 (its label files are binary); in a multi-label map
+    bosam draws from every selected label. An empty label file is a dataset error here
+    (``--skip-bad`` leaves the case out), where the script's loader would draw another case.
 
 Outputs: ``evaluation.csv`` (one row per case, label and click), ``evaluation.json`` (settings,
 summary, rows) and ``evaluation.md`` (a Markdown table).
