@@ -36,6 +36,10 @@ How an object is segmented:
   removed. Enclosed: bone-like HU (150 or more) within 30 mm along at least five of the six
   axis directions, which is what fatty marrow sees where a partial mask cuts through a bone or
   a 3 mm CT does not resolve its cortex, and what a soft-tissue rim outside a bone does not.
+  The outside is the non-mask voxels and the box faces inside the CT, less the CT's own edge
+  (a bone cut by the field of view goes on there) and less the marrow of a shaft (bone on both
+  sides along two axes) that the mask stops part-way along: the ring of marrow inside a long
+  bone's cortex is a rim along the whole shaft, which peeling from the cut would hollow out.
   Marrow behind an intact cortex is not reached anyway, deeper voxels are never touched, and a
   piece holding a positive click stays. ``refine="none"`` keeps the model's mask as it is.
 
@@ -651,22 +655,31 @@ def peel_soft_surface(logits: np.ndarray, hu: np.ndarray, spacing_mm: Any, depth
                       context: tuple[np.ndarray, tuple[int, ...]] | None = None) -> np.ndarray:
     """``logits`` (on a CT box ``hu``, voxels of ``spacing_mm``) with the soft-tissue rim of
     ``logits > 0`` set to -inf, in place: the voxels below ``threshold_hu`` that lie within
-    ``depth_mm`` of the mask's surface (per axis, at least one voxel; beyond the box is outside),
-    are not enclosed by bone (``_enclosed_box``: bone-like HU within ``ENCLOSED_MM`` along at least
+    ``depth_mm`` of the mask's surface (per axis, at least one voxel; beyond a face of the box
+    inside the CT is outside, beyond the CT's own edge is not: a bone cut by the field of view,
+    such as a femoral shaft leaving a pelvic CT, goes on there), are not enclosed by bone
+    (``_bone_around``: bone-like HU within ``ENCLOSED_MM`` along at least
     ``ENCLOSED_DIRECTIONS`` of the six axis directions) and connect to the outside through such
-    voxels (6-connectivity). A rim piece holding one of the ``keep`` voxels (box indices of
+    voxels (6-connectivity; a shaft's marrow, bone on both sides along two axes, is not the
+    outside). A rim piece holding one of the ``keep`` voxels (box indices of
     positive clicks) stays. ``context``: (the whole CT, the box's first voxel in it), so that the
-    enclosure test sees bone beyond the box; None uses ``hu`` alone."""
+    enclosure test sees bone beyond the box and the CT's edge is known; None: ``hu`` is the CT."""
     mask = logits > 0
     if not mask.any():
         return logits
     depth = _vox_within(depth_mm, spacing_mm)
-    # rim: the voxels with a non-mask voxel (or the box border) within the depth along every
+    around, origin = context if context is not None else (hu, (0, 0, 0))
+    # per axis, whether the box's low / high face lies inside the CT (beyond it: outside)
+    open_lo = [origin[a] > 0 for a in range(3)]
+    open_hi = [origin[a] + mask.shape[a] < around.shape[a] for a in range(3)]
+    # rim: the voxels with a non-mask voxel (or an open box face) within the depth along every
     # axis-aligned box around them; the rest of the mask is out of reach
     near_outside = ~mask
     for a in range(3):
         d = int(depth[a])
-        padded = _padded(near_outside.shape, a, d, d, True)
+        padded = _padded(near_outside.shape, a, d, d, False)
+        _axis(padded, a, 0, d)[...] = open_lo[a]
+        _axis(padded, a, d + mask.shape[a], 2 * d + mask.shape[a])[...] = open_hi[a]
         _axis(padded, a, d, d + mask.shape[a])[...] = near_outside
         near_outside = _axis(_window_any(padded, 2 * d + 1, a), a, 0, mask.shape[a])
     rim = mask & near_outside & (hu < threshold_hu)
@@ -674,17 +687,25 @@ def peel_soft_surface(logits: np.ndarray, hu: np.ndarray, spacing_mm: Any, depth
         return logits
     # marrow where the mask's surface cuts through a bone (or behind a cortex the CT does not
     # resolve) is enclosed by bone; the rim outside a bone is not
-    around, origin = context if context is not None else (hu, (0, 0, 0))
     used = [np.flatnonzero(rim.any(axis=tuple(b for b in range(3) if b != a))) for a in range(3)]
-    first, last = [int(u[0]) for u in used], [int(u[-1]) + 1 for u in used]  # the rim's bounding box
+    # the rim's bounding box and one voxel more (the outside voxels next to the rim)
+    first = [max(int(u[0]) - 1, 0) for u in used]
+    last = [min(int(u[-1]) + 2, mask.shape[a]) for a, u in enumerate(used)]
     rim_box = tuple(slice(first[a], last[a]) for a in range(3))
-    rim[rim_box] &= ~_enclosed_box(around, [first[a] + origin[a] for a in range(3)],
-                                   [last[a] + origin[a] for a in range(3)], spacing_mm, ENCLOSED_HU, ENCLOSED_MM,
-                                   ENCLOSED_DIRECTIONS)
+    directions, axes = _bone_around(around, [first[a] + origin[a] for a in range(3)],
+                                    [last[a] + origin[a] for a in range(3)], spacing_mm, ENCLOSED_HU, ENCLOSED_MM)
+    enclosed = directions >= ENCLOSED_DIRECTIONS
+    rim[rim_box] &= ~enclosed
     if not rim.any():
         return logits
-    outside = ~mask
-    touch = np.zeros_like(rim)  # rim voxels with a face on the outside or on the box border
+    # the outside of the mask, less the marrow of a bone that the mask stops part-way along
+    # (bone on both sides along two axes: a shaft's canal, where the rest of the canal is
+    # itself a rim that would peel): a rim piece whose only outside is such marrow stays, and
+    # so does one that meets an open box face (the windows' limit) only in such marrow
+    marrow = np.zeros_like(mask)
+    marrow[rim_box] = enclosed | (axes >= 2)
+    outside = ~mask & ~marrow
+    touch = np.zeros_like(rim)  # rim voxels with a face on the outside or on an open box face
     for a in range(3):
         lo = [slice(None)] * 3
         hi = [slice(None)] * 3
@@ -692,8 +713,10 @@ def peel_soft_surface(logits: np.ndarray, hu: np.ndarray, spacing_mm: Any, depth
         touch[tuple(hi)] |= outside[tuple(lo)]
         touch[tuple(lo)] |= outside[tuple(hi)]
         lo[a], hi[a] = 0, -1
-        touch[tuple(lo)] = True
-        touch[tuple(hi)] = True
+        if open_lo[a]:
+            touch[tuple(lo)] |= ~marrow[tuple(lo)]
+        if open_hi[a]:
+            touch[tuple(hi)] |= ~marrow[tuple(hi)]
     touch &= rim
     if not touch.any():
         return logits
@@ -708,15 +731,16 @@ def peel_soft_surface(logits: np.ndarray, hu: np.ndarray, spacing_mm: Any, depth
     return logits
 
 
-def _enclosed_box(hu: np.ndarray, lo: list[int], hi: list[int], spacing_mm: Any, bright_hu: float, reach_mm: float,
-                  min_dirs: int) -> np.ndarray:
-    """For every voxel of the box ``lo:hi`` of ``hu``: whether a voxel of at least ``bright_hu``
-    lies within ``reach_mm`` (the voxel itself included) along at least ``min_dirs`` of the six
-    axis directions; beyond ``hu`` nothing is bright. Per axis, one running "any" over the box and
-    the reach on either side: window k covers k - r .. k (behind), window k + r covers k .. k + r
-    (ahead)."""
+def _bone_around(hu: np.ndarray, lo: list[int], hi: list[int], spacing_mm: Any, bright_hu: float,
+                 reach_mm: float) -> tuple[np.ndarray, np.ndarray]:
+    """For every voxel of the box ``lo:hi`` of ``hu``: in how many of the six axis directions a
+    voxel of at least ``bright_hu`` lies within ``reach_mm`` (the voxel itself included), and
+    along how many of the three axes it does on both sides; beyond ``hu`` nothing is bright. Per
+    axis, one running "any" over the box and the reach on either side: window k covers k - r ..
+    k (behind), window k + r covers k .. k + r (ahead)."""
     shape = tuple(h - low for low, h in zip(lo, hi))
-    count = np.zeros(shape, np.uint8)
+    directions = np.zeros(shape, np.uint8)
+    axes = np.zeros(shape, np.uint8)
     for a in range(3):
         n, r = hu.shape[a], _reach_vox(reach_mm, spacing_mm, a)
         start, stop = max(lo[a] - r, 0), min(hi[a] + r, n)
@@ -727,9 +751,11 @@ def _enclosed_box(hu: np.ndarray, lo: list[int], hi: list[int], spacing_mm: Any,
         first = start - (lo[a] - r)
         np.greater_equal(hu[tuple(region)], bright_hu, out=_axis(bright, a, first, first + stop - start))
         window = _window_any(bright, r + 1, a)
-        count += _axis(window, a, 0, shape[a])
-        count += _axis(window, a, r, r + shape[a])
-    return count >= min_dirs
+        behind, ahead = _axis(window, a, 0, shape[a]), _axis(window, a, r, r + shape[a])
+        directions += behind
+        directions += ahead
+        axes += behind & ahead
+    return directions, axes
 
 
 def _axis(arr: np.ndarray, axis: int, first: int, stop: int) -> np.ndarray:

@@ -337,18 +337,66 @@ def test_peel_keeps_marrow_where_the_mask_cuts_through_the_bone():
         assert (out[(r < 4) & (x <= 0)] > 0).all()
 
 
-def test_peel_reach_is_per_axis_in_mm_and_the_box_border_is_outside():
+def test_peel_reach_is_per_axis_in_mm_and_the_box_border_inside_the_ct_is_outside():
     from bosam_cli.session import peel_soft_surface
 
     logits = np.ones((40, 40, 40), np.float32)  # the mask fills the box: its surface is the border
-    hu = np.full(logits.shape, 40, np.int16)
-    out = peel_soft_surface(logits, hu, (0.5, 1.0, 3.0), 6.0, 75.0)
+    ct = np.full((60, 60, 60), 40, np.int16)  # the box lies inside the CT, from voxel (10, 10, 10)
+    hu = ct[10:50, 10:50, 10:50]
+    out = peel_soft_surface(logits, hu, (0.5, 1.0, 3.0), 6.0, 75.0, context=(ct, (10, 10, 10)))
     kept = np.zeros(logits.shape, bool)
     kept[12:28, 6:34, 2:38] = True  # 6 mm is 12, 6 and 2 voxels along the three axes
     np.testing.assert_array_equal(out > 0, kept)
     # at least one voxel per axis, however coarse the CT
-    out = peel_soft_surface(np.ones((5, 5, 5), np.float32), np.zeros((5, 5, 5)), (10.0, 10.0, 10.0), 6.0, 75.0)
+    ct = np.zeros((7, 7, 7))
+    out = peel_soft_surface(np.ones((5, 5, 5), np.float32), ct[1:6, 1:6, 1:6], (10.0, 10.0, 10.0), 6.0, 75.0,
+                            context=(ct, (1, 1, 1)))
     np.testing.assert_array_equal(out > 0, np.pad(np.ones((3, 3, 3), bool), 1))
+
+
+def test_peel_leaves_a_bone_cut_by_the_edge_of_the_ct():
+    """A long-bone shaft that leaves the CT (a femur at the bottom of a pelvic CT, a humerus in a
+    chest CT): its fatty marrow reaches the CT's first and last slices, where the bone goes on
+    beyond the field of view. That edge is not the outside of the mask: the marrow stays, while
+    the muscle rim around the shaft goes. A box face inside the CT still counts as outside."""
+    from bosam_cli.session import peel_soft_surface
+
+    n, sp = 61, (1.0, 1.0, 2.0)
+    g = np.indices((n, n, 30)).astype(np.float32)
+    r = np.hypot(g[0] - 30, g[1] - 30)  # a shaft along the third axis, through every slice
+    hu = np.select([r < 9, r <= 13], [-30, 1200], 40).astype(np.int16)
+    logits = (16.0 - r).astype(np.float32)  # the bone and a 3 mm muscle rim
+    for context in (None, (hu, (0, 0, 0))):
+        out = peel_soft_surface(logits.copy(), hu, sp, 6.0, 75.0, context=context)
+        np.testing.assert_array_equal(out > 0, r <= 13)
+    # the same shaft as a box inside a longer CT (the windows reach no further): the marrow at
+    # the end faces is enclosed by the cortex along two axes, so it stays too
+    ct = np.concatenate([np.full((n, n, 5), 40, np.int16), hu, np.full((n, n, 5), 40, np.int16)], axis=2)
+    out = peel_soft_surface(logits.copy(), hu, sp, 6.0, 75.0, context=(ct, (0, 0, 5)))
+    np.testing.assert_array_equal(out > 0, r <= 13)
+
+
+def test_peel_keeps_the_canal_of_a_shaft_that_the_mask_stops_part_way_along():
+    """A partial mask of a long bone (it stops at z = 0 inside the shaft): the marrow next to the
+    cut is bone-enclosed along two axes only (the canal goes on), and the ring of marrow inside
+    the cortex is a rim connected to that cut along the whole shaft. Peeling it hollowed the
+    shaft, and cut the cortex off the clicked core; it stays, while muscle goes."""
+    from bosam_cli.session import peel_soft_surface
+
+    n, sp = 61, (1.0, 1.0, 2.0)
+    g = np.indices((n, n, 40)).astype(np.float32)
+    r = np.hypot(g[0] - 30, g[1] - 30)
+    hu = np.select([r < 9, r <= 13], [-30, 1200], 40).astype(np.int16)
+    ct = np.concatenate([hu, hu], axis=2)  # the shaft runs through the whole CT; the box is its upper half
+    partial = g[2] >= 20  # the mask covers the upper half of the shaft
+    logits = np.where(partial, 16.0 - r, -1.0).astype(np.float32)
+    out = peel_soft_surface(logits.copy(), hu, sp, 6.0, 75.0, context=(ct, (0, 0, 40)))
+    np.testing.assert_array_equal(out > 0, partial & (r <= 13))
+    # soft tissue in the same place is still peeled: a muscle "canal" with no cortex around it
+    soft = np.where(r <= 4, 1200, 40).astype(np.int16)  # a thin bone in the middle of a mask 16 mm wide
+    out = peel_soft_surface(np.where(partial, 16.0 - r, -1.0).astype(np.float32), soft, sp, 6.0, 75.0,
+                            context=(soft, (0, 0, 0)))
+    assert not (out[partial & (r > 13)] > 0).any()
 
 
 def test_session_refine_peels_the_rim_of_a_too_large_mask_on_the_ct_grid():
@@ -378,7 +426,7 @@ def test_cli_refine_default_matches_the_session():
 
 
 def test_enclosure_test_matches_a_ray_walk():
-    from bosam_cli.session import _enclosed_box
+    from bosam_cli.session import _bone_around
 
     rng = np.random.default_rng(5)
     hu = np.where(rng.random((12, 15, 9)) < 0.08, 400, 0)
@@ -386,23 +434,29 @@ def test_enclosure_test_matches_a_ray_walk():
     spacing, reach = (1.0, 2.0, 0.5), 7.0
     steps = [int(reach // s) for s in spacing]
     hits = np.zeros(hu.shape, int)
+    both = np.zeros(hu.shape, int)  # axes with a hit on either side
     for ijk in np.ndindex(hu.shape):  # walk the six rays voxel by voxel
         for a in range(3):
+            sides = 0
             for sign in (-1, 1):
                 for t in range(steps[a] + 1):
                     q = list(ijk)
                     q[a] += sign * t
                     if 0 <= q[a] < hu.shape[a] and hu[tuple(q)] >= 150:
                         hits[ijk] += 1
+                        sides += 1
                         break
-    assert len(np.unique(hits)) >= 4  # the field exercises several direction counts
-    for k in (1, 3, 5, 6):
-        want = hits >= k
-        np.testing.assert_array_equal(_enclosed_box(hu, [0, 0, 0], list(hu.shape), spacing, 150, reach, k), want)
-        for lo, hi in (([2, 4, 1], [9, 6, 8]), ([0, 7, 3], [12, 8, 4]), ([11, 0, 0], [12, 15, 9])):
-            # a box inside the volume sees bright voxels beyond it, up to the reach
-            got = _enclosed_box(hu, lo, hi, spacing, 150, reach, k)
-            np.testing.assert_array_equal(got, want[tuple(slice(a, b) for a, b in zip(lo, hi))])
+            both[ijk] += sides == 2
+    assert len(np.unique(hits)) >= 4 and len(np.unique(both)) >= 3  # several counts exercised
+    directions, axes = _bone_around(hu, [0, 0, 0], list(hu.shape), spacing, 150, reach)
+    np.testing.assert_array_equal(directions, hits)
+    np.testing.assert_array_equal(axes, both)
+    for lo, hi in (([2, 4, 1], [9, 6, 8]), ([0, 7, 3], [12, 8, 4]), ([11, 0, 0], [12, 15, 9])):
+        # a box inside the volume sees bright voxels beyond it, up to the reach
+        directions, axes = _bone_around(hu, lo, hi, spacing, 150, reach)
+        box = tuple(slice(a, b) for a, b in zip(lo, hi))
+        np.testing.assert_array_equal(directions, hits[box])
+        np.testing.assert_array_equal(axes, both[box])
 
 
 def test_window_any_matches_a_brute_force_window():
@@ -501,14 +555,18 @@ def test_truncated_follows_the_mask_not_its_history():
 
 @pytest.mark.parametrize("i", [121.49, 121.5, -0.5])
 def test_a_click_on_the_outermost_half_voxel_keeps_its_mask(i):
-    """Index shape - 0.5 is still the last voxel: the clicked piece is kept, not peeled away."""
+    """Index shape - 0.5 is still the last voxel: the clicked piece is kept, not peeled away (a
+    9 mm ball of soft tissue is all rim, one piece holding the click)."""
     vol = _ras_volume([-60, -60, -60], [61, 60, 60], 1.0)
     assert vol.shape[0] == 122
-    session = Session(SphereEngine(radius_vox=10), spacing_mm=1.5, refine="hu", islands="clicked")
-    session.set_volume(vol)
-    session.add_click(1, voxel=[i, 60.0, 60.0])
-    mask = session.mask(1)
-    assert mask.sum() > 5000 and mask[121 if i > 0 else 0, 60, 60]
+    masks = {}
+    for refine in ("none", "hu"):
+        session = Session(SphereEngine(radius_vox=6), spacing_mm=1.5, refine=refine, islands="clicked")
+        session.set_volume(vol)
+        session.add_click(1, voxel=[i, 60.0, 60.0])
+        masks[refine] = session.mask(1)
+    assert masks["none"].sum() > 1000 and masks["none"][121 if i > 0 else 0, 60, 60]
+    np.testing.assert_array_equal(masks["hu"], masks["none"])
 
 
 def test_reset_keeps_the_objects_name_and_place():
