@@ -788,13 +788,15 @@ def _window_any(arr: np.ndarray, width: int, axis: int) -> np.ndarray:
 
 
 def _vox_within(mm: float, spacing_mm: Any) -> np.ndarray:
-    """``mm`` in CT voxels per axis, rounded, at least one (the islands' and the peeling's reach)."""
-    return np.maximum(1, np.round(mm / np.asarray(spacing_mm, float))).astype(int)
+    """``mm`` in CT voxels per axis, rounded half up, at least one (the islands' and the peeling's
+    reach). The slack keeps a spacing stored as float32 (0.800000011920929 for 0.8 mm) on the
+    same side of a half as the exact value."""
+    return np.maximum(1, np.floor(mm / np.asarray(spacing_mm, float) + 0.5 + 1e-4)).astype(int)
 
 
 def _reach_vox(reach_mm: float, spacing_mm: Any, axis: int) -> int:
     """Whole voxels along ``axis`` within ``reach_mm``."""
-    return int(np.floor(reach_mm / float(np.asarray(spacing_mm, float)[axis]) + 1e-9))
+    return int(np.floor(reach_mm / float(np.asarray(spacing_mm, float)[axis]) + 1e-4))  # float32 slack
 
 
 def _positive_voxels(clicks: list[SessionClick], box: tuple[slice, slice, slice],

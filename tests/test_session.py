@@ -425,6 +425,20 @@ def test_cli_refine_default_matches_the_session():
     assert cli.REFINE_HU == session.REFINE_HU
 
 
+def test_reach_in_voxels_does_not_depend_on_float32_spacing():
+    """A CT read from its file carries float32 spacings (0.8 mm is 0.800000011920929): 6 mm is
+    7.5 voxels either way, and 30 mm at 0.6 mm is 50 voxels either way; the same CT must not
+    peel differently in memory and from its file."""
+    from bosam_cli.session import _reach_vox, _vox_within
+
+    for exact in (0.8, 0.6, 1.2, 0.7, 3.0):
+        f32 = float(np.float32(exact))
+        assert list(_vox_within(6.0, (exact,) * 3)) == list(_vox_within(6.0, (f32,) * 3)), exact
+        assert _reach_vox(30.0, (exact,) * 3, 0) == _reach_vox(30.0, (f32,) * 3, 0), exact
+    assert list(_vox_within(6.0, (0.8, 1.2, 12.0))) == [8, 5, 1]  # 7.5 rounds up; at least one
+    assert _reach_vox(30.0, (0.6, 0.6, 0.6), 0) == 50
+
+
 def test_enclosure_test_matches_a_ray_walk():
     from bosam_cli.session import _bone_around
 
