@@ -161,11 +161,17 @@ def build_plan(
         raise EngineError("TensorRT could not create a builder (is the CUDA driver working?)")
     network, _parser = _parse(trt, builder, logger, onnx_path)
     config = builder.create_builder_config()
+    # TensorRT runs fp32 convolutions and matmuls in TF32 unless told otherwise (10 mantissa
+    # bits: logits off by ~3e-4, more than an fp32 engine may differ from torch). A TensorRT
+    # that no longer has or takes the flag builds as it does; the manifest says which.
     tf32 = getattr(getattr(trt, "BuilderFlag", None), "TF32", None)
+    tf32_cleared = False
     if tf32 is not None:
-        # TensorRT runs fp32 convolutions and matmuls in TF32 unless told otherwise (10 mantissa
-        # bits: logits off by ~3e-4, more than an fp32 engine may differ from torch).
-        config.clear_flag(tf32)
+        try:
+            config.clear_flag(tf32)
+            tf32_cleared = True
+        except (AttributeError, TypeError, RuntimeError, ValueError):
+            pass
     if workspace_gib:
         config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_gib * (1 << 30)))
     cache_bytes = timing_cache.read_bytes() if timing_cache is not None and timing_cache.is_file() else b""
@@ -195,6 +201,7 @@ def build_plan(
         "sha256": sha256_file(plan_path),
         "onnx_sha256": sha256_file(onnx_path),
         "timing_cache_reused": reused,
+        "tf32_cleared": tf32_cleared,
         "profile": {name: {"min": list(s[0]), "opt": list(s[1]), "max": list(s[2])} for name, s in shapes.items()},
         "seconds": round(time.perf_counter() - t0, 2),
     }

@@ -366,11 +366,13 @@ def test_build_clears_tf32_where_tensorrt_has_the_flag(fake_trt, folder):
     left alone (the default fake has no BuilderFlag at all)."""
     from export import build_trt_engines
 
-    build_trt_engines(folder)
+    man = build_trt_engines(folder)
     assert fake_trt.of("clear_flag") == []
+    assert [p["tf32_cleared"] for p in man["tensorrt"]["plans"].values()] == [False, False]
     fake_trt.BuilderFlag = types.SimpleNamespace(TF32=_Enum("TF32", 7))
-    build_trt_engines(folder)
+    man = build_trt_engines(folder)
     assert [c[1] for c in fake_trt.of("clear_flag")] == ["TF32", "TF32"]  # encoder and decoder
+    assert [p["tf32_cleared"] for p in man["tensorrt"]["plans"].values()] == [True, True]
 
 
 def test_build_profile_flags_cache_and_manifest(fake_trt, folder, tmp_path):
