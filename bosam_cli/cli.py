@@ -673,6 +673,14 @@ def prepare(
             out.print(t)
         if cache:
             out.print(f"cache: {report['cached_cases']} cases in {esc(str(cache))}")
+    if check and not scan.infos:  # what train and evaluate would refuse
+        from .data import refuse_errors
+        from .errors import BosamError
+
+        try:
+            refuse_errors(scan, skip_bad=True, what="training")
+        except BosamError as exc:
+            fail(str(exc), 1)
     if check and scan.errors:
         raise typer.Exit(1)
 

@@ -81,7 +81,12 @@ class Case:
     def key(self) -> str:
         """Unique across roots: ``<root name>/<split>/<case>`` (the root's tag from find_cases
         instead of its name when two roots share a folder name)."""
-        return f"{self.root_tag or self.root.name}/{self.split}/{self.name}"
+        return _case_key(self.root, self.split, self.name, self.root_tag)
+
+
+def _case_key(root: Path, split: str, name: str, root_tag: str | None = None) -> str:
+    """``<root name>/<split>/<case>``; the folder's own name for a root given as ``.``."""
+    return f"{root_tag or root.name or root.resolve().name}/{split}/{name}"
 
 
 @dataclass(frozen=True)
@@ -132,6 +137,9 @@ def _volume_files(folder: Path, problems: list[Problem]) -> list[tuple[str, Path
     """(case stem, path) of every volume file in ``folder``; other files are added to
     ``problems`` (the data files of detached headers silently)."""
     found = []
+    for p in sorted(folder.iterdir()):
+        if p.is_symlink() and not p.exists() and _volume_stem(p.name) is not None:
+            problems.append(Problem(p.name, p, f"broken link to {os.readlink(p)} (the file it points to is missing)"))
     for p in _listing(folder):
         parts = _volume_stem(p.name)
         if parts is None:
@@ -164,6 +172,9 @@ def find_cases(roots: Sequence[str | os.PathLike], splits: Sequence[str] = ("Tr"
             raise BosamError(f"{root}: dataset given twice")
         seen_roots.add(root.resolve())
         found_any = False
+        channel, note = _ct_channel(root)
+        if note:
+            problems.append(Problem(str(root), root / "dataset.json", note, "warning"))
         half: list[tuple[Path, str]] = []  # images without labels (nnU-Net's unlabelled imagesTs/), or the reverse
         for split in splits:
             img_dir, lab_dir = root / f"images{split}", root / f"labels{split}"
@@ -176,7 +187,7 @@ def find_cases(roots: Sequence[str | os.PathLike], splits: Sequence[str] = ("Tr"
                 half.append((lab_dir, f"missing (found {img_dir.name}/ but no {lab_dir.name}/)"))
                 continue
             found_any = True
-            c, p = _pair_folder(root, split, img_dir, lab_dir, tags.get(root))
+            c, p = _pair_folder(root, split, img_dir, lab_dir, tags.get(root), channel)
             cases += c
             problems += p
         if not found_any:
@@ -208,8 +219,29 @@ def _root_tags(roots: list[Path]) -> dict[Path, str]:
     return tags
 
 
+def _ct_channel(root: Path) -> tuple[str, str | None]:
+    """The channel suffix of the CT ("0000" unless dataset.json's ``channel_names`` (v2) or
+    ``modality`` (v1) names another channel CT), and a note when it names several channels but
+    no single CT."""
+    path = root / "dataset.json"
+    try:
+        obj = json.loads(path.read_text()) if path.is_file() else {}
+    except (OSError, json.JSONDecodeError):
+        return "0000", None  # read_label_names reports an unreadable dataset.json
+    channels = obj.get("channel_names", obj.get("modality")) if isinstance(obj, dict) else None
+    if not isinstance(channels, dict) or not channels:
+        return "0000", None
+    ct = [k for k, v in channels.items() if str(v).strip().lower() == "ct" and str(k).strip().isdigit()]
+    if len(ct) == 1:
+        return f"{int(ct[0]):04d}", None
+    if len(channels) < 2:
+        return "0000", None
+    named = ", ".join(f"{k}: {v}" for k, v in channels.items())
+    return "0000", f"channels {{{named}}} name no single CT channel; bosam reads _0000 as the CT"
+
+
 def _pair_folder(root: Path, split: str, img_dir: Path, lab_dir: Path,
-                 root_tag: str | None = None) -> tuple[list[Case], list[Problem]]:
+                 root_tag: str | None = None, ct_channel: str = "0000") -> tuple[list[Case], list[Problem]]:
     problems: list[Problem] = []
     labels: dict[str, list[Path]] = {}
     for stem, p in _volume_files(lab_dir, problems):
@@ -222,13 +254,13 @@ def _pair_folder(root: Path, split: str, img_dir: Path, lab_dir: Path,
         # (a case id that itself ends in four digits, such as BONE_0001, without a channel suffix)
         if m and not (stem in labels and m.group("case") not in labels):
             name = m.group("case")
-            if m.group("channel") != "0000":
-                problems.append(Problem(name, p, f"channel {m.group('channel')} ignored: bosam reads one CT channel (_0000)", "warning"))
+            if m.group("channel") != ct_channel:
+                problems.append(Problem(name, p, f"channel {m.group('channel')} ignored: bosam reads one CT channel (_{ct_channel})", "warning"))
                 continue
         images.setdefault(name, []).append(p)
     cases = []
     for name in sorted(set(images) | set(labels)):
-        key = f"{root_tag or root.name}/{split}/{name}"
+        key = _case_key(root, split, name, root_tag)
         imgs, labs = images.get(name, []), labels.get(name, [])
         if len(imgs) > 1:
             problems.append(Problem(key, imgs[0], f"{len(imgs)} image files for case '{name}' ({', '.join(p.name for p in imgs)}): ambiguous"))
@@ -241,7 +273,7 @@ def _pair_folder(root: Path, split: str, img_dir: Path, lab_dir: Path,
             problems.append(Problem(key, imgs[0], f"unpaired image: no label file {lab_dir.name}/{name}{ending}"))
         elif not imgs:
             ending = _volume_stem(labs[0].name)[1]  # type: ignore[index]
-            problems.append(Problem(key, labs[0], f"unpaired label: no image {img_dir.name}/{name}_0000{ending}"))
+            problems.append(Problem(key, labs[0], f"unpaired label: no image {img_dir.name}/{name}_{ct_channel}{ending}"))
         else:
             cases.append(Case(name, imgs[0], labs[0], root, split, root_tag))
     return cases, problems
@@ -296,20 +328,61 @@ def read_labelmap(path: str | os.PathLike) -> dict[str, Any]:
     return obj
 
 
+def _label_id(value: Any) -> int | None:
+    """A label id written as a number or as digits; None for anything else."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.strip().isdigit():
+        return int(value)
+    return None
+
+
 def labelmap_names(labelmap: dict[str, Any]) -> dict[int, str]:
+    """id -> name of a label map: ``{"75": "femur_left"}``, ``{"75": {"name": ...}}``, or the
+    nnU-Net v2 direction ``{"femur_left": 75}``."""
     out: dict[int, str] = {}
     for k, v in labelmap["labels"].items():
-        name = v.get("name") if isinstance(v, dict) else v
-        if str(k).isdigit() and name is not None:
-            out[int(k)] = str(name)
+        if _label_id(k) is not None:
+            name = v.get("name") if isinstance(v, dict) else v
+            if name is not None:
+                out[int(_label_id(k))] = str(name)  # type: ignore[arg-type]
+        elif _label_id(v) is not None:
+            out[int(_label_id(v))] = str(k)  # type: ignore[arg-type]
     out.pop(0, None)
     return out
 
 
+def _labelmap_ids(entries: Any, labelmap: dict[str, Any], where: str) -> list[int]:
+    """Ids of a label-map list (``bone_ids`` or a bone group): ids, or names of the map's labels."""
+    if not isinstance(entries, list):
+        raise BosamError(f"{where}: must be a list of label ids or names, not {json.dumps(entries)}")
+    by_name = {n.lower(): i for i, n in labelmap_names(labelmap).items()}
+    out = []
+    for e in entries:
+        i = _label_id(e)
+        if i is None and isinstance(e, str):
+            i = by_name.get(e.strip().lower())
+        if i is None:
+            raise BosamError(f"{where}: {json.dumps(e)} is neither a label id nor a label name of the map")
+        out.append(i)
+    return sorted(set(out))
+
+
 def labelmap_bone_ids(labelmap: dict[str, Any]) -> list[int]:
-    if isinstance(labelmap.get("bone_ids"), list):
-        return sorted(int(i) for i in labelmap["bone_ids"])
-    return sorted(int(k) for k, v in labelmap["labels"].items() if isinstance(v, dict) and v.get("bone") and int(k) > 0)
+    if "bone_ids" in labelmap:
+        return _labelmap_ids(labelmap["bone_ids"], labelmap, "label map: bone_ids")
+    out = []
+    for k, v in labelmap["labels"].items():
+        if isinstance(v, dict) and v.get("bone"):
+            i = _label_id(k) if _label_id(k) is not None else _label_id(v.get("id"))
+            if i is None:
+                raise BosamError(f"label map: labels: bone entry {json.dumps(k)} has no label id")
+            out.append(i)
+    return sorted(i for i in set(out) if i > 0)
+
+
+def _split_spec(spec: str | Sequence[str]) -> list[str]:
+    return [s.strip() for s in (spec.split(",") if isinstance(spec, str) else spec) for s in str(s).split(",") if s.strip()]
 
 
 def resolve_labels(
@@ -321,19 +394,19 @@ def resolve_labels(
     """Label ids selected by ``spec``; None means every label > 0.
 
     ``spec`` is a comma-separated list (or a list) of: ids (``25``), ranges (``25-50``), label
-    names (``femur_left``, from dataset.json or the label map), ``bone`` (the label map's bone
-    ids), or a bone group of the label map (``spine``, ``rib`` ...).
+    names (``femur_left``), ``bone`` (the label map's bone ids), or a bone group of the label map
+    (``spine``, ``rib`` ...). ``names`` are the dataset's own (dataset.json): a name it defines
+    means its id there, before the label map's meaning of the same name or keyword.
     """
     if spec is None:
         return None
-    items = [s.strip() for s in (spec.split(",") if isinstance(spec, str) else spec) for s in str(s).split(",")]
-    items = [s for s in items if s]
+    items = _split_spec(spec)
     if not items:
-        return None
-    by_name: dict[str, int] = {}
-    for source in (labelmap_names(labelmap) if labelmap else {}, names or {}):
-        by_name.update({n.lower(): i for i, n in source.items()})
-    groups = {str(k).lower(): v for k, v in (labelmap or {}).get("bone_groups", {}).items()} if labelmap else {}
+        raise BosamError(f"{where}: empty selection (give ids, ranges, names or 'bone'; leave the option out for every label)")
+    own = {n.lower(): i for i, n in (names or {}).items()}
+    from_map = {n.lower(): i for i, n in labelmap_names(labelmap).items()} if labelmap else {}
+    groups = labelmap.get("bone_groups") if labelmap else None
+    groups = {str(k).lower(): v for k, v in groups.items()} if isinstance(groups, dict) else {}
     out: set[int] = set()
     for item in items:
         low = item.lower()
@@ -344,22 +417,48 @@ def resolve_labels(
             if b < a:
                 raise BosamError(f"{where}: empty range '{item}'")
             out.update(range(a, b + 1))
-        elif low in ("bone", "bones") and (labelmap is not None or low not in by_name):
+        elif low in own:
+            out.add(own[low])
+        elif low in ("bone", "bones"):
             if labelmap is None:
                 raise BosamError(f"{where}: 'bone' needs a label map (--labelmap FILE.json with bone ids)")
             out.update(labelmap_bone_ids(labelmap))
         elif low in groups:
-            out.update(int(i) for i in groups[low])
-        elif low in by_name:
-            out.add(by_name[low])
+            out.update(_labelmap_ids(groups[low], labelmap, f"label map: bone_groups: {item}"))  # type: ignore[arg-type]
+        elif low in from_map:
+            out.add(from_map[low])
         else:
-            known = ", ".join(sorted(by_name)[:8])
-            hint = f" (known names: {known}, ...)" if known else " (no dataset.json label names and no --labelmap)"
+            known = ", ".join(sorted({**from_map, **own})[:8])
+            if known:
+                hint = f" (known names: {known}, ...)"
+            elif labelmap is not None:
+                hint = " (the label map names no labels and the dataset has no dataset.json label names)"
+            else:
+                hint = " (no dataset.json label names and no --labelmap)"
             raise BosamError(f"{where}: unknown label '{item}'{hint}")
     out.discard(0)
     if not out:
         raise BosamError(f"{where}: selects no label > 0")
     return sorted(out)
+
+
+def listed_labels(spec: str | Sequence[str] | None, names: dict[int, str] | None = None,
+                  labelmap: dict[str, Any] | None = None) -> dict[int, str]:
+    """The ids that ``spec`` names one by one (an id or a name; not a range, 'bone' or a group),
+    each with the item that named it: a user expects each of them in the data."""
+    out: dict[int, str] = {}
+    if spec is None:
+        return out
+    own = {n.lower() for n in (names or {}).values()}
+    groups = labelmap.get("bone_groups") if labelmap else None
+    groups = {str(k).lower() for k in groups} if isinstance(groups, dict) else set()
+    for item in _split_spec(spec):
+        low = item.lower()
+        if re.fullmatch(r"\d+-\d+", item) or (low not in own and (low in ("bone", "bones") or low in groups)):
+            continue
+        for i in resolve_labels(item, names, labelmap) or []:
+            out.setdefault(i, item)
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -377,6 +476,8 @@ class CaseInfo:
         labels: selected label id -> voxel count (only labels present).
         bboxes: label id -> [[lo, hi) per axis] voxel bounding box.
         cached: whether the decoded arrays come from the cache.
+        ignore: ids of the dataset's ``ignore`` label (nnU-Net v2: voxels nobody annotated),
+            never an object and never another structure.
     """
 
     case: Case
@@ -385,6 +486,7 @@ class CaseInfo:
     labels: dict[int, int] = field(default_factory=dict)
     bboxes: dict[int, list[list[int]]] = field(default_factory=dict)
     cached: bool = False
+    ignore: tuple[int, ...] = ()
 
     @property
     def voxel_volume_mm3(self) -> float:
@@ -503,11 +605,27 @@ def _write_cache_meta(meta_p: Path, meta: dict[str, Any]) -> None:
     os.replace(tmp, meta_p)
 
 
-def _select(present: dict[int, int], boxes: dict[int, list[list[int]]], label_ids: Sequence[int] | None):
-    if label_ids is None:
-        return dict(present), dict(boxes)
-    keep = set(label_ids)
+#: how a case without any selected label is reported
+NO_SELECTED_LABEL = "none of the selected labels is present"
+
+
+def _select(present: dict[int, int], boxes: dict[int, list[list[int]]], label_ids: Sequence[int] | None,
+            exclude: Sequence[int] = ()):
+    keep = set(present if label_ids is None else label_ids) - set(exclude)
     return {k: v for k, v in present.items() if k in keep}, {k: v for k, v in boxes.items() if k in keep}
+
+
+def ignore_label_ids(names: dict[int, str]) -> tuple[int, ...]:
+    """Ids named ``ignore`` in a dataset.json (nnU-Net v2's label for voxels nobody annotated)."""
+    return tuple(sorted(i for i, n in names.items() if n.strip().lower() == "ignore"))
+
+
+def structure_voxels(labels: np.ndarray, ignore: Sequence[int] = ()) -> np.ndarray:
+    """Voxels that a label map gives to some structure: > 0 and not an ``ignore`` label."""
+    out = labels > 0
+    for i in ignore:
+        out &= labels != i
+    return out
 
 
 def scan_case(
@@ -515,6 +633,7 @@ def scan_case(
     label_ids: Sequence[int] | None = None,
     cache: str | os.PathLike | None = None,
     write_cache: bool = False,
+    ignore: Sequence[int] = (),
 ) -> tuple[CaseInfo | None, list[Problem]]:
     """Read one case and check it: both files readable, same shape and affine, label map of
     non-negative integers that is not empty, and some selected label present.
@@ -570,12 +689,12 @@ def scan_case(
         cached = write_cache and cache is not None and bool(present)
     if not present:
         return None, [Problem(case.key, case.label, "label map is empty (no voxel > 0)")]
-    sel, sel_boxes = _select(present, boxes, label_ids)
+    sel, sel_boxes = _select(present, boxes, label_ids, ignore)
     if not sel:
         ids = ", ".join(str(i) for i in sorted(present)[:12])
-        return None, [Problem(case.key, case.label, f"none of the selected labels is present (present: {ids}); case skipped", "warning")]
+        return None, [Problem(case.key, case.label, f"{NO_SELECTED_LABEL} (present: {ids}); case skipped", "warning")]
     notes = [Problem(case.key, case.image, _strip_path(hu_note, case.image), "warning")] if hu_note else []
-    return CaseInfo(case, shape, affine, sel, sel_boxes, cached), notes  # type: ignore[arg-type]
+    return CaseInfo(case, shape, affine, sel, sel_boxes, cached, tuple(ignore)), notes  # type: ignore[arg-type]
 
 
 def _strip_path(message: str, path: Path) -> str:
@@ -637,15 +756,21 @@ def scan_dataset(
     the GIL); results and ``on_case`` calls keep the case order."""
     cases, problems = find_cases(roots, splits)
     lm = read_labelmap(labelmap) if labelmap else None
-    label_ids, names, name_problems = _labels_over_roots(roots, labels, lm)
+    label_ids, names, name_problems, listed = _labels_over_roots(roots, labels, lm)
     problems += name_problems
+    ignore = {root: ignore_label_ids(read_label_names(root)) for root in {c.root for c in cases}}
+    for root, ids in ignore.items():
+        chosen = sorted(set(ids) & set(label_ids or []))
+        if chosen:
+            problems.append(Problem(str(root), Path(root) / "dataset.json", f"label {chosen[0]} is the 'ignore' label "
+                                    "(voxels nobody annotated): never an object, left out of --labels", "warning"))
     infos: list[CaseInfo] = []
     if jobs > 1 and max_cases is None and len(cases) > 1:
         pool = ThreadPoolExecutor(max_workers=jobs)
-        results = pool.map(lambda c: scan_case(c, label_ids, cache, write_cache), cases)
+        results = pool.map(lambda c: scan_case(c, label_ids, cache, write_cache, ignore.get(c.root, ())), cases)
     else:
         pool = None
-        results = (scan_case(c, label_ids, cache, write_cache) for c in cases)
+        results = (scan_case(c, label_ids, cache, write_cache, ignore.get(c.root, ())) for c in cases)
     try:
         for case, (info, probs) in zip(cases, results):
             problems += probs
@@ -658,12 +783,19 @@ def scan_dataset(
     finally:
         if pool is not None:
             pool.shutdown(cancel_futures=True)
+    if max_cases is None and infos:
+        found = {lab for info in infos for lab in info.labels}
+        for i, item in listed.items():
+            if i not in found:
+                what = item if item == str(i) else f"{item} (id {i})"
+                problems.append(Problem(", ".join(str(r) for r in roots), None,
+                                        f"--labels: {what} is in no usable case", "warning"))
     return ScanResult(infos, problems, names, label_ids, [str(r) for r in roots])
 
 
 def _labels_over_roots(roots: Sequence[str | os.PathLike], labels: str | Sequence[str] | None,
-                       lm: dict[str, Any] | None) -> tuple[list[int] | None, dict[int, str], list[Problem]]:
-    """(selected ids, id -> name, problems) for several roots. Roots may number their labels
+                       lm: dict[str, Any] | None) -> tuple[list[int] | None, dict[int, str], list[Problem], dict[int, str]]:
+    """(selected ids, id -> name, problems, ids named one by one in ``labels``) for several roots. Roots may number their labels
     differently: a ``--labels`` selection must mean the same ids in every root whose
     dataset.json names its labels (else a one-line BosamError naming both roots), and an id
     named differently in two roots is a warning (reports use the first root's name)."""
@@ -678,13 +810,19 @@ def _labels_over_roots(roots: Sequence[str | os.PathLike], labels: str | Sequenc
                                         f"'{from_roots[i]}' in an earlier root; reports use '{from_roots[i]}'", "warning"))
             from_roots.setdefault(i, n)
     names = {**lm_names, **from_roots}  # a dataset's own names before the label map's
-    label_ids = resolve_labels(labels, names, lm)
+    label_ids = resolve_labels(labels, from_roots, lm)
+    for i in label_ids or []:
+        own, other = from_roots.get(i), lm_names.get(i)
+        if own is not None and other is not None and own.lower() != other.lower():
+            problems.append(Problem(", ".join(str(r) for r in roots), None, f"--labels: label {i} is '{own}' in dataset.json "
+                                    f"but '{other}' in the label map (reports use '{own}'); check that the two "
+                                    "number labels alike", "warning"))
     named = [(root, rn) for root, rn in per_root if rn]
     if labels is not None and len(named) > 1:
         chosen = []
         for root, rn in named:
             try:
-                chosen.append((root, resolve_labels(labels, {**lm_names, **rn}, lm)))
+                chosen.append((root, resolve_labels(labels, rn, lm)))
             except BosamError as exc:
                 raise BosamError(f"{root}/dataset.json: {exc}") from None
         (root_a, ids_a), = chosen[:1]
@@ -693,7 +831,7 @@ def _labels_over_roots(roots: Sequence[str | os.PathLike], labels: str | Sequenc
                 raise BosamError(f"--labels: selects ids {ids_a} in {root_a} but {ids_b} in {root_b} (their "
                                  "dataset.json files number the labels differently); give label ids, or train on "
                                  "roots that agree")
-    return label_ids, names, problems
+    return label_ids, names, problems, listed_labels(labels, from_roots, lm)
 
 
 def refuse_errors(scan: ScanResult, skip_bad: bool, what: str = "training") -> None:
@@ -704,7 +842,15 @@ def refuse_errors(scan: ScanResult, skip_bad: bool, what: str = "training") -> N
         more = f" (and {len(errs) - 1} more problem{'s' if len(errs) > 2 else ''}; run 'bosam prepare --check')" if len(errs) > 1 else ""
         raise BosamError(f"{errs[0]}{more}; fix the dataset or pass --skip-bad to leave bad cases out of {what}")
     if not scan.infos:
-        first = f": {scan.problems[0]}" if scan.problems else ""
+        # why the cases went: their errors (left out by --skip-bad), else the selection, before
+        # any other warning (an ignored channel, a split without labels)
+        unselected = [p for p in scan.problems if p.message.startswith(NO_SELECTED_LABEL)]
+        if unselected and not errs:
+            ids = ", ".join(str(i) for i in scan.label_ids or [])
+            first = f": none of the selected labels ({ids}) is in any case (e.g. {unselected[0]})"
+        else:
+            reasons = errs or unselected or scan.problems
+            first = f": {reasons[0]}" if reasons else ": no case found"
         raise BosamError(f"{', '.join(scan.roots)}: no usable case for {what}{first}")
 
 
@@ -882,7 +1028,7 @@ class PatchSampler:
         raw = sample_window(image, geom, cfg.pad_value)
         window_labels = sample_labels(labels, geom)
         target = window_labels == lab
-        others = (window_labels > 0) & ~target
+        others = structure_voxels(window_labels, info.ignore) & ~target
         img = normalise(raw, cfg.clamp_hu)
         flips = tuple(bool(rng.random() < 0.5) for _ in range(3)) if cfg.flip else (False, False, False)
         if cfg.intensity_scale or cfg.intensity_shift:

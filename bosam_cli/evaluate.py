@@ -45,7 +45,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from .clicks import bosam_protocol_click, center_click, first_click
-from .data import CaseStore, ScanResult
+from .data import CaseStore, ScanResult, structure_voxels
 from .session import REFINE_HU, ClickReport
 from .volume import Volume
 from .windows import WindowGeometry, normalise, resample, sample_labels, sample_window, window_at
@@ -198,7 +198,7 @@ def run_clicks_protocol(
         image, labels = store.load(index)
         segmenter.set_volume(image)
         spacing = [float(s) for s in image.spacing_mm]
-        labelled = np.asarray(labels.array) > 0
+        labelled = structure_voxels(np.asarray(labels.array), info.ignore)
         for lab in _pick_labels(info.labels, labels_per_case):
             name = scan.label_names.get(lab, f"label_{lab}")
             gt = np.asarray(labels.array) == lab

@@ -455,3 +455,143 @@ def test_real_totalsegmentator_ct_with_the_bone_filter(tmp_path):
     store = CaseStore(scan.infos)
     patch = PatchSampler(store, PatchConfig()).sample(patch_rng(0))
     assert patch.label in labels and patch.foreground > 1000 and np.isfinite(patch.image).all()
+
+
+# ---------------------------------------------------------------------------------------------
+# label names from two sources, nnU-Net's ignore label, and what --labels names but no case has
+
+
+def _renumbered(tmp_path: Path, names: dict[str, int]) -> Path:
+    """A dataset whose labels are numbered 1..N (as nnU-Net wants), unlike the label map."""
+    root = make_dataset(tmp_path / "renum", dataset_json=False)
+    for p in (root / "labelsTr").iterdir():
+        img = read_volume(p)
+        arr = np.asarray(img.array).copy()
+        out = np.zeros_like(arr)
+        for i, (name, new) in enumerate(names.items()):
+            out[arr == (L3, FEMUR)[i]] = new
+        save_nifti(out, img.affine, p)
+    (root / "dataset.json").write_text(json.dumps({"labels": {"background": 0, **names}}))
+    return root
+
+
+def test_a_datasets_own_label_names_come_before_the_label_maps():
+    """dataset.json numbers femur_left 2; TotalSegmentator's map numbers it 75. '--labels
+    femur_left' means the dataset's label, whatever the map says; the same for 'bone' when the
+    dataset itself has a label of that name (a binary bone dataset)."""
+    lm = {"labels": {"1": "spleen", "2": "kidney_right", "75": {"name": "femur_left", "bone": True}},
+          "bone_groups": {"leg": [75]}}
+    own = {1: "spleen", 2: "femur_left"}
+    assert resolve_labels("femur_left,spleen", own, lm) == [1, 2]
+    assert resolve_labels("femur_left", None, lm) == [75]
+    assert resolve_labels("bone", {1: "bone"}, lm) == [1] and resolve_labels("bone", own, lm) == [75]
+    assert resolve_labels("leg", {3: "leg"}, lm) == [3] and resolve_labels("leg", own, lm) == [75]
+
+
+def test_label_map_layouts_names_for_ids_and_one_line_errors():
+    from bosam_cli.data import labelmap_bone_ids, labelmap_names
+
+    by_id = {"labels": {"29": "vertebrae_L3", "75": "femur_left"}, "bone_ids": ["vertebrae_L3", 75],
+             "bone_groups": {"spine": ["vertebrae_L3"], "leg": "75"}}
+    assert labelmap_names(by_id) == {29: "vertebrae_L3", 75: "femur_left"}
+    assert labelmap_bone_ids(by_id) == [29, 75]
+    assert resolve_labels("spine", None, by_id) == [29]
+    with pytest.raises(BosamError, match=r"bone_groups: leg: must be a list of label ids or names, not \"75\""):
+        resolve_labels("leg", None, by_id)  # a string was read digit by digit: ids 5 and 7
+    v2 = {"labels": {"background": 0, "femur_left": 75}}  # nnU-Net v2's direction, name -> id
+    assert labelmap_names(v2) == {75: "femur_left"} and resolve_labels("femur_left", None, v2) == [75]
+    with pytest.raises(BosamError, match='bone_ids: "tibia" is neither a label id nor a label name'):
+        labelmap_bone_ids({"labels": {"75": "femur_left"}, "bone_ids": ["tibia"]})
+    with pytest.raises(BosamError, match="the label map names no labels"):
+        resolve_labels("femur_left", None, {"labels": {}})
+    for empty in ("", ",", " , "):  # an unset shell variable must not select every label
+        with pytest.raises(BosamError, match="--labels: empty selection"):
+            resolve_labels(empty, {1: "femur"})
+
+
+def test_scan_warns_when_dataset_and_label_map_name_a_label_differently(tmp_path):
+    root = _renumbered(tmp_path, {"spleen": 1, "femur_left": 2})
+    scan = scan_dataset([root], "femur_left,spleen", str(TS_LABELMAP))
+    assert scan.label_ids == [1, 2] and scan.summary()["labels"]["2"]["name"] == "femur_left"
+    (warn,) = [p for p in scan.problems if p.message.startswith("--labels: label 2")]
+    assert "'femur_left' in dataset.json" in warn.message and "'kidney_right' in the label map" in warn.message
+
+
+def test_labels_named_but_in_no_case_are_warned_about(tmp_path):
+    root = make_dataset(tmp_path / "ds")
+    scan = scan_dataset([root], f"{L3},99,femur_left")
+    assert sorted(scan.summary()["labels"]) == [str(L3), str(FEMUR)]
+    assert [p.message for p in scan.problems] == ["--labels: 99 is in no usable case"]
+    assert not [p for p in scan_dataset([root], "20-99").problems]  # a range may hold ids no case has
+    with pytest.raises(BosamError, match=r"no usable case for training: none of the selected labels \(99\) is in any case"):
+        refuse_errors(scan_dataset([root], "99"), skip_bad=False)
+
+
+def test_nnunet_ignore_label_is_never_an_object_nor_another_structure(tmp_path):
+    """nnU-Net v2 names the voxels nobody annotated 'ignore': not a bone to train on or to
+    evaluate, and not a neighbouring structure that a mask leaks into."""
+    from bosam_cli.evaluate import run_clicks_protocol
+
+    root = _renumbered(tmp_path, {"vertebra": 1, "ignore": 2})
+    scan = scan_dataset([root])
+    assert scan.label_ids is None and scan.summary()["label_ids"] == [1]
+    assert all(info.ignore == (2,) for info in scan.infos)
+    assert "ignore" in scan_dataset([root], "1,2").problems[0].message
+
+    class Everything:  # a segmenter whose mask is the whole CT: it covers the ignore voxels
+        def set_volume(self, volume):
+            self.shape = volume.shape
+
+        def reset(self, label):
+            pass
+
+        def add_click(self, label, voxel, positive=True):
+            pass
+
+        def mask(self, label):
+            return np.ones(self.shape, bool)
+
+    records = run_clicks_protocol(Everything(), scan, 1, nsd_tolerance_mm=None)
+    assert {r.label for r in records} == {1} and all(r.other_voxels == 0 for r in records)
+    sampler = PatchSampler(CaseStore(scan.infos), PatchConfig(size=32, spacing_mm=3.0))
+    patch = sampler.sample(patch_rng(0, 0, 0))
+    assert patch.label == 1 and not patch.others.any()
+
+
+def test_the_ct_channel_is_the_one_dataset_json_calls_ct(tmp_path):
+    """nnU-Net allows channels in any order: a PET/CT dataset with the CT as channel 1 trains
+    on the CT, not the PET; several channels none of which is CT are a warning."""
+    root = tmp_path / "petct"
+    ct, lab, aff = paint_case(1)
+    save_nifti((ct / 100).astype(np.int16), aff, root / "imagesTr" / "a_0000.nii.gz")  # the PET
+    save_nifti(ct, aff, root / "imagesTr" / "a_0001.nii.gz")
+    save_nifti(lab, aff, root / "labelsTr" / "a.nii.gz")
+    (root / "dataset.json").write_text(json.dumps({"channel_names": {"0": "PET", "1": "CT"}, "labels": {"background": 0}}))
+    cases, problems = find_cases([root])
+    assert [c.image.name for c in cases] == ["a_0001.nii.gz"]
+    assert [p.message for p in problems] == ["channel 0000 ignored: bosam reads one CT channel (_0001)"]
+    (root / "dataset.json").write_text(json.dumps({"modality": {"0": "T1", "1": "T2"}}))  # v1, no CT
+    cases, problems = find_cases([root])
+    assert [c.image.name for c in cases] == ["a_0000.nii.gz"]
+    assert any("name no single CT channel" in p.message for p in problems)
+
+
+def test_broken_links_and_a_dot_root(tmp_path, monkeypatch):
+    root = make_dataset(tmp_path / "Dataset007_dot")
+    link = root / "labelsTr" / "case_009.nii.gz"
+    link.symlink_to(tmp_path / "moved" / "case_009.nii.gz")
+    _, problems = find_cases([root])
+    assert [p.message for p in problems] == [f"broken link to {tmp_path / 'moved' / 'case_009.nii.gz'} (the file it points to is missing)"]
+    monkeypatch.chdir(root)
+    cases, _ = find_cases(["."])
+    assert cases[0].key == "Dataset007_dot/Tr/case_000"  # the folder's own name, not '/Tr/case_000'
+
+
+def test_prepare_check_fails_when_no_case_is_usable(tmp_path):
+    root = make_dataset(tmp_path / "ds")
+    r = _bosam("prepare", "--check", "--data", str(root), "--labels", "99")
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert r.stderr.strip().splitlines() == [
+        f"error: {root}: no usable case for training: none of the selected labels (99) is in any case (e.g. "
+        f"{root}/labelsTr/case_000.nii.gz: none of the selected labels is present (present: {L3}, {FEMUR}); case skipped)"]
+    assert _bosam("prepare", "--check", "--data", str(root)).returncode == 0
