@@ -85,8 +85,8 @@ class Case:
 
 
 def _case_key(root: Path, split: str, name: str, root_tag: str | None = None) -> str:
-    """``<root name>/<split>/<case>``; the folder's own name for a root given as ``.``."""
-    return f"{root_tag or root.name or root.resolve().name}/{split}/{name}"
+    """``<root name>/<split>/<case>``; the folder's own name for a root given as ``.`` or ``..``."""
+    return f"{root_tag or _root_name(root)}/{split}/{name}"
 
 
 @dataclass(frozen=True)
@@ -139,7 +139,7 @@ def _volume_files(folder: Path, problems: list[Problem]) -> list[tuple[str, Path
     found = []
     for p in sorted(folder.iterdir()):
         if p.is_symlink() and not p.exists() and _volume_stem(p.name) is not None:
-            problems.append(Problem(p.name, p, f"broken link to {os.readlink(p)} (the file it points to is missing)"))
+            problems.append(Problem(p.name, p, f"broken link to {os.readlink(p)} (the file it points to is missing)", "warning"))
     for p in _listing(folder):
         parts = _volume_stem(p.name)
         if parts is None:
@@ -199,12 +199,17 @@ def find_cases(roots: Sequence[str | os.PathLike], splits: Sequence[str] = ("Tr"
     return cases, problems
 
 
+def _root_name(root: Path) -> str:
+    """A root's folder name, also for ``.`` and ``..``."""
+    return root.name if root.name not in ("", "..") else root.resolve().name
+
+
 def _root_tags(roots: list[Path]) -> dict[Path, str]:
     """Names for roots that share a folder name (``siteA/Dataset001``, ``siteB/Dataset001``), so
     that case keys stay unique: the shortest distinguishing tail of their paths."""
     by_name: dict[str, list[Path]] = {}
     for r in roots:
-        by_name.setdefault(r.name, []).append(r)
+        by_name.setdefault(_root_name(r), []).append(r)
     tags: dict[Path, str] = {}
     for same in by_name.values():
         if len(same) < 2:
@@ -338,8 +343,8 @@ def _label_id(value: Any) -> int | None:
 
 
 def labelmap_names(labelmap: dict[str, Any]) -> dict[int, str]:
-    """id -> name of a label map: ``{"75": "femur_left"}``, ``{"75": {"name": ...}}``, or the
-    nnU-Net v2 direction ``{"femur_left": 75}``."""
+    """id -> name of a label map: ``{"75": "femur_left"}``, ``{"75": {"name": ...}}``, or keyed
+    by name: ``{"femur_left": 75}`` (nnU-Net v2's direction) or ``{"femur_left": {"id": 75}}``."""
     out: dict[int, str] = {}
     for k, v in labelmap["labels"].items():
         if _label_id(k) is not None:
@@ -348,6 +353,8 @@ def labelmap_names(labelmap: dict[str, Any]) -> dict[int, str]:
                 out[int(_label_id(k))] = str(name)  # type: ignore[arg-type]
         elif _label_id(v) is not None:
             out[int(_label_id(v))] = str(k)  # type: ignore[arg-type]
+        elif isinstance(v, dict) and _label_id(v.get("id")) is not None:
+            out[int(_label_id(v.get("id")))] = str(v.get("name", k))  # type: ignore[arg-type]
     out.pop(0, None)
     return out
 
@@ -547,7 +554,7 @@ def _file_sig(path: Path) -> list[int]:
 def cache_folder(cache: str | os.PathLike, root: Path) -> Path:
     """Cache sub-folder of one dataset root (root name + hash of its absolute path)."""
     digest = hashlib.sha1(str(root.resolve()).encode()).hexdigest()[:10]
-    return Path(cache) / f"{root.name}-{digest}"
+    return Path(cache) / f"{_root_name(root)}-{digest}"
 
 
 def _cache_paths(cache: str | os.PathLike, case: Case) -> tuple[Path, Path, Path]:
@@ -556,7 +563,8 @@ def _cache_paths(cache: str | os.PathLike, case: Case) -> tuple[Path, Path, Path
 
 
 def _read_cache_entry(cache: str | os.PathLike | None, case: Case) -> dict[str, Any] | None:
-    """The cache entry of a case when it exists and matches the source files (size, mtime)."""
+    """The cache entry of a case when it exists and matches the source files (name, size,
+    mtime: two channels of one case may share size and mtime)."""
     if cache is None:
         return None
     meta_p, img_p, lab_p = _cache_paths(cache, case)
@@ -566,6 +574,8 @@ def _read_cache_entry(cache: str | os.PathLike | None, case: Case) -> dict[str, 
         meta = json.loads(meta_p.read_text())
         ok = (
             meta.get("format") == CACHE_FORMAT
+            and Path(str(meta.get("image"))).name == case.image.name
+            and Path(str(meta.get("label"))).name == case.label.name
             and meta.get("image_sig") == _file_sig(case.image)
             and meta.get("label_sig") == _file_sig(case.label)
         )
@@ -846,7 +856,7 @@ def refuse_errors(scan: ScanResult, skip_bad: bool, what: str = "training") -> N
         # any other warning (an ignored channel, a split without labels)
         unselected = [p for p in scan.problems if p.message.startswith(NO_SELECTED_LABEL)]
         if unselected and not errs:
-            ids = ", ".join(str(i) for i in scan.label_ids or [])
+            ids = ", ".join(str(i) for i in scan.label_ids) if scan.label_ids else "every label but 'ignore'"
             first = f": none of the selected labels ({ids}) is in any case (e.g. {unselected[0]})"
         else:
             reasons = errs or unselected or scan.problems

@@ -580,8 +580,11 @@ def test_broken_links_and_a_dot_root(tmp_path, monkeypatch):
     root = make_dataset(tmp_path / "Dataset007_dot")
     link = root / "labelsTr" / "case_009.nii.gz"
     link.symlink_to(tmp_path / "moved" / "case_009.nii.gz")
-    _, problems = find_cases([root])
-    assert [p.message for p in problems] == [f"broken link to {tmp_path / 'moved' / 'case_009.nii.gz'} (the file it points to is missing)"]
+    (root / "imagesTr" / "case_000_0001.nii.gz").symlink_to(tmp_path / "moved" / "case_000_0001.nii.gz")
+    cases, problems = find_cases([root])  # links to a missing label and an unused channel: told, not fatal
+    assert len(cases) == 2 and sorted((p.severity, p.message) for p in problems) == [
+        ("warning", f"broken link to {tmp_path / 'moved' / 'case_000_0001.nii.gz'} (the file it points to is missing)"),
+        ("warning", f"broken link to {tmp_path / 'moved' / 'case_009.nii.gz'} (the file it points to is missing)")]
     monkeypatch.chdir(root)
     cases, _ = find_cases(["."])
     assert cases[0].key == "Dataset007_dot/Tr/case_000"  # the folder's own name, not '/Tr/case_000'
@@ -595,3 +598,41 @@ def test_prepare_check_fails_when_no_case_is_usable(tmp_path):
         f"error: {root}: no usable case for training: none of the selected labels (99) is in any case (e.g. "
         f"{root}/labelsTr/case_000.nii.gz: none of the selected labels is present (present: {L3}, {FEMUR}); case skipped)"]
     assert _bosam("prepare", "--check", "--data", str(root)).returncode == 0
+
+
+def test_a_cache_entry_belongs_to_its_channel_file(tmp_path):
+    """Two channels of one case can share size and mtime (uncompressed files from one archive):
+    after dataset.json names channel 1 the CT, channel 0's cache entry must not be served."""
+    root = tmp_path / "ds"
+    ct, lab, aff = paint_case(2)
+    pet = save_nifti((ct // 100).astype(np.int16), aff, root / "imagesTr" / "a_0000.nii")
+    real = save_nifti(ct, aff, root / "imagesTr" / "a_0001.nii")
+    save_nifti(lab, aff, root / "labelsTr" / "a.nii")
+    os.utime(real, ns=(pet.stat().st_atime_ns, pet.stat().st_mtime_ns))
+    assert pet.stat().st_size == real.stat().st_size
+    cache = tmp_path / "cache"
+    scan_dataset([root], cache=str(cache), write_cache=True)  # channel 0 cached
+    (root / "dataset.json").write_text(json.dumps({"channel_names": {"0": "PET", "1": "CT"}}))
+    scan = scan_dataset([root], cache=str(cache))
+    assert scan.infos[0].case.image.name == "a_0001.nii" and not scan.infos[0].cached
+    image, _ = CaseStore(scan.infos, str(cache)).load(0)
+    assert np.asarray(image.array).max() == ct.max()
+
+
+def test_root_names_for_dot_and_dotdot_stay_distinct(tmp_path, monkeypatch):
+    a = make_dataset(tmp_path / "siteA" / "Dataset001")
+    make_dataset(tmp_path / "siteB" / "Dataset001")
+    monkeypatch.chdir(a)
+    cases, _ = find_cases([".", "../../siteB/Dataset001"])
+    keys = [c.key for c in cases]
+    assert len(set(keys)) == len(keys) == 4 and keys[0] == "siteA/Dataset001/Tr/case_000"
+    monkeypatch.chdir(a / "imagesTr")
+    assert find_cases([".."])[0][0].key == "Dataset001/Tr/case_000"
+
+
+def test_a_label_map_keyed_by_name_with_id_entries():
+    from bosam_cli.data import labelmap_bone_ids, labelmap_names
+
+    lm = {"labels": {"femur_left": {"id": 75, "bone": True}, "spleen": {"id": 1}}, "bone_groups": {"leg": ["femur_left"]}}
+    assert labelmap_names(lm) == {75: "femur_left", 1: "spleen"}
+    assert labelmap_bone_ids(lm) == [75] and resolve_labels("leg,spleen", None, lm) == [1, 75]
