@@ -43,9 +43,9 @@ def mask_to_mesh(mask: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, np.n
 
     if not mask.any():
         return np.zeros((0, 3)), np.zeros((0, 3), dtype=np.int64)
-    nz = np.nonzero(mask)
-    lo = [max(int(a.min()) - 1, 0) for a in nz]
-    hi = [min(int(a.max()) + 2, s) for a, s in zip(nz, mask.shape)]
+    used = [np.flatnonzero(mask.any(axis=tuple(b for b in range(3) if b != a))) for a in range(3)]
+    lo = [max(int(u[0]) - 1, 0) for u in used]
+    hi = [min(int(u[-1]) + 2, s) for u, s in zip(used, mask.shape)]
     sub = np.pad(mask[lo[0] : hi[0], lo[1] : hi[1], lo[2] : hi[2]].astype(np.float32), 1)
     verts, faces, _, _ = marching_cubes(sub, level=0.5)
     verts = verts - 1 + np.asarray(lo, dtype=np.float64)

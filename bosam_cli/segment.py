@@ -188,13 +188,6 @@ def segment_volume(session: Session, volume: Volume, prompts: Any) -> dict[str, 
     return {"labels": labels, "reports": reports}
 
 
-def _label_voxels(session: Any, labels: np.ndarray, label: int) -> int:
-    """Voxels of ``label`` in the label map, counted inside the object's logits box only (the
-    label map holds an object nowhere else)."""
-    got = session.object_logits(label)
-    return 0 if got is None else int(np.count_nonzero(labels[got[0]] == label))
-
-
 def segment_file(
     ct: str | os.PathLike,
     points: str | os.PathLike,
@@ -234,14 +227,15 @@ def segment_file(
         objects = []
         for i, obj in enumerate(prompts.objects):
             state = session.objects[obj.label]
-            mask = labels == obj.label if options.per_object or options.mesh else None
+            got = session.object_logits(obj.label)
+            box = got[0] if got is not None else tuple(slice(0, 0) for _ in range(3))  # the object is nowhere else
             entry: dict[str, Any] = {
                 "label": obj.label,
                 "name": obj.name,
                 "clicks": [
                     {"positive": c.positive, "ras": _r(c.ras), "voxel": _r(c.ijk)} for c in obj.clicks
                 ],
-                **object_stats(_label_voxels(session, labels, obj.label), volume),
+                **object_stats(int(np.count_nonzero(labels[box] == obj.label)), volume),
                 "voxels_before_overlap_rule": session.voxel_count(obj.label),
                 "windows": len(state.windows),
                 "window_centres_ras": [_r(w.geom.centre_ras_mm) for w in state.windows],
@@ -251,12 +245,16 @@ def segment_file(
             }
             if options.per_object:
                 p = paths["objects_dir"] / f"{obj.label}_{_safe_name(obj.name)}{label_map_ending(paths['label_map'])}"
-                written.append(write_label_map(mask.astype(np.uint8), volume, p, {1: obj.name}))
+                mask = np.zeros(labels.shape, np.uint8, order="F")
+                mask[box] = labels[box] == obj.label
+                written.append(write_label_map(mask, volume, p, {1: obj.name}))
                 entry["mask_file"] = str(p)
             if options.mesh:
                 from .report import mask_to_mesh, write_stl
 
-                verts, faces = mask_to_mesh(mask, volume.affine)
+                shift = np.eye(4)
+                shift[:3, 3] = [sl.start for sl in box]
+                verts, faces = mask_to_mesh(labels[box] == obj.label, volume.affine @ shift)
                 p = paths["meshes_dir"] / f"{obj.label}_{_safe_name(obj.name)}.stl"
                 written.append(write_stl(verts, faces, p, name=obj.name))
                 entry["mesh_file"] = str(p)

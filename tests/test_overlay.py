@@ -125,3 +125,23 @@ def test_stl_normals_point_out_of_the_bone_in_world_space(codes: str, tmp_path) 
     np.testing.assert_allclose(tri.reshape(-1, 3).mean(axis=0), centre_lps, atol=0.3)
     outward = np.einsum("ij,ij->i", rec["n"], tri.mean(axis=1) - centre_lps)
     assert (outward > 0).mean() > 0.99
+
+
+def test_a_mesh_from_the_objects_box_equals_the_mesh_from_the_whole_ct() -> None:
+    """segment meshes each bone from its box of the label map (a full-size CT made that 5 s per
+    bone); with the box's corner in the affine the vertices are the same."""
+    from bosam_cli.report import mask_to_mesh
+
+    g = np.indices(SHAPE) - np.array([10, 12, 14])[:, None, None, None]
+    ball = ((g * np.array(SPACING)[:, None, None, None]) ** 2).sum(0) < 8.0**2
+    _, _, affine, _ = ras_case()
+    whole_v, whole_f = mask_to_mesh(ball, affine)
+    nz = np.nonzero(ball)
+    lo, hi = [int(a.min()) for a in nz], [int(a.max()) + 1 for a in nz]
+    box = (slice(lo[0], hi[0]), slice(lo[1] - 2, hi[1] + 1), slice(max(lo[2] - 3, 0), hi[2]))
+    assert ball[box].sum() == ball.sum()  # the box holds the object, touching its faces or not
+    shift = np.eye(4)
+    shift[:3, 3] = [sl.start for sl in box]
+    box_v, box_f = mask_to_mesh(ball[box], affine @ shift)
+    np.testing.assert_allclose(box_v, whole_v, atol=1e-9)
+    np.testing.assert_array_equal(box_f, whole_f)
