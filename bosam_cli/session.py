@@ -365,9 +365,8 @@ class Session:
             got = self.object_logits(lab)
             if got is None:
                 continue
-            box, logits = got
-            logits = np.asfortranarray(logits)  # same memory order as ``labels``
-            region = logits > 0
+            box, logits = got  # the session's cached array: no copy per object (a Fortran copy
+            region = logits > 0  # of each doubled the memory of a map of 30 large bones)
             if not region.any():
                 continue
             current = labels[box]
