@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -137,3 +138,18 @@ def test_flags_show_no_value_placeholder_in_help():
         assert "Usage" in out, path
         flagged = [line for line in out.splitlines() if "<bool>" in line]
         assert not flagged, (path, flagged)
+
+
+def test_the_cli_keeps_numpys_blas_to_one_thread_unless_told():
+    """The window sampling's small matrix products ran on one OpenBLAS thread per core beside
+    torch's threads (twice the encoder time on 2 cores); the command sets one thread before
+    NumPy loads, and leaves a user's own setting alone."""
+    code = ("import os, sys; sys.argv = ['bosam', '--version']; from bosam_cli import cli\n"
+            "try:\n    cli.main()\nexcept SystemExit:\n    pass\n"
+            "print(os.environ['OPENBLAS_NUM_THREADS'], 'numpy' in sys.modules)")
+    env = {k: v for k, v in os.environ.items() if k != "OPENBLAS_NUM_THREADS"}
+    for given, want in ((None, "1"), ("3", "3")):
+        if given:
+            env["OPENBLAS_NUM_THREADS"] = given
+        r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+        assert r.stdout.split()[-2:] == [want, "False"], r.stdout + r.stderr
