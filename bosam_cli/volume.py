@@ -285,10 +285,17 @@ def _apply_scaling(raw: np.ndarray, slope: float | None, inter: float | None, pa
     if slope == 1.0 and inter == 0.0:
         return raw
     if raw.dtype.kind in "biu" and slope.is_integer() and inter.is_integer() and raw.size:
-        lo = min(float(raw.min()) * slope, float(raw.max()) * slope) + inter
-        hi = max(float(raw.min()) * slope, float(raw.max()) * slope) + inter
+        r_min, r_max = float(raw.min()), float(raw.max())
+        lo = min(r_min * slope, r_max * slope) + inter
+        hi = max(r_min * slope, r_max * slope) + inter
         if -32768 <= lo and hi <= 32767:
-            return (raw.astype(np.int32) * int(slope) + int(inter)).astype(np.int16)
+            # every intermediate fits int32; one int32 array, scaled in place (a full-size CT's
+            # uint16 + intercept made three int32 temporaries: 2.7 GB against 1 GB as int16)
+            out = raw.astype(np.int32)
+            if slope != 1.0:
+                out *= int(slope)
+            out += int(inter)
+            return out.astype(np.int16)
     out = raw.astype(np.float32) * np.float32(slope) + np.float32(inter)
     if not np.all(np.isfinite(out)):
         raise VolumeError(f"{path}: scl_slope/scl_inter: scaling ({slope}, {inter}) gives non-finite values")
