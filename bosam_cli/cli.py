@@ -190,6 +190,24 @@ def points_check(
         con.print(f"[yellow]warning:[/] {outside} of {len(records)} clicks fall outside the volume; segmentation would refuse this file")
 
 
+def check_preset(preset: Optional[str]) -> None:
+    """--preset: a known architecture (or one of its other names), or None."""
+    from .errors import BosamError
+    from .model.presets import ALIASES, PRESETS
+
+    if preset is not None and ALIASES.get(preset, preset) not in PRESETS:
+        raise BosamError(f"--preset: unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
+
+
+def check_threads(threads: Optional[int]) -> None:
+    """--threads: 1 .. MAX_THREADS (torch dies without a word far above), or None."""
+    from .errors import BosamError
+    from .runtime_info import MAX_THREADS
+
+    if threads is not None and not 1 <= threads <= MAX_THREADS:
+        raise BosamError(f"--threads: must be 1 .. {MAX_THREADS}, got {threads}")
+
+
 def open_engine_for(
     engine: str,
     checkpoint: Optional[Path],
@@ -204,8 +222,7 @@ def open_engine_for(
     from .errors import BosamError
     from .segment import resolve_checkpoint
 
-    if threads is not None and threads < 1:
-        raise BosamError(f"--threads: must be 1 or more, got {threads}")
+    check_threads(threads)
     if device and device.lower() != "tensorrt":  # tensorrt: ONNX Runtime's TensorRT provider
         import torch
 
@@ -390,6 +407,8 @@ def export_command(
         from .segment import resolve_checkpoint
 
         checkpoint = Path(resolve_checkpoint(None))  # the bundled model, as segment's default
+    check_threads(threads)
+    check_preset(preset)
     if threads:
         import torch
 
@@ -479,6 +498,8 @@ def bench(
     kinds = ["torch", "onnxruntime", "tensorrt"] if engine == "all" else [engine]
     if repeats < 1 or decoder_repeats < 1:
         raise BosamError("--repeats and --decoder-repeats must be >= 1")
+    check_threads(threads)
+    check_preset(preset)
     if threads:
         import torch
 
@@ -674,7 +695,7 @@ def prepare(
             out.print(t)
         if cache:
             out.print(f"cache: {report['cached_cases']} cases in {esc(str(cache))}")
-    if check and not scan.infos:  # what train and evaluate would refuse
+    if not scan.infos:  # what train and evaluate would refuse (a cache of nothing too)
         from .data import refuse_errors
         from .errors import BosamError
 

@@ -231,7 +231,7 @@ def _ct_channel(root: Path) -> tuple[str, str | None]:
     path = root / "dataset.json"
     try:
         obj = json.loads(path.read_text()) if path.is_file() else {}
-    except (OSError, json.JSONDecodeError):
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
         return "0000", None  # read_label_names reports an unreadable dataset.json
     channels = obj.get("channel_names", obj.get("modality")) if isinstance(obj, dict) else None
     if not isinstance(channels, dict) or not channels:
@@ -299,7 +299,7 @@ def read_label_names(root: str | os.PathLike) -> dict[int, str]:
         return {}
     try:
         obj = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise BosamError(f"{path}: not valid JSON ({exc})") from None
     labels = obj.get("labels") if isinstance(obj, dict) else None
     if not isinstance(labels, dict):
@@ -326,7 +326,7 @@ def read_labelmap(path: str | os.PathLike) -> dict[str, Any]:
         obj = json.loads(path.read_text())
     except FileNotFoundError:
         raise BosamError(f"{path}: no such label-map file") from None
-    except (OSError, json.JSONDecodeError) as exc:
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise BosamError(f"{path}: not a valid label-map JSON ({exc})") from None
     if not isinstance(obj, dict) or not isinstance(obj.get("labels"), dict):
         raise BosamError(f"{path}: label map must be a JSON object with a 'labels' object")

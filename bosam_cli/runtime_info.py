@@ -11,6 +11,10 @@ from typing import Any
 from . import __version__
 
 
+#: the most CPU threads a --threads option takes (torch crashes, without a word, far above)
+MAX_THREADS = 1024
+
+
 def dist_version(name: str) -> str | None:
     try:
         return md.version(name)

@@ -43,6 +43,10 @@ BUNDLED_WEIGHTS = Path(__file__).parent / "weights" / "bosam-tiny.safetensors"
 OUTPUT_SUFFIX = "_bosam"
 
 
+#: the coarsest model window spacing taken (128 voxels: 6.4 m)
+MAX_SPACING_MM = 50.0
+
+
 @dataclass
 class SegmentOptions:
     """Options of ``bosam segment`` (the CLI flags, one to one).
@@ -96,14 +100,16 @@ def ct_warnings(volume: Volume, label_map: Path) -> list[str]:
 def make_session(engine: Any, options: SegmentOptions, metadata: dict[str, Any] | None = None) -> Session:
     """A session configured from options, falling back to the checkpoint's metadata."""
     meta = metadata or {}
-    spacing = options.spacing_mm or meta.get("spacing_mm") or DEFAULT_SPACING_MM
+    spacing = options.spacing_mm if options.spacing_mm is not None else (meta.get("spacing_mm") or DEFAULT_SPACING_MM)
     if options.clamp_hu is not None:
         clamp = tuple(options.clamp_hu) or None
     else:
         m = (meta.get("intensity") or {}).get("clamp_hu", list(DEFAULT_CLAMP_HU))
         clamp = tuple(m) if m else None
-    if spacing <= 0:
-        raise BosamError(f"--spacing must be > 0 mm, got {spacing}")
+    if not (np.isfinite(spacing) and 0 < spacing <= MAX_SPACING_MM):
+        raise BosamError(f"--spacing must be a window spacing in (0, {MAX_SPACING_MM:g}] mm, got {spacing}")
+    if int(options.max_windows) < 1:
+        raise BosamError(f"--max-windows must be 1 or more, got {options.max_windows}")
     if options.islands not in ISLANDS:
         raise BosamError(f"--islands must be one of {', '.join(ISLANDS)}, not {options.islands!r}")
     if options.refine not in REFINES:
@@ -342,6 +348,9 @@ def guard_outputs(paths: dict[str, Path], inputs: Iterable[Path | None]) -> None
     for key in ("label_map", "manifest", "overlay", "points"):
         if key in paths and paths[key].is_dir():
             raise BosamError(f"{paths[key]}: is a folder, where bosam would write its {key.replace('_', ' ')} file")
+    for key in ("objects_dir", "meshes_dir"):  # found only when writing, it had cost the old result
+        if key in paths and paths[key].exists() and not paths[key].is_dir():
+            raise BosamError(f"{paths[key]}: is a file, where bosam would make its {key[:-4]} folder")
     for out in paths.values():
         for inp in given:
             if _same_file(out, inp):

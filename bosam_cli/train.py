@@ -61,6 +61,7 @@ from .data import (
     scan_dataset,
 )
 from .errors import BosamError
+from .runtime_info import MAX_THREADS
 from .session import CLICK_MEMORIES
 from .windows import DEFAULT_CLAMP_HU, DEFAULT_SPACING_MM
 
@@ -694,6 +695,14 @@ def _check_config(cfg: TrainConfig) -> None:
         value = getattr(cfg, name)
         if value is not None and not (math.isfinite(value) and value > 0):
             raise BosamError(f"--{name.replace('_mm', '').replace('_', '-')} must be a finite number above 0, got {value}")
+    # NaN here trained NaN weights and exited 0
+    for name, top in (("weight_decay", None), ("prompt_lr_scale", None), ("spacing_jitter", 0.5), ("intensity_jitter", 1.0)):
+        value = getattr(cfg, name)
+        if not (math.isfinite(value) and value >= 0 and (top is None or value <= top)):
+            rule = f"in 0 .. {top}" if top is not None else "a finite number >= 0"
+            raise BosamError(f"--{name.replace('_', '-')} must be {rule}, got {value}")
+    if cfg.threads is not None and int(cfg.threads) > MAX_THREADS:
+        raise BosamError(f"--threads must be at most {MAX_THREADS}, got {cfg.threads}")
     if cfg.lora_rank < 0:
         raise BosamError(f"--lora-rank must be >= 0, got {cfg.lora_rank}")
     if cfg.merge_lora and not cfg.lora_rank:

@@ -598,6 +598,8 @@ def test_prepare_check_fails_when_no_case_is_usable(tmp_path):
         f"error: {root}: no usable case for training: none of the selected labels (99) is in any case (e.g. "
         f"{root}/labelsTr/case_000.nii.gz: none of the selected labels is present (present: {L3}, {FEMUR}); case skipped)"]
     assert _bosam("prepare", "--check", "--data", str(root)).returncode == 0
+    r = _bosam("prepare", "--cache", str(tmp_path / "cache"), "--data", str(root), "--labels", "99")
+    assert r.returncode == 1 and "no usable case" in r.stderr  # a cache of nothing is a failure too
 
 
 def test_a_cache_entry_belongs_to_its_channel_file(tmp_path):

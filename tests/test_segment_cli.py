@@ -505,3 +505,30 @@ def test_label_map_as_metaimage_with_per_object_masks(tmp_path, random_checkpoin
     np.testing.assert_allclose(got.affine, src.affine, atol=1e-4)
     np.testing.assert_array_equal(got.array, ref.array)
     assert int(np.count_nonzero(read_volume(mask_file).array)) == manifest["objects"][0]["voxels"]
+
+
+def test_bad_numbers_and_names_are_one_line_errors_before_any_work(tmp_path):
+    """--spacing nan/inf/0, --max-windows 0, --threads far past the machine, an unknown
+    --preset, a file where the mesh folder goes (found only when writing, it had cost the
+    previous run's label map): one line each, exit 2, nothing written."""
+    ct = tmp_path / "ct.nii.gz"
+    nib.save(nib.Nifti1Image(np.full((24, 24, 24), 40, np.int16), np.eye(4)), str(ct))
+    pts = tmp_path / "p.json"
+    pts.write_text(json.dumps({"coordinate_system": "voxel", "objects": [{"label": 1, "clicks": [{"xyz": [12, 12, 12]}]}]}))
+    out = tmp_path / "out" / "seg.nii.gz"
+    cases = [(["--spacing", "nan"], "--spacing must be a window spacing in (0, 50] mm, got nan"),
+             (["--spacing", "0"], "--spacing must be a window spacing in (0, 50] mm, got 0.0"),
+             (["--max-windows", "0"], "--max-windows must be 1 or more, got 0"),
+             (["--threads", "100000"], "--threads: must be 1 .. 1024, got 100000")]
+    for flags, message in cases:
+        r = bosam("segment", str(ct), "-p", str(pts), "-o", str(out), "--engine", "torch", *flags)
+        assert r.returncode == 2 and r.stderr.strip().splitlines() == [f"error: {message}"], (flags, r.stderr)
+        assert not out.parent.exists()
+    out.parent.mkdir()
+    (out.parent / "seg_meshes").write_text("a file")
+    r = bosam("segment", str(ct), "-p", str(pts), "-o", str(out), "--engine", "torch", "--mesh")
+    assert r.returncode == 2 and "seg_meshes: is a file, where bosam would make its meshes folder" in r.stderr
+    assert not out.exists()
+    r = bosam("export", "--preset", "foo", "-o", str(tmp_path / "eng"))
+    assert r.returncode == 2 and r.stderr.strip().splitlines() == [
+        "error: --preset: unknown preset 'foo'; choose one of sam-med3d, tiny, vit-b-256"]

@@ -506,7 +506,13 @@ def test_cli_train_refuses_a_dataset_with_mismatched_grids(tmp_path):
                            (["--steps-per-epoch", "-2"], "--steps-per-epoch must be >= 1"),
                            (["--checkpoint-every", "-1"], "--checkpoint-every must be >= 0"),
                            (["--seed", str(2**32)], "--seed must be in 0 .. 2**32-1"),
-                           (["--lr", "nan"], "--lr must be a finite number above 0")):
+                           (["--lr", "nan"], "--lr must be a finite number above 0"),
+                           # NaN here trained NaN weights and exited 0; far too many threads killed torch
+                           (["--weight-decay", "nan"], "--weight-decay must be a finite number >= 0"),
+                           (["--prompt-lr-scale", "nan"], "--prompt-lr-scale must be a finite number >= 0"),
+                           (["--spacing-jitter", "-1"], "--spacing-jitter must be in 0 .. 0.5"),
+                           (["--intensity-jitter", "nan"], "--intensity-jitter must be in 0 .. 1.0"),
+                           (["--threads", "100000"], "--threads must be at most 1024")):
         res = _bosam("train", "--data", str(root), "--out", str(tmp_path / "x"), "--preset", "tiny", *flags)
         assert res.returncode == 2 and message in res.stderr and len(res.stderr.strip().splitlines()) == 1, (flags, res.stderr)
         assert not (tmp_path / "x").exists()
