@@ -248,7 +248,7 @@ def test_batch_manifests_and_engine_options_fail_in_one_line(tmp_path):
         find_cases(tmp_path, None)
     ct = need(CT_SM)
     for flag, value, message in (("--device", "banana", "--device: 'banana' is not a device"),
-                                 ("--threads", "-1", "--threads: must be 1 or more, got -1")):
+                                 ("--threads", "-1", "--threads: must be 1 .. 1024, got -1")):
         r = bosam("segment", str(ct), "--points", str(tmp_path / "prompt.json"), flag, value, "-o", str(tmp_path / "o"))
         assert r.returncode == 2 and r.stderr.strip() == f"error: {message}" + (" (cpu, cuda, cuda:1, ...)" if value == "banana" else "")
     assert not (tmp_path / "o").exists()
