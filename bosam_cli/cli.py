@@ -21,13 +21,15 @@ from . import __version__
 
 
 class _BareHelp:
-    """Typer shows '<bool>' beside '--help' as if it took a value; show it bare like every other flag."""
+    """Typer shows '<bool>' beside on/off flags ('--json', '--help'), which reads as if a value
+    were needed ('--per-object true' then fails): every flag of every command is shown bare."""
 
-    def get_help_option(self, ctx):
-        option = super().get_help_option(ctx)
-        if option is not None:
-            option.metavar = ""
-        return option
+    def get_params(self, ctx):
+        params = super().get_params(ctx)
+        for param in params:
+            if getattr(param, "is_flag", False) and param.metavar is None:
+                param.metavar = ""
+        return params
 
 
 class _Command(_BareHelp, TyperCommand):
@@ -101,7 +103,7 @@ def _version_callback(value: bool) -> None:
 
 @app.callback()
 def _root(
-    version: bool = typer.Option(False, "--version", callback=_version_callback, is_eager=True, help="Print the version.", metavar=""),
+    version: bool = typer.Option(False, "--version", callback=_version_callback, is_eager=True, help="Print the version."),
 ) -> None:
     """bosam: promptable 3-D bone segmentation in CT."""
 
@@ -110,7 +112,7 @@ def _root(
 @handle_errors
 def info(
     checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", "-c", help="Checkpoint to describe."),
-    as_json: bool = typer.Option(False, "--json", help="Print JSON for machines.", metavar=""),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON for machines."),
 ) -> None:
     """Versions, runtimes and GPUs here; layout, preset, size and sha256 of a checkpoint."""
     from .runtime_info import info_report
@@ -158,7 +160,7 @@ app.add_typer(points_app, name="points")
 def points_check(
     ct: Path = typer.Argument(..., help="CT: .nii/.nii.gz, .nrrd/.nhdr, .mha/.mhd, a DICOM series folder or one file of the series."),
     prompts: Path = typer.Argument(..., help="Prompt file: bosam JSON, Slicer .mrk.json or MONAI Label JSON."),
-    as_json: bool = typer.Option(False, "--json", help="Print JSON for machines.", metavar=""),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON for machines."),
 ) -> None:
     """Where every click lands: object, click, +/-, RAS mm, voxel i,j,k, HU there, inside or not."""
     from .prompts import check_points
@@ -262,18 +264,18 @@ def segment(
     device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda, cuda:1 ... \\[default: best available]."),
     precision: str = typer.Option("fp32", "--precision", help="fp32, bf16 or fp16: torch autocast (fp16 needs CUDA there; bf16 is torch only); an engine folder must have been exported in it."),
     spacing: Optional[float] = typer.Option(None, "--spacing", help="Model window spacing in mm \\[default: the checkpoint's, else 1.5]."),
-    no_clamp: bool = typer.Option(False, "--no-clamp", help="Do not clamp HU to [-1000, 1000] before normalising.", metavar=""),
+    no_clamp: bool = typer.Option(False, "--no-clamp", help="Do not clamp HU to [-1000, 1000] before normalising."),
     max_windows: int = typer.Option(8, "--max-windows", help="Most 128^3 windows one bone may grow into."),
     islands: str = typer.Option("clicked", "--islands", help=ISLANDS_HELP),
     refine: str = typer.Option("hu", "--refine", help=REFINE_HELP),
     refine_hu: float = typer.Option(REFINE_HU, "--refine-hu", help=REFINE_HU_HELP),
-    per_object: bool = typer.Option(False, "--per-object", help="Also write one mask file per bone.", metavar=""),
-    overlay: bool = typer.Option(False, "--overlay", help="Also write a PNG with three slices through each bone and its clicks.", metavar=""),
-    mesh: bool = typer.Option(False, "--mesh", help="Also write one STL surface per bone, in patient millimetres.", metavar=""),
-    interactive_mode: bool = typer.Option(False, "--interactive", "-i", help="Read clicks line by line ('+ x y z', '- x y z', 'object N', 'undo', 'save', 'quit').", metavar=""),
+    per_object: bool = typer.Option(False, "--per-object", help="Also write one mask file per bone."),
+    overlay: bool = typer.Option(False, "--overlay", help="Also write a PNG with three slices through each bone and its clicks."),
+    mesh: bool = typer.Option(False, "--mesh", help="Also write one STL surface per bone, in patient millimetres."),
+    interactive_mode: bool = typer.Option(False, "--interactive", "-i", help="Read clicks line by line ('+ x y z', '- x y z', 'object N', 'undo', 'save', 'quit')."),
     coords: str = typer.Option("RAS", "--coords", help="Coordinate system of interactive clicks: RAS, LPS (mm) or voxel."),
     threads: Optional[int] = typer.Option(None, "--threads", help="CPU threads for the engine."),
-    as_json: bool = typer.Option(False, "--json", help="Print the manifest(s) as JSON.", metavar=""),
+    as_json: bool = typer.Option(False, "--json", help="Print the manifest(s) as JSON."),
 ) -> None:
     """Segment bones from clicks: a label map on the exact grid of the CT, plus a JSON manifest."""
     from .segment import SegmentOptions, find_cases, interactive, is_batch, segment_file
@@ -392,13 +394,13 @@ def export_command(
     checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", "-c", help="Weights to export (any supported layout) \\[default: the bundled model, into engines/bosam-tiny, where segment's --engine auto looks]."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Engine folder \\[default: engines/<checkpoint stem or preset>, '-fp16' appended for fp16]."),
     preset: Optional[str] = typer.Option(None, "--preset", help="Model preset \\[default: detected from the checkpoint]; without --checkpoint, exports a randomly initialised model (for tests and benchmarks)."),
-    trt: bool = typer.Option(False, "--trt", help="Also build TensorRT plans (needs TensorRT and a CUDA GPU).", metavar=""),
+    trt: bool = typer.Option(False, "--trt", help="Also build TensorRT plans (needs TensorRT and a CUDA GPU)."),
     precision: str = typer.Option("fp32", "--precision", help="fp32, or fp16 (mixed: LayerNorm, Softmax, reductions and positional encoding stay fp32; inputs and outputs fp32)."),
     max_points: int = typer.Option(64, "--max-points", help="Most points per decoder call (the decoder takes 1..N)."),
     opset: int = typer.Option(18, "--opset", help="ONNX opset, 18..20."),
     workspace_gib: Optional[float] = typer.Option(None, "--workspace-gib", help="TensorRT builder workspace limit in GiB."),
     threads: Optional[int] = typer.Option(None, "--threads", help="CPU threads for the export and its verification."),
-    as_json: bool = typer.Option(False, "--json", help="Print the manifest as JSON.", metavar=""),
+    as_json: bool = typer.Option(False, "--json", help="Print the manifest as JSON."),
 ) -> None:
     """Export ONNX encoder + decoder (and TensorRT plans), verified against PyTorch."""
     from export.onnx_export import export_onnx
@@ -484,7 +486,7 @@ def bench(
     repeats: int = typer.Option(3, "--repeats", help="Timed encoder runs (after one warm-up)."),
     decoder_repeats: int = typer.Option(20, "--decoder-repeats", help="Timed clicks per point count."),
     threads: Optional[int] = typer.Option(None, "--threads", help="CPU threads (torch and ONNX Runtime)."),
-    as_json: bool = typer.Option(False, "--json", help="Print JSON for machines.", metavar=""),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON for machines."),
 ) -> None:
     """Latency per engine: encoder per window, decoder per click (1 and 10 points); median and min."""
     import gc
@@ -567,7 +569,7 @@ def demo(
     engine_dir: Optional[Path] = typer.Option(None, "--engine-dir", help="Folder written by 'bosam export'."),
     device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda ..."),
     threads: Optional[int] = typer.Option(None, "--threads", help="CPU threads for the engine."),
-    as_json: bool = typer.Option(False, "--json", help="Print the manifest as JSON.", metavar=""),
+    as_json: bool = typer.Option(False, "--json", help="Print the manifest as JSON."),
 ) -> None:
     """Segment the bones of a synthetic CT phantom from one click each and score them against its truth."""
     from .demo import run_demo
@@ -638,13 +640,13 @@ def _clamp_option(text: Optional[str]) -> Optional[tuple]:
 @handle_errors
 def prepare(
     data: list[Path] = typer.Option(..., "--data", "-d", help="nnU-Net-style dataset folder (imagesTr/, labelsTr/); repeat for several."),
-    check: bool = typer.Option(False, "--check", help="Check every case: unpaired files, unreadable files, image/label shape or affine mismatch, empty or non-integer labels, NaN voxels, non-HU values (a warning).", metavar=""),
+    check: bool = typer.Option(False, "--check", help="Check every case: unpaired files, unreadable files, image/label shape or affine mismatch, empty or non-integer labels, NaN voxels, non-HU values (a warning)."),
     cache: Optional[Path] = typer.Option(None, "--cache", help="Write decoded volumes here (uncompressed .npy + JSON) so training does not spend its time un-gzipping."),
     labels: Optional[str] = typer.Option(None, "--labels", help="Labels to use: ids, ranges (25-50), names, 'bone' or a bone group (spine, rib ...) of --labelmap."),
     labelmap: Optional[Path] = typer.Option(None, "--labelmap", help="Label-map JSON with names, bone ids and bone groups (e.g. TotalSegmentator's)."),
     split: str = typer.Option("tr", "--split", help="Which folders: tr (imagesTr), val, ts, or all."),
     jobs: int = typer.Option(1, "--jobs", "-j", help="Cases read (and cached) at once, in threads."),
-    as_json: bool = typer.Option(False, "--json", help="Print the report as JSON.", metavar=""),
+    as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
 ) -> None:
     """Check a bone dataset before training, and optionally cache it decoded."""
     from .data import scan_dataset
@@ -718,7 +720,7 @@ def train(
     labels: Optional[str] = typer.Option(None, "--labels", help="Bones to train on: ids, ranges, names, 'bone' or a bone group of --labelmap."),
     labelmap: Optional[Path] = typer.Option(None, "--labelmap", help="Label-map JSON with names and bone ids (e.g. TotalSegmentator's)."),
     lora_rank: int = typer.Option(0, "--lora-rank", help="Train LoRA adapters of this rank on q and v of every encoder block (0: full fine-tuning)."),
-    merge_lora: bool = typer.Option(False, "--merge-lora", help="final.pth: adapters merged into plain weights and dropped.", metavar=""),
+    merge_lora: bool = typer.Option(False, "--merge-lora", help="final.pth: adapters merged into plain weights and dropped."),
     loss: str = typer.Option("dicece", "--loss", help="dicece (SAM-Med3D) or gdfocal (BoSAM: generalized Dice + focal)."),
     lr: Optional[float] = typer.Option(None, "--lr", help="Encoder learning rate; prompt encoder and decoder get 0.1x \\[default: 1e-4, LoRA 5e-4]."),
     prompt_lr_scale: float = typer.Option(0.1, "--prompt-lr-scale", help="Prompt encoder and mask decoder learning rate over --lr (0.1 as published for fine-tuning; 1 for training from scratch)."),
@@ -732,30 +734,30 @@ def train(
     neighbour_weight: float = typer.Option(0.0, "--neighbour-weight", help="Extra loss weight on the voxels of other labels in the window (neighbouring bones): penalises leaking into them; 0 = the published loss."),
     click_memory: str = typer.Option("newest", "--click-memory", help="What each decoder call sees besides the previous mask: newest (published: the click just made) or all (every click so far; segment, demo and evaluate's clicks protocol then feed clicks the same way)."),
     click_sim_on: str = typer.Option("auto", "--click-sim-on", help="Where clicks are simulated: host (NumPy, exact distance transform), device (batched on the training GPU, chessboard depth for interior clicks) or auto (device on CUDA, host on CPU)."),
-    detach_mask: bool = typer.Option(False, "--detach-mask", help="Do not backpropagate through the previous mask prompt.", metavar=""),
+    detach_mask: bool = typer.Option(False, "--detach-mask", help="Do not backpropagate through the previous mask prompt."),
     precision: str = typer.Option("auto", "--precision", help="auto (fp16 + GradScaler on CUDA, fp32 on CPU), fp32, fp16, bf16."),
     device: Optional[str] = typer.Option(None, "--device", help="cpu or cuda \\[default: cuda when available; torchrun picks cuda:LOCAL_RANK]."),
     seed: int = typer.Option(2023, "--seed", help="Seed of every random choice (per rank: seed + rank)."),
     spacing: Optional[float] = typer.Option(None, "--spacing", help="Window spacing in mm \\[default: the checkpoint's, else 1.5]."),
     clamp_hu: Optional[str] = typer.Option(None, "--clamp-hu", help="HU clamp before z-scoring, e.g. -1000,1000 \\[default: the checkpoint's]."),
-    no_clamp: bool = typer.Option(False, "--no-clamp", help="Do not clamp HU.", metavar=""),
+    no_clamp: bool = typer.Option(False, "--no-clamp", help="Do not clamp HU."),
     max_shift: int = typer.Option(32, "--max-shift", help="Window centre offset from the chosen bone voxel, up to this many voxels per axis."),
     min_fg_mm3: float = typer.Option(3375.0, "--min-fg-mm3", help="Redraw windows holding less bone than this (published: 1000 voxels at 1.5 mm)."),
     spacing_jitter: float = typer.Option(0.1, "--spacing-jitter", help="Window spacing varies by up to this fraction."),
     intensity_jitter: float = typer.Option(0.1, "--intensity-jitter", help="Intensity scale and shift (z units) vary by up to this much."),
-    no_flip: bool = typer.Option(False, "--no-flip", help="No random flips of the window axes.", metavar=""),
+    no_flip: bool = typer.Option(False, "--no-flip", help="No random flips of the window axes."),
     val_cases: int = typer.Option(4, "--val-cases", help="Validation cases per epoch."),
     val_clicks: int = typer.Option(3, "--val-clicks", help="Clicks per validation object."),
-    resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from last.pth (same weights as an uninterrupted run).", metavar=""),
+    resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from last.pth (same weights as an uninterrupted run)."),
     checkpoint_every: int = typer.Option(0, "--checkpoint-every", help="Also write last.pth every N optimiser steps."),
     stop_after_steps: Optional[int] = typer.Option(None, "--stop-after-steps", help="Stop (checkpointed) after N optimiser steps in total; --resume continues."),
     cache: Optional[Path] = typer.Option(None, "--cache", help="Cache folder written by 'bosam prepare --cache'."),
-    skip_bad: bool = typer.Option(False, "--skip-bad", help="Leave cases with integrity errors out instead of refusing the dataset.", metavar=""),
+    skip_bad: bool = typer.Option(False, "--skip-bad", help="Leave cases with integrity errors out instead of refusing the dataset."),
     workers: int = typer.Option(1, "--workers", help="Background threads preparing the next windows."),
     threads: Optional[int] = typer.Option(None, "--threads", help="CPU threads for torch."),
-    safetensors: bool = typer.Option(False, "--safetensors", help="Also write final.safetensors.", metavar=""),
-    no_tensorboard: bool = typer.Option(False, "--no-tensorboard", help="No TensorBoard scalars even if tensorboard is installed.", metavar=""),
-    as_json: bool = typer.Option(False, "--json", help="Print the result as JSON.", metavar=""),
+    safetensors: bool = typer.Option(False, "--safetensors", help="Also write final.safetensors."),
+    no_tensorboard: bool = typer.Option(False, "--no-tensorboard", help="No TensorBoard scalars even if tensorboard is installed."),
+    as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
 ) -> None:
     """Fine-tune a model on bone CT with simulated clicks (run under torchrun for several GPUs)."""
     from .train import TrainConfig, train as run_training
@@ -819,14 +821,14 @@ def evaluate(
     bosam_grid: str = typer.Option("native", "--bosam-grid", help="bosam protocol crops: native (stored voxels, as published) or model (1.5 mm RAS windows)."),
     nsd_mm: float = typer.Option(2.0, "--nsd-mm", help="Surface Dice tolerance in mm."),
     spacing: Optional[float] = typer.Option(None, "--spacing", help="Model window spacing in mm \\[default: the checkpoint's]."),
-    no_clamp: bool = typer.Option(False, "--no-clamp", help="Do not clamp HU before normalising.", metavar=""),
+    no_clamp: bool = typer.Option(False, "--no-clamp", help="Do not clamp HU before normalising."),
     max_windows: int = typer.Option(8, "--max-windows", help="Most windows one bone may grow into."),
     islands: str = typer.Option("clicked", "--islands", help="clicks protocol: " + ISLANDS_HELP),
     refine: str = typer.Option("hu", "--refine", help="clicks protocol: " + REFINE_HELP),
     refine_hu: float = typer.Option(REFINE_HU, "--refine-hu", help=REFINE_HU_HELP),
     cache: Optional[Path] = typer.Option(None, "--cache", help="Cache folder written by 'bosam prepare --cache'."),
-    skip_bad: bool = typer.Option(False, "--skip-bad", help="Leave cases with integrity errors out instead of refusing.", metavar=""),
-    as_json: bool = typer.Option(False, "--json", help="Print settings and summary as JSON.", metavar=""),
+    skip_bad: bool = typer.Option(False, "--skip-bad", help="Leave cases with integrity errors out instead of refusing."),
+    as_json: bool = typer.Option(False, "--json", help="Print settings and summary as JSON."),
 ) -> None:
     """Dice and surface Dice after 1, 5, 10 simulated clicks per bone (or BoSAM's published protocol)."""
     from .evaluate import EvaluateOptions, markdown_table, parse_clicks
