@@ -642,8 +642,7 @@ def evaluate(
     the outputs to ``out_dir`` when given and returns {settings, summary, records, paths}."""
     from .data import refuse_errors, scan_dataset
     from .errors import BosamError
-    from .segment import MAX_SPACING_MM, SegmentOptions, engine_metadata, make_session
-    from .windows import DEFAULT_SPACING_MM
+    from .segment import SegmentOptions, engine_metadata, make_session, window_spacing
 
     if options.protocol not in PROTOCOLS:
         raise BosamError(f"--protocol must be one of {', '.join(PROTOCOLS)}, not {options.protocol!r}")
@@ -658,9 +657,7 @@ def evaluate(
     seg_opts = SegmentOptions(spacing_mm=options.spacing_mm, clamp_hu=options.clamp_hu, max_windows=options.max_windows,
                               islands=options.islands, refine=options.refine, refine_hu=options.refine_hu)
     meta = engine_metadata(engine) if engine is not None else {}
-    spacing = float(options.spacing_mm if options.spacing_mm is not None else (meta.get("spacing_mm") or DEFAULT_SPACING_MM))
-    if not (math.isfinite(spacing) and 0 < spacing <= MAX_SPACING_MM):
-        raise BosamError(f"--spacing must be a window spacing in (0, {MAX_SPACING_MM:g}] mm, got {spacing}")
+    spacing = window_spacing(options.spacing_mm, meta)
     if options.clamp_hu is not None:
         clamp = tuple(options.clamp_hu) or None
     else:

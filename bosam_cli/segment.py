@@ -97,17 +97,24 @@ def ct_warnings(volume: Volume, label_map: Path) -> list[str]:
     return [w for w in (hu_warning(volume), geometry_warning(volume), nifti_output_warning(volume, label_map)) if w]
 
 
+def window_spacing(spacing_mm: float | None, metadata: dict[str, Any]) -> float:
+    """The model window spacing: ``--spacing`` when given, else the checkpoint's, else 1.5 mm;
+    a finite spacing in (0, MAX_SPACING_MM] or one BosamError line."""
+    spacing = float(spacing_mm if spacing_mm is not None else (metadata.get("spacing_mm") or DEFAULT_SPACING_MM))
+    if not (np.isfinite(spacing) and 0 < spacing <= MAX_SPACING_MM):
+        raise BosamError(f"--spacing must be a window spacing in (0, {MAX_SPACING_MM:g}] mm, got {spacing}")
+    return spacing
+
+
 def make_session(engine: Any, options: SegmentOptions, metadata: dict[str, Any] | None = None) -> Session:
     """A session configured from options, falling back to the checkpoint's metadata."""
     meta = metadata or {}
-    spacing = options.spacing_mm if options.spacing_mm is not None else (meta.get("spacing_mm") or DEFAULT_SPACING_MM)
+    spacing = window_spacing(options.spacing_mm, meta)
     if options.clamp_hu is not None:
         clamp = tuple(options.clamp_hu) or None
     else:
         m = (meta.get("intensity") or {}).get("clamp_hu", list(DEFAULT_CLAMP_HU))
         clamp = tuple(m) if m else None
-    if not (np.isfinite(spacing) and 0 < spacing <= MAX_SPACING_MM):
-        raise BosamError(f"--spacing must be a window spacing in (0, {MAX_SPACING_MM:g}] mm, got {spacing}")
     if int(options.max_windows) < 1:
         raise BosamError(f"--max-windows must be 1 or more, got {options.max_windows}")
     if options.islands not in ISLANDS:

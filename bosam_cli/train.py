@@ -4,8 +4,8 @@ The recipe follows the published one (``reference/FACTS.md`` section 5):
 
 * one image embedding per batch, then ``clicks`` decoder calls; each call gets one new point,
   simulated uniformly in the current error region (prediction: upsampled logits > 0.5, as
-  published; so the first click is a random object voxel), plus the previous low-res logits as mask prompt; two calls get the mask prompt only
-  (``clicks.training_schedule``); gradients flow back through the iterations (BPTT) unless
+  published; so the first click is a random object voxel), plus the previous low-res logits as
+  mask prompt; two calls get the mask prompt only (``clicks.training_schedule``); gradients flow back through the iterations (BPTT) unless
   ``detach_mask``;
 * loss = MONAI DiceCE (sigmoid, squared_pred) or Generalized Dice + Focal on the logits
   upsampled to 128^3 against the binary object, summed over the iterations;
