@@ -766,9 +766,10 @@ def scan_dataset(
     the GIL); results and ``on_case`` calls keep the case order."""
     cases, problems = find_cases(roots, splits)
     lm = read_labelmap(labelmap) if labelmap else None
-    label_ids, names, name_problems, listed = _labels_over_roots(roots, labels, lm)
+    per_root = [(str(r), read_label_names(r)) for r in roots]
+    label_ids, names, name_problems, listed = _labels_over_roots(per_root, labels, lm)
     problems += name_problems
-    ignore = {root: ignore_label_ids(read_label_names(root)) for root in {c.root for c in cases}}
+    ignore = {Path(root): ignore_label_ids(rn) for root, rn in per_root}
     for root, ids in ignore.items():
         chosen = sorted(set(ids) & set(label_ids or []))
         if chosen:
@@ -803,14 +804,15 @@ def scan_dataset(
     return ScanResult(infos, problems, names, label_ids, [str(r) for r in roots])
 
 
-def _labels_over_roots(roots: Sequence[str | os.PathLike], labels: str | Sequence[str] | None,
+def _labels_over_roots(per_root: list[tuple[str, dict[int, str]]], labels: str | Sequence[str] | None,
                        lm: dict[str, Any] | None) -> tuple[list[int] | None, dict[int, str], list[Problem], dict[int, str]]:
-    """(selected ids, id -> name, problems, ids named one by one in ``labels``) for several roots. Roots may number their labels
-    differently: a ``--labels`` selection must mean the same ids in every root whose
-    dataset.json names its labels (else a one-line BosamError naming both roots), and an id
-    named differently in two roots is a warning (reports use the first root's name)."""
+    """(selected ids, id -> name, problems, ids named one by one in ``labels``) for several roots,
+    each given with its dataset.json names. Roots may number their labels differently: a
+    ``--labels`` selection must mean the same ids in every root whose dataset.json names its
+    labels (else a one-line BosamError naming both roots), and an id named differently in two
+    roots is a warning (reports use the first root's name)."""
     lm_names = labelmap_names(lm) if lm else {}
-    per_root = [(str(r), read_label_names(r)) for r in roots]
+    roots = [root for root, _ in per_root]
     from_roots: dict[int, str] = {}
     problems: list[Problem] = []
     for root, rn in per_root:
@@ -824,7 +826,7 @@ def _labels_over_roots(roots: Sequence[str | os.PathLike], labels: str | Sequenc
     for i in label_ids or []:
         own, other = from_roots.get(i), lm_names.get(i)
         if own is not None and other is not None and own.lower() != other.lower():
-            problems.append(Problem(", ".join(str(r) for r in roots), None, f"--labels: label {i} is '{own}' in dataset.json "
+            problems.append(Problem(", ".join(roots), None, f"--labels: label {i} is '{own}' in dataset.json "
                                     f"but '{other}' in the label map (reports use '{own}'); check that the two "
                                     "number labels alike", "warning"))
     named = [(root, rn) for root, rn in per_root if rn]
