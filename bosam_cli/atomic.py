@@ -6,17 +6,100 @@ removes the temporary file; a hard kill (SIGKILL, power loss) mid-write can leav
 ``.<name>.<random>.tmp`` beside the target, which ``remove_stale_temps`` clears (training does so
 for its checkpoints when it starts). New files get the usual permissions (0666 minus the umask)
 rather than ``mkstemp``'s private 0600.
+
+A command that writes several files (segment's label map, manifest, overlay, meshes ...) wraps
+them in ``all_or_nothing()``: each file is finished as its temporary file, and all of them are
+renamed over their targets only when the last one is written. A failure part-way (a full disk, a
+bad mesh) leaves the previous run's files as they were and removes the folders it created.
 """
 
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import hashlib
 import json
 import os
 import tempfile
 from pathlib import Path
 from typing import Any, Iterator
+
+
+class _Stage:
+    """The files finished inside one ``all_or_nothing`` block, and the folders it created."""
+
+    def __init__(self) -> None:
+        self.files: list[tuple[Path, Path]] = []  # (temporary file, target), in write order
+        self.folders: list[Path] = []  # outermost first
+
+
+_STAGE: contextvars.ContextVar[_Stage | None] = contextvars.ContextVar("bosam_stage", default=None)
+
+
+def make_dirs(folder: str | os.PathLike) -> list[Path]:
+    """``mkdir -p``, returning the folders it created (outermost first). Inside
+    ``all_or_nothing`` they are removed again, when empty, if the block fails."""
+    missing: list[Path] = []
+    p = Path(folder).absolute()
+    while not p.exists() and p != p.parent:
+        missing.append(p)
+        p = p.parent
+    missing.reverse()
+    stage = _STAGE.get()
+    for d in missing:
+        d.mkdir(exist_ok=True)
+        if stage is not None:
+            stage.folders.append(d)
+    return missing
+
+
+@contextlib.contextmanager
+def all_or_nothing() -> Iterator[None]:
+    """Commit every ``atomic_path`` file of the block together, when the block succeeds.
+
+    Until then each target keeps its old content (read a staged file through ``staged``). On a
+    failure the temporary files and the (empty) folders the block created are removed. A nested
+    block joins the outer one."""
+    if _STAGE.get() is not None:
+        yield
+        return
+    stage = _Stage()
+    token = _STAGE.set(stage)
+    try:
+        yield
+    except BaseException:
+        _STAGE.reset(token)
+        _discard(stage)
+        raise
+    _STAGE.reset(token)
+    try:
+        for i, (tmp, path) in enumerate(stage.files):
+            os.replace(tmp, path)
+    except BaseException:  # a rename refused (rare: the targets' folders were checked when written)
+        for tmp, _ in stage.files[i:]:
+            tmp.unlink(missing_ok=True)
+        raise
+
+
+def _discard(stage: _Stage) -> None:
+    for tmp, _ in stage.files:
+        tmp.unlink(missing_ok=True)
+    for d in reversed(stage.folders):
+        try:
+            d.rmdir()
+        except OSError:  # not empty: something else wrote there meanwhile
+            pass
+
+
+def staged(path: str | os.PathLike) -> Path:
+    """Where ``path``'s newest content lies: its temporary file while an ``all_or_nothing`` block
+    holds it, else ``path`` itself."""
+    path = Path(path)
+    stage = _STAGE.get()
+    for tmp, target in reversed(stage.files if stage is not None else []):
+        if target == path:
+            return tmp
+    return path
 
 
 def current_umask() -> int:
@@ -30,15 +113,24 @@ def current_umask() -> int:
 def atomic_path(path: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
     """Yield a temporary path beside ``path``; on success it replaces ``path`` atomically."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    make_dirs(path.parent)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp" + suffix, dir=path.parent)
     os.close(fd)
+    stage = _STAGE.get()
     try:
         yield Path(tmp)
         os.chmod(tmp, 0o666 & ~current_umask())
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
-        os.replace(tmp, path)
+        if stage is None:
+            os.replace(tmp, path)
+        else:
+            stage.files.append((Path(tmp), path))
+    except OSError as exc:
+        Path(tmp).unlink(missing_ok=True)
+        if exc.filename is None:  # a write() that failed (a full disk) names no file: name the output
+            raise OSError(exc.errno, exc.strerror or str(exc), str(path)) from exc
+        raise
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise

@@ -53,10 +53,22 @@ def run_demo(
     seed: int = 0,
     options: SegmentOptions | None = None,
 ) -> dict[str, Any]:
-    """Run the demo; returns the segment manifest plus ``demo`` facts (Dice per bone)."""
-    from .atomic import write_json
+    """Run the demo; returns the segment manifest plus ``demo`` facts (Dice per bone). Its files
+    are written all together or not at all (a failure leaves the folder as it was)."""
+    from .atomic import all_or_nothing
+    from .errors import BosamError
 
-    out = Path(out_dir)  # created by the first file written: a bad --ct leaves no empty folder
+    if Path(out_dir).exists() and not Path(out_dir).is_dir():
+        raise BosamError(f"{out_dir}: is a file; -o is the folder for the demo's outputs")
+    with all_or_nothing():
+        return _run_demo(Path(out_dir), engine, ct, points, seed, options)
+
+
+def _run_demo(out: Path, engine: Any, ct: str | os.PathLike | None, points: str | os.PathLike | None,
+              seed: int, options: SegmentOptions | None) -> dict[str, Any]:
+    from .atomic import staged, write_json
+
+    # out is created by the first file written: a bad --ct leaves no empty folder
     options = options or SegmentOptions(overlay=True)
     truth = None
     t0 = time.perf_counter()
@@ -81,7 +93,7 @@ def run_demo(
     if truth is not None:
         import nibabel as nib
 
-        labels = np.asanyarray(nib.load(str(out / "segmentation.nii.gz")).dataobj)
+        labels = np.asanyarray(nib.load(str(staged(out / "segmentation.nii.gz"))).dataobj)
         per = []
         for o in manifest["objects"]:
             d = _dice(labels == o["label"], truth == o["label"])

@@ -557,11 +557,17 @@ def _pct(v: float | None) -> str:
 
 def write_outputs(out_dir: str | Path, records: Sequence[ClickRecord], summary: dict[str, Any],
                   settings: dict[str, Any], title: str) -> dict[str, Path]:
-    """``evaluation.csv``, ``evaluation.json``, ``evaluation.md`` in ``out_dir`` (atomic each)."""
+    """``evaluation.csv``, ``evaluation.json``, ``evaluation.md`` in ``out_dir``: all three or none."""
+    from .atomic import all_or_nothing
+
+    with all_or_nothing():
+        return _write_outputs(Path(out_dir), records, summary, settings, title)
+
+
+def _write_outputs(out: Path, records: Sequence[ClickRecord], summary: dict[str, Any],
+                   settings: dict[str, Any], title: str) -> dict[str, Path]:
     from .atomic import atomic_write_bytes, write_json
 
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     paths = {"csv": out / "evaluation.csv", "json": out / "evaluation.json", "markdown": out / "evaluation.md"}
     import io
 

@@ -176,10 +176,11 @@ class Phantom:
     def save(self, directory: str | os.PathLike, stem: str = "phantom") -> dict[str, Path]:
         """Write ``<stem>_ct.nii.gz``, ``<stem>_labels.nii.gz`` and ``<stem>.json`` (objects,
         names, info) into ``directory`` atomically. Returns the paths by role."""
+        from .atomic import make_dirs, write_json
         from .volume import write_label_map, write_volume
 
         directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
+        make_dirs(directory)
         paths = {
             "ct": write_volume(self.ct.array, self.ct, directory / f"{stem}_ct.nii.gz"),
             "labels": write_label_map(self.labels.array, self.labels, directory / f"{stem}_labels.nii.gz"),
@@ -191,11 +192,7 @@ class Phantom:
             "label_names": {str(k): v for k, v in self.label_names.items()},
             "info": self.info,
         }
-        meta_path = directory / f"{stem}.json"
-        tmp = meta_path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(meta, indent=2))
-        os.replace(tmp, meta_path)
-        paths["meta"] = meta_path
+        paths["meta"] = write_json(meta, directory / f"{stem}.json")
         return paths
 
 

@@ -212,14 +212,15 @@ def segment_file(
     """Segment one CT from one prompt file; writes the label map and its manifest (plus the
     extras asked for) and returns the manifest. Nothing is written when an input is bad."""
     from .prompts import load_prompts
-    from .atomic import write_json
+    from .atomic import all_or_nothing, staged, write_json
     from .report import object_stats
 
     t0 = time.perf_counter()
     ct_path = Path(ct)
-    volume = require_finite(read_volume(ct_path))
+    # staged: inputs written earlier in the caller's all-or-nothing block (the demo's phantom)
+    volume = require_finite(read_volume(staged(ct_path)))
     t_read = time.perf_counter()
-    prompts = load_prompts(points, volume)
+    prompts = load_prompts(staged(points), volume)
     t_prompts = time.perf_counter()
     paths = output_paths(ct_path, out)
     writes = ["label_map", "manifest"] + (["overlay"] if options.overlay else []) + \
@@ -235,7 +236,8 @@ def segment_file(
 
     names = {obj.label: obj.name for obj in prompts.objects}
     written: list[Path] = []
-    try:  # every file of the run or none: a failure part-way removes what this run wrote
+    # every file of the run or none: a failure part-way keeps the previous run's files as they were
+    with all_or_nothing():
         written.append(write_label_map(labels, volume, paths["label_map"], names))
         objects = []
         for i, obj in enumerate(prompts.objects):
@@ -340,10 +342,6 @@ def segment_file(
             },
         }
         write_json(manifest, paths["manifest"])
-    except BaseException:
-        for p in written:
-            p.unlink(missing_ok=True)
-        raise
     return manifest
 
 

@@ -590,8 +590,10 @@ def _nifti_like(data: np.ndarray, like: Volume) -> Any:
 
 def make_output_folder(path: Path) -> None:
     """Create ``path``'s folder, or a one-line VolumeError naming ``path``."""
+    from .atomic import make_dirs
+
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
+        make_dirs(path.parent)
     except OSError as exc:
         raise VolumeError(f"{path}: cannot create the output folder ({_one_line(exc)})") from None
 

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from bosam_cli import __version__
-from bosam_cli.atomic import current_umask
+from bosam_cli.atomic import current_umask, make_dirs
 from bosam_cli.errors import EngineError
 from engines.manifest import (
     DECODER_INPUTS,
@@ -427,7 +427,7 @@ def export_onnx(
     target = Path(out_dir) if out_dir is not None else default_engine_dir(ckpt_path, preset_name, precision)
     _check_target(target)
 
-    created = _make_parents(target.parent)
+    created = make_dirs(target.parent)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     os.chmod(tmp, 0o777 & ~current_umask())  # the folder others use, not mkdtemp's private 0700
     try:
@@ -460,19 +460,6 @@ def _check_target(target: Path) -> None:
             raise EngineError(f"{target}: exists and is not a folder")
         if any(target.iterdir()) and not (target / MANIFEST_NAME).is_file():
             raise EngineError(f"{target}: exists, is not empty and is not an engine folder; choose another -o")
-
-
-def _make_parents(parent: Path) -> list[Path]:
-    """mkdir -p, returning the folders it created (outermost first) so a failure can undo them."""
-    missing: list[Path] = []
-    p = parent.absolute()
-    while not p.exists():
-        missing.append(p)
-        p = p.parent
-    missing.reverse()
-    for d in missing:
-        d.mkdir(exist_ok=True)
-    return missing
 
 
 def _replace_dir(tmp: Path, target: Path) -> None:

@@ -81,3 +81,6 @@ def test_demo_on_a_given_ct_and_its_errors(tmp_path):
     assert r.returncode != 0
     assert "--seed" in r.stderr and "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
     assert not bad.exists()
+    r = subprocess.run([sys.executable, "-m", "bosam_cli", "demo", "-o", str(pts)], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 2 and r.stderr.strip().splitlines() == [
+        f"error: {pts}: is a file; -o is the folder for the demo's outputs"]  # it named a temporary file inside it

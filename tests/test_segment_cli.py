@@ -453,12 +453,15 @@ def test_a_sheared_non_nifti_ct_warns_when_its_label_map_is_nifti(tmp_path):
                 assert sheared == [], (name, ending)
 
 
-def test_a_failure_part_way_through_the_writes_leaves_no_output(tmp_path, monkeypatch):
-    """The label map and the per-object masks are written, then the overlay fails (a full
-    disk, say): the files this run wrote are removed, and the error goes on to the caller."""
+def test_a_failure_part_way_through_the_writes_keeps_the_previous_run(tmp_path, monkeypatch):
+    """A first run writes its label map and manifest. A second run into the same place writes
+    its label map and per-object masks, then the disk fills while the overlay is written: the
+    first run's files are still there byte for byte, the folder the second run made for its
+    masks is gone, no temporary file is left, and the error names the overlay file."""
     from fake_engines import SphereEngine
 
     import bosam_cli.report as report
+    from bosam_cli.atomic import atomic_path
     from bosam_cli.segment import SegmentOptions, segment_file
 
     ct = tmp_path / "ct.nii.gz"
@@ -466,16 +469,44 @@ def test_a_failure_part_way_through_the_writes_leaves_no_output(tmp_path, monkey
     prompts = tmp_path / "ct.json"
     prompts.write_text(json.dumps({"coordinate_system": "voxel", "objects": [
         {"label": 1, "name": "ball", "clicks": [{"xyz": [20, 20, 20]}]}]}))
-
-    def full_disk(*args, **kwargs):
-        raise OSError(28, "No space left on device")
-
-    monkeypatch.setattr(report, "write_overlay", full_disk)
     out = tmp_path / "out"
-    with pytest.raises(OSError, match="No space left"):
-        segment_file(ct, prompts, out / "ct.nii.gz", SphereEngine(radius_vox=4.0),
+    segment_file(ct, prompts, out / "ct.nii.gz", SphereEngine(radius_vox=4.0), SegmentOptions(refine="none"))
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert sorted(before) == ["ct.json", "ct.nii.gz"]
+
+    def full_disk(path, data):  # the real atomic write, whose write() fails part-way
+        with atomic_path(path) as tmp:
+            tmp.write_bytes(data[:100])
+            raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(report, "atomic_write_bytes", full_disk)
+    with pytest.raises(OSError, match="No space left") as err:
+        segment_file(ct, prompts, out / "ct.nii.gz", SphereEngine(radius_vox=6.0),
                      SegmentOptions(refine="none", per_object=True, overlay=True))
-    assert [p for p in out.rglob("*") if p.is_file()] == []
+    assert err.value.filename == str(out / "ct_overlay.png")
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+
+def test_a_full_disk_is_one_line_naming_the_file_and_the_demo_leaves_no_folder(tmp_path):
+    """Through the CLI: the demo's folder is created by its first file; when a later write
+    fails (the disk fills), the error line names that file and no folder is left behind."""
+    script = (
+        "import sys, bosam_cli.report as r\n"
+        "from bosam_cli.atomic import atomic_path\n"
+        "def full(path, data):\n"
+        "    with atomic_path(path) as tmp:\n"
+        "        tmp.write_bytes(data[:10]); raise OSError(28, 'No space left on device')\n"
+        "r.atomic_write_bytes = full\n"
+        "from bosam_cli.cli import main\n"
+        "sys.argv = ['bosam'] + sys.argv[1:]\n"
+        "main()\n"
+    )
+    out = tmp_path / "new" / "demo"
+    r = subprocess.run([sys.executable, "-c", script, "demo", "-o", str(out), "--engine", "torch", "--threads", "1"],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2, r.stderr
+    assert r.stderr.strip().splitlines() == [f"error: {out / 'segmentation_overlay.png'}: No space left on device"]
+    assert not (tmp_path / "new").exists()
 
 
 def test_label_map_as_metaimage_with_per_object_masks(tmp_path, random_checkpoint):

@@ -330,6 +330,32 @@ def test_label_map_write_is_atomic(tmp_path, monkeypatch, name):
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["ct.nii", name])  # no temp left
 
 
+def test_all_or_nothing_renames_every_file_at_the_end_or_none(tmp_path):
+    """Inside the block a target keeps its old content (``staged`` finds the new one); the
+    files appear together when the block ends; a failure leaves the old files and removes the
+    folders the block made; a nested block joins the outer one."""
+    from bosam_cli.atomic import all_or_nothing, atomic_write_bytes, staged
+
+    old = tmp_path / "a.txt"
+    old.write_text("old")
+    with all_or_nothing():
+        atomic_write_bytes(old, b"new")
+        with all_or_nothing():
+            atomic_write_bytes(tmp_path / "sub" / "deeper" / "b.txt", b"b")
+        assert old.read_text() == "old" and staged(old).read_text() == "new" and staged(old) != old
+        assert not (tmp_path / "sub" / "deeper" / "b.txt").exists()
+    assert old.read_text() == "new" and (tmp_path / "sub" / "deeper" / "b.txt").read_text() == "b"
+    assert staged(old) == old
+
+    with pytest.raises(RuntimeError, match="bad mesh"):
+        with all_or_nothing():
+            atomic_write_bytes(old, b"newer")
+            atomic_write_bytes(tmp_path / "made" / "here" / "c.txt", b"c")
+            raise RuntimeError("bad mesh")
+    assert old.read_text() == "new"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.txt", "sub"]  # no temp, no new folder
+
+
 def test_gz_fast_path_reads_and_writes_what_nibabel_does(tmp_path, monkeypatch):
     """With isal (the default install) .nii.gz files are read and written through it; the
     result equals nibabel's own gzip path byte for byte after decompression, and files either
