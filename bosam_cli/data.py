@@ -749,6 +749,35 @@ class ScanResult:
         }
 
 
+def refuse_output_in_dataset(out: str | os.PathLike, roots: Sequence[str | os.PathLike], option: str) -> None:
+    """An output folder inside a dataset's ``images*/`` or ``labels*/`` folder would be read back
+    by every later command as a stray file of the dataset: refused, naming the option."""
+    o = Path(out).resolve()
+    for r in roots:
+        root = Path(r).resolve()
+        for sub in sorted(root.glob("images*")) + sorted(root.glob("labels*")):
+            if sub.is_dir() and (o == sub or sub in o.parents):
+                raise BosamError(f"{out}: is inside the dataset folder {sub}; choose a {option} outside "
+                                 "the dataset's images and labels folders")
+
+
+def _check_cache(cache: str | os.PathLike, roots: Sequence[str | os.PathLike], write: bool) -> list[Problem]:
+    """A cache to read must exist (a mistyped path was silently ignored: training then decoded
+    every file itself); one that holds nothing for a root is a warning. A cache to write must not
+    go inside a dataset's images or labels folder."""
+    c = Path(cache)
+    if write:
+        refuse_output_in_dataset(c, roots, "--cache")
+        if c.exists() and not c.is_dir():
+            raise BosamError(f"{c}: is a file; --cache is a folder")
+        return []
+    if not c.is_dir():
+        raise BosamError(f"{c}: no such cache folder (--cache); write one with 'bosam prepare --cache'"
+                         if not c.exists() else f"{c}: is a file; --cache is a folder written by 'bosam prepare --cache'")
+    return [Problem(str(r), c, f"holds no cache of {r}; its files are read and decoded as they are", "warning")
+            for r in roots if not cache_folder(c, Path(r)).is_dir()]
+
+
 def scan_dataset(
     roots: Sequence[str | os.PathLike],
     labels: str | Sequence[str] | None = None,
@@ -765,6 +794,8 @@ def scan_dataset(
     ``jobs`` > 1 reads that many cases at once in threads (decoding and cache writes release
     the GIL); results and ``on_case`` calls keep the case order."""
     cases, problems = find_cases(roots, splits)
+    if cache is not None:
+        problems += _check_cache(cache, roots, write_cache)
     lm = read_labelmap(labelmap) if labelmap else None
     per_root = [(str(r), read_label_names(r)) for r in roots]
     label_ids, names, name_problems, listed = _labels_over_roots(per_root, labels, lm)

@@ -646,7 +646,7 @@ def evaluate(
 ) -> dict[str, Any]:
     """Evaluate a model ``engine`` (or a ``baseline`` segmenter) on datasets ``data``; writes
     the outputs to ``out_dir`` when given and returns {settings, summary, records, paths}."""
-    from .data import refuse_errors, scan_dataset
+    from .data import refuse_errors, refuse_output_in_dataset, scan_dataset
     from .errors import BosamError
     from .segment import SegmentOptions, engine_metadata, make_session, window_spacing
 
@@ -656,6 +656,8 @@ def evaluate(
         raise BosamError(f"--bosam-grid must be one of {', '.join(BOSAM_GRIDS)}, not {options.bosam_grid!r}")
     if (engine is None) == (baseline is None):
         raise BosamError("evaluate needs exactly one of a model engine or a baseline")
+    if out_dir is not None:
+        refuse_output_in_dataset(out_dir, data, "--out")
     clicks = sorted(set(options.clicks))
     n = max(clicks)
     scan = scan_dataset(data, options.labels, options.labelmap, options.splits, options.cache)

@@ -58,6 +58,7 @@ from .data import (
     PatchSampler,
     patch_rng,
     refuse_errors,
+    refuse_output_in_dataset,
     scan_dataset,
 )
 from .errors import BosamError
@@ -1031,6 +1032,9 @@ def _train(cfg: TrainConfig, dist_info: Dist, console: Any, on_step: Callable[[d
         local_world = int(os.environ.get("LOCAL_WORLD_SIZE", dist_info.world))
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
     out_dir = Path(cfg.out_dir)
+    refuse_output_in_dataset(out_dir, [*cfg.data, *(cfg.val_data or [])], "--out")
+    if out_dir.exists() and not out_dir.is_dir():
+        raise BosamError(f"{out_dir}: is a file; --out is the run folder (checkpoints and log)")
     if dist_info.main:
         out_dir.mkdir(parents=True, exist_ok=True)
         from .atomic import remove_stale_temps

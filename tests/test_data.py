@@ -602,6 +602,46 @@ def test_prepare_check_fails_when_no_case_is_usable(tmp_path):
     assert r.returncode == 1 and "no usable case" in r.stderr  # a cache of nothing is a failure too
 
 
+def test_outputs_inside_a_datasets_folders_and_a_missing_cache_are_refused(tmp_path):
+    """evaluate -o, prepare --cache and train -o inside imagesTr/ or labelsTr/ would be read back
+    by every later command as stray files of the dataset: one line, exit 2, nothing written.
+    A --cache that does not exist was silently ignored (training decoded every file itself); a
+    cache that holds nothing for a root is a warning."""
+    root = make_dataset(tmp_path / "ds")
+    before = sorted(p.relative_to(root) for p in root.rglob("*"))
+    runs = [
+        (["evaluate", "--data", str(root), "--clicks", "1", "--engine", "torch", "--threads", "1",
+          "-o", str(root / "labelsTr" / "eval")], root / "labelsTr", "--out"),
+        (["prepare", "--data", str(root), "--cache", str(root / "imagesTr")], root / "imagesTr", "--cache"),
+        (["train", "--data", str(root), "--preset", "tiny", "--epochs", "1", "--no-tensorboard",
+          "-o", str(root / "labelsTr" / "run")], root / "labelsTr", "--out"),
+    ]
+    for args, folder, option in runs:
+        r = _bosam(*args)
+        assert r.returncode == 2, (args, r.stdout, r.stderr)
+        out = args[args.index(option if option != "--out" else "-o") + 1]
+        assert r.stderr.strip().splitlines() == [
+            f"error: {out}: is inside the dataset folder {folder.resolve()}; choose a {option} outside the "
+            "dataset's images and labels folders"], r.stderr
+    assert sorted(p.relative_to(root) for p in root.rglob("*")) == before
+
+    r = _bosam("train", "--data", str(root), "--preset", "tiny", "--epochs", "1", "--no-tensorboard",
+               "-o", str(root / "dataset.json"))  # it said only "File exists"
+    assert r.returncode == 2 and r.stderr.strip().splitlines() == [
+        f"error: {root / 'dataset.json'}: is a file; --out is the run folder (checkpoints and log)"]
+    r = _bosam("train", "--data", str(root), "--preset", "tiny", "--epochs", "1", "--no-tensorboard",
+               "-o", str(tmp_path / "run"), "--cache", str(tmp_path / "nocache"))
+    assert r.returncode == 2 and r.stderr.strip().splitlines() == [
+        f"error: {tmp_path / 'nocache'}: no such cache folder (--cache); write one with 'bosam prepare --cache'"]
+    assert not (tmp_path / "run").exists()
+    (tmp_path / "empty_cache").mkdir()
+    scan = scan_dataset([root], cache=str(tmp_path / "empty_cache"))
+    assert [str(p) for p in scan.problems if p.severity == "warning"] == [
+        f"{tmp_path / 'empty_cache'}: holds no cache of {root}; its files are read and decoded as they are"]
+    scan_dataset([root], cache=str(tmp_path / "empty_cache"), write_cache=True)
+    assert not [p for p in scan_dataset([root], cache=str(tmp_path / "empty_cache")).problems if p.severity == "warning"]
+
+
 def test_a_cache_entry_belongs_to_its_channel_file(tmp_path):
     """Two channels of one case can share size and mtime (uncompressed files from one archive):
     after dataset.json names channel 1 the CT, channel 0's cache entry must not be served."""
