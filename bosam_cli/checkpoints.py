@@ -254,6 +254,8 @@ def read_checkpoint(path: str | os.PathLike, keep_container: bool = False) -> Ch
                     f"(top-level keys: {', '.join(map(str, list(obj)[:8]))})"
                 )
             raw = dict(obj[inner_key])
+            if not raw:
+                raise CheckpointError(f"{path}: '{inner_key}' is empty: the file holds no weights")
             if not _all_tensors(raw):
                 raise CheckpointError(f"{path}: '{inner_key}' holds non-tensor entries")
             layout = "training-checkpoint"

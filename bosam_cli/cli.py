@@ -162,12 +162,16 @@ def points_check(
     prompts: Path = typer.Argument(..., help="Prompt file: bosam JSON, Slicer .mrk.json or MONAI Label JSON."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON for machines."),
 ) -> None:
-    """Where every click lands: object, click, +/-, RAS mm, voxel i,j,k, HU there, inside or not."""
+    """Where every click lands: object, click, +/-, RAS mm, voxel i,j,k, HU there, inside or not.
+    Exits 1 when a click falls outside the CT (segment would refuse the file), so it can gate a script."""
     from .prompts import check_points
 
     records = check_points(ct, prompts)
+    outside = sum(not r["inside"] for r in records)
     if as_json:
         print_json(records)
+        if outside:
+            raise typer.Exit(1)
         return
     from rich.table import Table
 
@@ -187,9 +191,9 @@ def points_check(
         )
     con = _console()
     con.print(t)
-    outside = sum(not r["inside"] for r in records)
     if outside:
         con.print(f"[yellow]warning:[/] {outside} of {len(records)} clicks fall outside the volume; segmentation would refuse this file")
+        raise typer.Exit(1)
 
 
 def check_preset(preset: Optional[str]) -> None:

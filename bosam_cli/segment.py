@@ -146,6 +146,10 @@ def engine_metadata(engine: Any) -> dict[str, Any]:
 # one CT
 
 
+#: endings that name a file, never an output folder
+_NOT_A_FOLDER = (".json", ".txt", ".csv", ".png", ".jpg", ".stl", ".npy", ".gz", ".zip", ".nii.bz2", ".img", ".hdr", ".dicom")
+
+
 def output_paths(ct_path: Path, out: str | os.PathLike | None) -> dict[str, Path]:
     """Where the outputs of one CT go. ``out`` may be a label map path (.nii.gz, .nii, .nrrd,
     .mha, or .dcm for a DICOM SEG: per-object masks take the same format) or a folder (NIfTI
@@ -158,6 +162,10 @@ def output_paths(ct_path: Path, out: str | os.PathLike | None) -> dict[str, Path
         name = out.name.lower()
         if name.endswith((*LABEL_MAP_SUFFIXES, ".mhd", ".nhdr")):
             label_map = out
+        elif (out.exists() and not out.is_dir()) or name.endswith(_NOT_A_FOLDER):
+            # it was read as a folder to make: '-o seg.txt' made a folder 'seg.txt', '-o ct.json' failed oddly
+            raise BosamError(f"{out}: is {'a file' if out.exists() else 'a file name'}, not a label map or a folder; "
+                             f"-o takes a label map path ({', '.join(LABEL_MAP_SUFFIXES)}) or a folder")
         else:
             label_map = out / f"{stem}.nii.gz"
     base = label_map.name[: -len(label_map_ending(label_map))]  # refuses .mhd/.nhdr before any work
@@ -471,7 +479,9 @@ def _cases_from_manifest(path: Path) -> list[Case]:
         if isinstance(row, dict):
             row = {str(k).strip(): v for k, v in row.items()}
         if not isinstance(row, dict) or not row.get("ct") or not row.get("points"):
-            found = f"; found {', '.join(repr(k) for k in row)}" if isinstance(row, dict) else ""
+            empty = [k for k in ("ct", "points") if isinstance(row, dict) and k in row and not row[k]]
+            found = (f"; found {', '.join(repr(k) for k in row)}" if isinstance(row, dict) else "") if not empty else \
+                f"; {' and '.join(repr(k) for k in empty)} {'is' if len(empty) == 1 else 'are'} empty"
             raise BosamError(f"{path}: row {i + 1} needs 'ct' and 'points'{found}")
         out = row.get("out")
         cases.append(
@@ -564,6 +574,13 @@ def session_prompts(session: Session) -> dict[str, Any]:
     return {"_source": "bosam segment --interactive", "coordinate_system": "RAS", "objects": objects}
 
 
+def _plain_number(text: str, what: str) -> float:
+    """A decimal number as people type it; Python's float() also takes '1_0', 'nan' and 'inf'."""
+    if not re.fullmatch(r"[+-]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]+)?", text):
+        raise ValueError(f"{what}, got {text!r}")
+    return float(text)
+
+
 def interactive(
     ct: str | os.PathLike,
     out: str | os.PathLike | None,
@@ -651,7 +668,7 @@ def interactive(
             if cmd in ("+", "-"):
                 if len(parts) != 4:
                     raise ValueError(f"'{cmd}' needs three coordinates")
-                coords = [float(v) for v in parts[1:]]
+                coords = [_plain_number(v, f"'{cmd}' needs three coordinates") for v in parts[1:]]
                 click = click_from(volume, coords, system, cmd == "+")
                 state = session.objects.get(current)
                 if cmd == "-" and not (state and any(c.positive for c in state.clicks)):
@@ -667,6 +684,8 @@ def interactive(
             elif cmd == "object":
                 if len(parts) < 2:
                     raise ValueError("'object' needs a label number")
+                if not re.fullmatch(r"[0-9]+", parts[1]):
+                    raise ValueError(f"'object' needs a label number, got {parts[1]!r}")
                 label = int(parts[1])
                 if not MIN_LABEL <= label <= MAX_LABEL:
                     raise ValueError(f"object label must be {MIN_LABEL}..{MAX_LABEL} (0 is background), not {label}")

@@ -197,8 +197,15 @@ def read_nifti(path: str | os.PathLike) -> Volume:
         raise VolumeError(f"{path}: dim: expected a 3-D volume (a trailing size-1 4th dim is fine), got a {what} of shape {full_shape}")
     if min(shape) < 1:
         raise VolumeError(f"{path}: dim: empty volume of shape {full_shape}")
+    declared = int(np.prod(full_shape, dtype=np.float64)) * np.dtype(img.get_data_dtype()).itemsize
+    if not path.name.lower().endswith(".gz") and path.stat().st_size < int(img.header["vox_offset"]) + declared:
+        raise VolumeError(f"{path}: image data: truncated: dim declares {full_shape} ({_size(declared)}) "
+                          f"but the file holds {_size(path.stat().st_size)}")
     try:
         raw = np.asarray(img.dataobj.get_unscaled())
+    except MemoryError:
+        raise VolumeError(f"{path}: dim: {full_shape} declares {_size(declared)} of voxel data, more than this "
+                          "machine can hold (or a corrupt header)") from None
     except Exception as exc:  # noqa: BLE001 - truncated gzip, short data ...
         raise VolumeError(f"{path}: image data: corrupt or truncated ({_one_line(exc)})") from None
     if raw.dtype.kind not in "biuf":
@@ -223,6 +230,10 @@ def read_nifti(path: str | os.PathLike) -> Volume:
             if qform is not None and np.all(np.isfinite(qform)):
                 meta["qform_offset_mm"] = grid_offset_mm(affine, qform, shape)
     return Volume(arr, affine, hdr, path, meta)
+
+
+def _size(n: int) -> str:
+    return f"{n / 1e9:.1f} GB" if n >= 1e9 else f"{n / 1e6:.1f} MB" if n >= 1e6 else f"{n} bytes"
 
 
 def _grid_corners(shape: tuple[int, ...]) -> np.ndarray:

@@ -10,9 +10,13 @@ so they stay optional (``pip install bosam[io]``).
 
 from __future__ import annotations
 
+import contextlib
 import os
+import re
+import sys
+import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Iterator
 
 import numpy as np
 
@@ -349,7 +353,7 @@ def read_nrrd(path: str | os.PathLike) -> Volume:
     dim = int(header.get("dimension", data.ndim))
     if dim == 4 and data.ndim == 4:  # a 3-D image stored with one non-spatial axis of size 1
         data, header = _drop_singleton_nrrd_axis(data, header, path)
-        dim = 3
+        dim = data.ndim  # 3 when that axis was dropped; any other 4-D image stays 4-D (and is refused)
     if dim != 3 or data.ndim != 3:
         raise VolumeError(f"{path}: dimension: expected a 3-D image, got {dim}-D of shape {tuple(data.shape)}")
     if data.dtype.kind not in "biuf":
@@ -405,6 +409,55 @@ def _drop_singleton_nrrd_axis(data: np.ndarray, header: dict, path: Path) -> tup
 # MetaImage
 
 
+def _missing_mhd_data_file(path: Path) -> str | None:
+    """The data file a detached .mhd header names when it is not there (ITK's own message says
+    only that the header "cannot be read")."""
+    if path.suffix.lower() != ".mhd":
+        return None
+    try:
+        with open(path, "rb") as f:
+            head = f.read(1 << 16).decode("latin-1")
+    except OSError:
+        return None  # SimpleITK says why
+    for line in head.splitlines():
+        key, eq, value = line.partition("=")
+        if eq and key.strip() == "ElementDataFile":
+            name = value.strip()
+            if name.upper() == "LOCAL" or name.upper().startswith("LIST") or " " in name or "%" in name:
+                return None  # the data follow the header, or a list/pattern of slice files
+            return None if (path.parent / name).exists() else name
+    return None
+
+
+@contextlib.contextmanager
+def _native_stderr_captured() -> Iterator[Callable[[], str]]:
+    """Redirect file descriptor 2 (where C++ libraries print) into a temporary file; yields a
+    function returning what was printed. Python's own stderr is flushed first."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    text = ""
+    try:
+        with tempfile.TemporaryFile() as tmp:
+            os.dup2(tmp.fileno(), 2)
+            try:
+                yield lambda: text
+            finally:
+                os.dup2(saved, 2)
+                tmp.seek(0)
+                text = tmp.read(4096).decode("utf-8", "replace")
+    finally:
+        os.close(saved)
+
+
+def _itk_reason(exc: BaseException, printed: str) -> str:
+    """ITK's reason without the C++ source location and object address, plus what it printed."""
+    text = " ".join(str(exc).split())
+    text = re.sub(r"^.*?ERROR:\s*", "", text)  # "Exception thrown in ... .cxx:490: ITK ERROR: "
+    text = re.sub(r"^\w+\(0x[0-9a-fA-F]+\):\s*", "", text)  # "MetaImageIO(0x55e0...): "
+    extra = " ".join(printed.split())
+    return text + (f"; {extra}" if extra and extra not in text else "")
+
+
 def read_metaimage(path: str | os.PathLike) -> Volume:
     """Read a 3-D MetaImage (.mha, or .mhd + raw data) with SimpleITK into a RAS volume.
 
@@ -419,10 +472,16 @@ def read_metaimage(path: str | os.PathLike) -> Volume:
         raise VolumeError(f"{path}: reading MetaImage needs SimpleITK (pip install 'bosam[io]')") from None
 
     path = Path(path)
-    try:
-        img = sitk.ReadImage(str(path))
-    except Exception as exc:  # noqa: BLE001 - SimpleITK raises RuntimeError with multi-line text
-        raise VolumeError(f"{path}: cannot read MetaImage ({_one_line(exc)})") from None
+    missing = _missing_mhd_data_file(path)
+    if missing:
+        raise VolumeError(f"{path}: ElementDataFile: {missing}: no such file beside the header")
+    with _native_stderr_captured() as said:  # MetaIO prints its own complaints to the C++ stderr
+        try:
+            img = sitk.ReadImage(str(path))
+        except Exception as exc:  # noqa: BLE001 - SimpleITK raises RuntimeError with multi-line text
+            img, error = None, exc
+    if img is None:
+        raise VolumeError(f"{path}: cannot read MetaImage ({_itk_reason(error, said())})") from None
     dim = img.GetDimension()
     if dim == 4 and img.GetSize()[3] == 1:  # a 3-D image stored with a fourth axis of size 1
         try:

@@ -28,7 +28,7 @@ class TorchEngine:
             raise ValueError(f"precision must be one of {PRECISIONS}, not {precision!r}")
         dev = torch.device(device)
         if dev.type == "cuda" and not torch.cuda.is_available():
-            raise ValueError("device 'cuda' asked for, but torch sees no CUDA GPU here")
+            raise ValueError(f"device '{dev}' asked for, but torch sees no CUDA GPU here")
         if dev.type == "cuda" and (dev.index or 0) >= torch.cuda.device_count():
             raise ValueError(f"device {device!r} asked for, but torch sees {torch.cuda.device_count()} CUDA GPU(s) here")
         if precision == "fp16" and dev.type != "cuda":

@@ -244,6 +244,13 @@ def test_not_a_checkpoint_is_a_clear_error(tmp_path, content, pattern):
     assert str(p) in str(err.value)
 
 
+def test_a_checkpoint_with_an_empty_state_dict_says_so(tmp_path):
+    p = tmp_path / "empty_sd.pth"
+    torch.save({"state_dict": {}, "epoch": 3}, p)
+    with pytest.raises(CheckpointError, match=r"empty_sd\.pth: 'state_dict' is empty: the file holds no weights"):
+        load_model(p)
+
+
 def test_truncated_checkpoint_is_a_clear_error(tmp_path):
     p = tmp_path / "t.pth"
     torch.save(build_preset("tiny").state_dict(), p)

@@ -54,7 +54,7 @@ def test_points_check_json(tmp_path):
         {"label": 98, "clicks": [{"xyz": [61, 50, 15]}, {"xyz": [130.0, 50, 15]}]},  # second click outside (shape 122)
     ]})
     r = bosam("points", "check", CT_SM, prompts, "--json")
-    assert r.returncode == 0, r.stderr
+    assert r.returncode == 1, r.stderr  # the report, and an exit code a script can gate on: a click is outside
     recs = json.loads(r.stdout)
     assert [list(rec) for rec in recs] == [KEYS] * 4
     assert [(rec["object"], rec["label"], rec["click"], rec["positive"]) for rec in recs] == [
@@ -92,6 +92,9 @@ def test_points_check_table_for_a_slicer_file(tmp_path):
     r = bosam("points", "check", CT_SM, write(tmp_path, doc, "F.mrk.json"))
     assert r.returncode == 0, r.stderr
     assert "spine" in r.stdout and "61.00" in r.stdout
+    doc["markups"][0]["controlPoints"].append({"label": "far", "position": [1e4, 0, 0], "positionStatus": "defined"})
+    r = bosam("points", "check", CT_SM, write(tmp_path, doc, "F.mrk.json"))
+    assert r.returncode == 1 and "NO" in r.stdout and "1 of 2 clicks fall outside the volume" in r.stdout
 
 
 @pytest.mark.parametrize("case", ["missing-ct", "missing-prompts", "unknown-system", "corrupt-nifti", "bad-json"])

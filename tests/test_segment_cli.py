@@ -244,6 +244,9 @@ def test_batch_manifests_and_engine_options_fail_in_one_line(tmp_path):
     (tmp_path / "bad.csv").write_text("image,prompts\na.nii.gz,a.json\n")
     with pytest.raises(BosamError, match=r"row 1 needs 'ct' and 'points'; found 'image', 'prompts'"):
         find_cases(tmp_path / "bad.csv", None)
+    (tmp_path / "open.csv").write_text('ct,points\n"a.nii.gz,a.json\n')  # an unterminated quote: one long 'ct'
+    with pytest.raises(BosamError, match=r"row 1 needs 'ct' and 'points'; 'points' is empty$"):
+        find_cases(tmp_path / "open.csv", None)
     with pytest.raises(BosamError, match=r"a batch \(a folder of CTs\) needs --points"):
         find_cases(tmp_path, None)
     ct = need(CT_SM)
@@ -252,6 +255,10 @@ def test_batch_manifests_and_engine_options_fail_in_one_line(tmp_path):
         r = bosam("segment", str(ct), "--points", str(tmp_path / "prompt.json"), flag, value, "-o", str(tmp_path / "o"))
         assert r.returncode == 2 and r.stderr.strip() == f"error: {message}" + (" (cpu, cuda, cuda:1, ...)" if value == "banana" else "")
     assert not (tmp_path / "o").exists()
+    if not torch.cuda.is_available():  # the index asked for is named (it was dropped)
+        r = bosam("segment", str(ct), "--points", str(tmp_path / "prompt.json"), "--engine", "torch",
+                  "--device", "cuda:9", "-o", str(tmp_path / "o"))
+        assert r.returncode == 2 and "'cuda:9' asked for, but torch sees no CUDA GPU here" in r.stderr, r.stderr
     # 'tensorrt' is ONNX Runtime's TensorRT provider, not a torch device: not refused as one
     r = bosam("segment", str(ct), "--points", str(tmp_path / "prompt.json"), "--engine", "onnxruntime",
               "--device", "tensorrt", "-o", str(tmp_path / "o"))
@@ -339,6 +346,10 @@ def test_interactive_session_is_scriptable(tmp_path, random_checkpoint):
         f"- {b[0]} {b[1]} {b[2] + 0.5}",
         "object 0 background",  # refused: 0 is background
         "object 70000",  # refused: above 65535
+        "object x",  # refused: not a number (Python's own text was shown)
+        "object 3_1",  # refused: int() reads it as 31
+        f"+ {a[0]} 1_0 {a[2]}",  # refused: float() reads it as 10
+        f"+ {a[0]} nan {a[2]}",
         "list",
         "bogus",
         f"save {tmp_path / 'taken.nii.gz'}",  # refused, and the session goes on
@@ -356,7 +367,10 @@ def test_interactive_session_is_scriptable(tmp_path, random_checkpoint):
     assert "encoder" in clicks[0] and "no new window" in clicks[1]
     assert any(l.startswith("undone") for l in lines)
     assert any("unknown command" in l for l in lines)
-    assert sum("error:" in l for l in lines) == 6
+    assert sum("error:" in l for l in lines) == 10
+    assert "error: 'object' needs a label number, got 'x'" in lines
+    assert "error: 'object' needs a label number, got '3_1'" in lines
+    assert "error: '+' needs three coordinates, got '1_0'" in lines and "error: '+' needs three coordinates, got 'nan'" in lines
     assert any(f"{tmp_path / 'taken.nii.gz'}: is a folder" in l for l in lines)
     assert any(f"{ct}: would overwrite the input {ct}" in l for l in lines)
     assert nib.load(str(ct)).get_data_dtype() == np.int16  # the CT is untouched
@@ -560,6 +574,12 @@ def test_bad_numbers_and_names_are_one_line_errors_before_any_work(tmp_path):
     r = bosam("segment", str(ct), "-p", str(pts), "-o", str(out), "--engine", "torch", "--mesh")
     assert r.returncode == 2 and "seg_meshes: is a file, where bosam would make its meshes folder" in r.stderr
     assert not out.exists()
+    endings = ".nii.gz, .nii, .nrrd, .mha, .dcm"
+    for target, what in ((tmp_path / "seg.txt", "a file name"), (pts, "a file")):  # not made a folder 'seg.txt'
+        r = bosam("segment", str(ct), "-p", str(pts), "-o", str(target), "--engine", "torch")
+        assert r.returncode == 2 and r.stderr.strip().splitlines() == [
+            f"error: {target}: is {what}, not a label map or a folder; -o takes a label map path ({endings}) or a folder"]
+    assert not (tmp_path / "seg.txt").exists() and pts.is_file()
     r = bosam("export", "--preset", "foo", "-o", str(tmp_path / "eng"))
     assert r.returncode == 2 and r.stderr.strip().splitlines() == [
         "error: --preset: unknown preset 'foo'; choose one of sam-med3d, tiny, vit-b-256"]

@@ -179,6 +179,24 @@ def test_nifti_truncated_uncompressed_refused(tmp_path):
     with pytest.raises(VolumeError) as exc:
         read_volume(bad)
     assert_one_line_naming(exc, bad, "image data")  # nibabel's message spans two lines
+    assert "truncated: dim declares (20, 20, 20) (16000 bytes) but the file holds 1000 bytes" in str(exc.value)
+
+
+def test_nifti_declaring_more_than_memory_says_so(tmp_path, monkeypatch):
+    """A header that declares far more voxels than fit (a corrupt dim field, a 30000³ volume):
+    one line naming 'dim' and the size, not "corrupt or truncated (MemoryError)"."""
+    from bosam_cli import volume as volume_mod
+
+    path = save_nifti(tmp_path / "big.nii.gz", ct_like((20, 20, 20)), np.eye(4))
+    monkeypatch.setattr(volume_mod, "_fast_gz_nifti", lambda p: None)
+
+    def no_memory(self):
+        raise MemoryError()
+
+    monkeypatch.setattr(nib.arrayproxy.ArrayProxy, "get_unscaled", no_memory)
+    with pytest.raises(VolumeError) as exc:
+        read_volume(path)
+    assert_one_line_naming(exc, path, "dim: (20, 20, 20) declares 16000 bytes of voxel data, more than this machine can hold")
 
 
 def test_nifti_garbage_refused(tmp_path):
@@ -930,7 +948,7 @@ def test_a_fourth_axis_of_size_one_is_dropped_in_nrrd_and_metaimage(tmp_path):
         np.testing.assert_array_equal(vol.array, data)
         np.testing.assert_allclose(vol.affine, want, atol=1e-9)
     nrrd.write(str(tmp_path / "two.nrrd"), np.stack([data, data], -1), header)  # two volumes: still refused
-    with pytest.raises(VolumeError, match="dimension: expected a 3-D image"):
+    with pytest.raises(VolumeError, match=r"dimension: expected a 3-D image, got 4-D of shape \(4, 5, 6, 2\)"):
         read_volume(tmp_path / "two.nrrd")
 
 
@@ -997,3 +1015,26 @@ def test_metaimage_4d_and_corrupt_refused(tmp_path):
     with pytest.raises(VolumeError) as exc:
         read_volume(bad)
     assert_one_line_naming(exc, bad, "MetaImage")
+
+
+
+def test_a_detached_metaimage_without_its_data_is_one_line_naming_the_field(tmp_path):
+    """A .mhd whose ElementDataFile is missing names that field and file (ITK said only that the
+    header "cannot be read"); a short data file is one stderr line through the CLI, with what
+    MetaIO printed on the C++ stderr folded into it and not left on a line of its own."""
+    import subprocess
+    import sys
+
+    pytest.importorskip("SimpleITK")
+    header = "ObjectType = Image\nNDims = 3\nDimSize = 40 40 40\nElementType = MET_SHORT\nElementDataFile = {}\n"
+    (tmp_path / "gone.mhd").write_text(header.format("gone.raw"))
+    with pytest.raises(VolumeError, match=r"gone\.mhd: ElementDataFile: gone\.raw: no such file beside the header$"):
+        read_volume(tmp_path / "gone.mhd")
+    (tmp_path / "short.mhd").write_text(header.format("short.raw"))
+    (tmp_path / "short.raw").write_bytes(bytes(100))
+    (tmp_path / "p.json").write_text('{"coordinate_system": "voxel", "objects": [{"label": 1, "clicks": [{"xyz": [1, 2, 3]}]}]}')
+    r = subprocess.run([sys.executable, "-m", "bosam_cli", "points", "check", str(tmp_path / "short.mhd"),
+                        str(tmp_path / "p.json")], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert r.stderr.startswith(f"error: {tmp_path / 'short.mhd'}: cannot read MetaImage (") and "data not read completely" in r.stderr
+    assert ".cxx" not in r.stderr and "0x" not in r.stderr
