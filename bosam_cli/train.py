@@ -817,6 +817,23 @@ def _open_resume(cfg: TrainConfig, last_path: Path, world: int,
     return ck, state, warnings
 
 
+def _data_changed(before: dict[str, Any], now: dict[str, Any]) -> list[str]:
+    """What differs between the data a resumed run trained on and what the flags select now:
+    the label ids (the same --labels can resolve differently when dataset.json or the label map
+    changed) or the cases. Either makes the resumed run differ from an uninterrupted one."""
+    if not before:
+        return []
+    tail = ": the resumed run will not match an uninterrupted one"
+    old_ids, new_ids = before.get("label_ids"), now.get("label_ids")
+    if old_ids is not None and list(old_ids) != list(new_ids):
+        return [f"the selected labels are now ids {', '.join(map(str, new_ids))}; the run trained on "
+                f"{', '.join(map(str, old_ids))}{tail}"]
+    if before.get("cases") != now.get("cases") or before.get("labels") != now.get("labels"):
+        return [f"the dataset changed since the run started ({now.get('cases')} usable cases, "
+                f"{before.get('cases')} then; or their label voxels differ){tail}"]
+    return []
+
+
 class _Run:
     """The state of one training run (model, optimiser, schedule, counters) and its checkpoints.
     Only rank 0 writes; every rank takes part in gathering the RNG states."""
@@ -1054,6 +1071,8 @@ def _train(cfg: TrainConfig, dist_info: Dist, console: Any, on_step: Callable[[d
                                 max_cases=cfg.val_cases)
         refuse_errors(val_scan, cfg.skip_bad, "validation")
 
+    if resume_ck is not None:
+        warnings += _data_changed(((resume_ck.metadata or {}).get("data") or {}), scan.summary())
     run = _Run(cfg, dist_info, resume_ck, state, scan)
     start_epoch, start_step = run.epoch, run.step_in_epoch
     order = [(e, s, m) for e in range(start_epoch, cfg.epochs)

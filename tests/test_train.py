@@ -348,6 +348,40 @@ def test_resume_warns_when_auto_settings_resolve_differently_on_another_device(p
     assert meta["training"]["lr"] == 1e-4 and meta["training"]["global_step"] == 2  # the rate it really ran at
 
 
+def test_resume_warns_when_the_same_labels_select_other_ids_or_the_cases_changed(tmp_path):
+    """--labels by name is resolved through dataset.json: edited between the runs, the same flag
+    selects another bone, which no changed flag shows; cases added or removed change the run too.
+    Both are warned about when resuming; an unchanged dataset gives no such warning."""
+    from bone_datasets import FEMUR, L3, NAMES
+
+    root = make_dataset(tmp_path / "ds", n_cases=3)
+    out = tmp_path / "run"
+    args = ["train", "--data", str(root), "--labels", "femur_left", "--preset", "tiny", "--no-tensorboard",
+            "--steps-per-epoch", "1", "--threads", "1", "-o", str(out)]
+    r = _bosam(*args, "--epochs", "1")
+    assert r.returncode == 0, r.stderr
+    r = _bosam(*args, "--epochs", "2", "--resume")
+    assert r.returncode == 0 and "the resumed run will not match" not in r.stdout + r.stderr, r.stdout + r.stderr
+    doc = json.loads((root / "dataset.json").read_text())
+    doc["labels"] = {"background": 0, "femur_left": L3, NAMES[L3]: FEMUR}  # the names swapped
+    (root / "dataset.json").write_text(json.dumps(doc))
+    r = _bosam(*args, "--epochs", "3", "--resume")
+    text = " ".join((r.stdout + r.stderr).split())
+    assert r.returncode == 0, r.stderr
+    assert (f"warning: the selected labels are now ids {L3}; the run trained on {FEMUR}: the resumed run will not "
+            "match an uninterrupted one") in text, text
+
+    from bosam_cli.data import scan_dataset
+    from bosam_cli.train import _data_changed
+
+    before = scan_dataset([root]).summary()
+    assert _data_changed(before, scan_dataset([root]).summary()) == []
+    next(iter(sorted((root / "labelsTr").iterdir()))).unlink()
+    next(iter(sorted((root / "imagesTr").iterdir()))).unlink()
+    (msg,) = _data_changed(before, scan_dataset([root]).summary())
+    assert msg.startswith("the dataset changed since the run started (2 usable cases, 3 then")
+
+
 def test_resume_refusals(phantoms, tmp_path):
     with pytest.raises(BosamError, match="nothing to resume"):
         train(_cfg(phantoms, tmp_path / "none", resume=True))
