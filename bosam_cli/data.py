@@ -392,6 +392,16 @@ def _split_spec(spec: str | Sequence[str]) -> list[str]:
     return [s.strip() for s in (spec.split(",") if isinstance(spec, str) else spec) for s in str(s).split(",") if s.strip()]
 
 
+def _selected_id(text: str, where: str) -> int:
+    """One id of a --labels list: label maps hold 1..65535 (uint16), as prompt files do. A range
+    up to 99999999999 had been expanded into a set until the process was killed for memory."""
+    from .prompts import MAX_LABEL
+
+    if len(text.lstrip("0")) > 6 or int(text) > MAX_LABEL:
+        raise BosamError(f"{where}: label id {text} is above {MAX_LABEL}, the largest a label map holds")
+    return int(text)
+
+
 def resolve_labels(
     spec: str | Sequence[str] | None,
     names: dict[int, str] | None = None,
@@ -418,9 +428,9 @@ def resolve_labels(
     for item in items:
         low = item.lower()
         if re.fullmatch(r"\d+", item):
-            out.add(int(item))
+            out.add(_selected_id(item, where))
         elif re.fullmatch(r"\d+-\d+", item):
-            a, b = (int(x) for x in item.split("-"))
+            a, b = (_selected_id(x, where) for x in item.split("-"))
             if b < a:
                 raise BosamError(f"{where}: empty range '{item}'")
             out.update(range(a, b + 1))

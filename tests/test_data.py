@@ -207,6 +207,11 @@ def test_label_filter_ids_ranges_names_bone_and_groups(tmp_path):
     assert resolve_labels("bone", {7: "bone"}) == [7]  # a dataset's own label called "bone"
     with pytest.raises(BosamError, match="unknown label 'tibia'"):
         resolve_labels("tibia", names)
+    assert resolve_labels("65530-65535", names) == list(range(65530, 65536))
+    assert resolve_labels("000000000000000000031", names) == [31]
+    for spec in ("0-99999999999", "65536", "1-70000"):  # the first was killed for memory
+        with pytest.raises(BosamError, match=r"^--labels: label id \d+ is above 65535, the largest a label map holds$"):
+            resolve_labels(spec, names)
 
 
 def test_bone_filter_with_the_totalsegmentator_label_map(tmp_path):
