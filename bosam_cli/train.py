@@ -38,6 +38,7 @@ import dataclasses
 import math
 import os
 import random
+import re
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -459,11 +460,34 @@ class Dist:
         return self.rank == 0
 
 
+def _dist_env() -> tuple[int, int, int]:
+    """WORLD_SIZE, RANK and LOCAL_RANK as torchrun sets them, checked: a stale RANK=1 from a
+    scheduler's environment made a run train as a non-main process, silently writing nothing."""
+    def read(name: str, default: int, low: int) -> int:
+        text = os.environ.get(name, str(default)).strip()
+        if not re.fullmatch(r"[0-9]+", text) or int(text) < low:
+            raise BosamError(f"environment variable {name}={text!r}: expected a whole number >= {low} (as torchrun sets it)")
+        return int(text)
+
+    world = read("WORLD_SIZE", 1, 1)
+    rank = read("RANK", 0, 0)
+    local = read("LOCAL_RANK", 0, 0)
+    if rank >= world:
+        raise BosamError(f"environment variable RANK={rank}: must be below WORLD_SIZE={world} (a stale RANK "
+                         "from another job? start several processes with torchrun)")
+    if world > 1 and not (os.environ.get("MASTER_ADDR") and os.environ.get("MASTER_PORT")) and "RANK" in os.environ:
+        missing = [v for v in ("MASTER_ADDR", "MASTER_PORT") if not os.environ.get(v)]
+        raise BosamError(f"environment variable {missing[0]}: not set, but WORLD_SIZE={world} asks for a "
+                         "distributed run; start it with torchrun")
+    if world > 1 and "RANK" not in os.environ:
+        raise BosamError(f"environment variable RANK: not set, but WORLD_SIZE={world} asks for a distributed run; "
+                         "start it with torchrun")
+    return world, rank, local
+
+
 def setup_distributed(device: str | None) -> Dist:
     """Read torchrun's environment; init the process group (NCCL on CUDA, gloo on CPU)."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    local = int(os.environ.get("LOCAL_RANK", "0"))
+    world, rank, local = _dist_env()
     want_cuda = (device is None and torch.cuda.is_available()) or (device is not None and device.startswith("cuda"))
     if want_cuda and not torch.cuda.is_available():
         raise BosamError(f"--device {device}: torch sees no CUDA GPU here")
@@ -645,6 +669,11 @@ def _build_model(cfg: TrainConfig, resume_ck: Any | None, device: torch.device) 
         raise BosamError("give --from CKPT to fine-tune a checkpoint, or --preset NAME to train from scratch")
     model = model.to(device)
     if cfg.lora_rank:
+        qkv = model.image_encoder.blocks[0].attn.qkv
+        width = int(getattr(qkv, "qkv", qkv).in_features)
+        if cfg.lora_rank > width:  # a rank past the block width adds nothing but size (5.5 GB at 100000)
+            raise BosamError(f"--lora-rank {cfg.lora_rank}: above the encoder's width {width}, the most a "
+                             "low-rank update of its q and v can use (BoSAM's LoRA uses 4)")
         apply_lora(model, cfg.lora_rank)
         if resume_ck is not None:
             lora = (resume_ck.container or {}).get("lora")
@@ -798,6 +827,9 @@ def _open_resume(cfg: TrainConfig, last_path: Path, world: int,
         if k in _KEPT_ON_RESUME:
             warnings.append(f"--{k.replace('_', '-')} changed from {old[k]!r} to {now[k]!r}: ignored, a resumed "
                             "run keeps the learning rates and weight decay of its optimiser state")
+        elif k in ("preset", "init_from"):
+            warnings.append(f"--{'from' if k == 'init_from' else k} changed from {old[k]!r} to {now[k]!r}: ignored, "
+                            f"a resumed run goes on with the model in {last_path.name}")
         else:
             warnings.append(f"--{k.replace('_', '-')} changed from {old[k]!r} to {now[k]!r}: "
                             "the resumed run will not match an uninterrupted one")
@@ -1059,6 +1091,9 @@ def _train(cfg: TrainConfig, dist_info: Dist, console: Any, on_step: Callable[[d
         # a run killed while writing a checkpoint leaves its hidden temp file (hundreds of MB)
         remove_stale_temps(out_dir, (LAST, BEST, FINAL, "final.safetensors"))
     resume_ck, state, warnings = _open_resume(cfg, out_dir / LAST, dist_info.world, dist_info.device.type)
+    if state:  # the model comes from last.pth: record where the run's model really came from
+        before = state.get("config") or {}
+        cfg = dataclasses.replace(cfg, preset=before.get("preset"), init_from=before.get("init_from"))
     seed_everything(cfg.seed + dist_info.rank)
     if dist_info.device.type == "cuda" and dist_info.world > 1:
         torch.backends.cudnn.deterministic = True

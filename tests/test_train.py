@@ -342,10 +342,15 @@ def test_resume_warns_when_auto_settings_resolve_differently_on_another_device(p
     assert warnings[1].startswith("--lr changed from None to 0.005: ignored, a resumed run keeps the learning rates")
     # leaving out --preset (the model comes from last.pth) is not a change
     assert _open_resume(dataclasses.replace(again, preset=None), tmp_path / "run" / LAST, 1, "cpu")[2] == []
-    resumed = dataclasses.replace(changed, flip=True)
+    # the architecture comes from last.pth: another --preset is ignored, said so, and not recorded
+    other = dataclasses.replace(again, preset="sam-med3d")
+    assert _open_resume(other, tmp_path / "run" / LAST, 1, "cpu")[2] == [
+        "--preset changed from 'tiny' to 'sam-med3d': ignored, a resumed run goes on with the model in last.pth"]
+    resumed = dataclasses.replace(changed, flip=True, preset="sam-med3d")
     train(resumed)
     meta = load_model(tmp_path / "run" / "final.pth").checkpoint_metadata
     assert meta["training"]["lr"] == 1e-4 and meta["training"]["global_step"] == 2  # the rate it really ran at
+    assert meta["training"]["config"]["preset"] == "tiny" and meta["preset"] == "tiny"
 
 
 def test_resume_warns_when_the_same_labels_select_other_ids_or_the_cases_changed(tmp_path):
@@ -382,6 +387,31 @@ def test_resume_warns_when_the_same_labels_select_other_ids_or_the_cases_changed
     assert msg.startswith("the dataset changed since the run started (2 usable cases, 3 then")
 
 
+def test_odd_torchrun_environments_are_one_line_errors_before_any_work(tmp_path):
+    """A stale RANK=1 (a scheduler's environment) trained as a non-main process and wrote nothing,
+    exit 0; WORLD_SIZE=0, 'abc', or 2 without RANK or MASTER_ADDR gave tracebacks (one left a
+    log.csv behind)."""
+    root = make_dataset(tmp_path / "ds")
+    out = tmp_path / "run"
+    args = ["train", "--data", str(root), "--preset", "tiny", "--epochs", "1", "--steps-per-epoch", "1",
+            "--no-tensorboard", "--threads", "1", "-o", str(out)]
+    clean = {k: "" for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    cases = [
+        ({"RANK": "1", "WORLD_SIZE": "1"}, "environment variable RANK=1: must be below WORLD_SIZE=1"),
+        ({"WORLD_SIZE": "0"}, "environment variable WORLD_SIZE='0': expected a whole number >= 1"),
+        ({"WORLD_SIZE": "abc"}, "environment variable WORLD_SIZE='abc': expected a whole number >= 1"),
+        ({"WORLD_SIZE": "2"}, "environment variable RANK: not set, but WORLD_SIZE=2 asks for a distributed run"),
+        ({"WORLD_SIZE": "2", "RANK": "1"}, "environment variable MASTER_ADDR: not set, but WORLD_SIZE=2"),
+    ]
+    for env, message in cases:
+        run_env = {k: v for k, v in {**os.environ, **env}.items() if k not in clean or k in env}
+        r = subprocess.run([sys.executable, "-m", "bosam_cli", *args], capture_output=True, text=True, timeout=600,
+                           env={**run_env, "COLUMNS": "300"})
+        assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, (env, r.stdout, r.stderr)
+        assert r.stderr.startswith(f"error: {message}"), (env, r.stderr)
+        assert not out.exists()
+
+
 def test_resume_refusals(phantoms, tmp_path):
     with pytest.raises(BosamError, match="nothing to resume"):
         train(_cfg(phantoms, tmp_path / "none", resume=True))
@@ -393,6 +423,9 @@ def test_resume_refusals(phantoms, tmp_path):
         train(_cfg(phantoms, tmp_path / "p", preset=None))
     with pytest.raises(BosamError, match="fp16 needs a CUDA"):
         train(_cfg(phantoms, tmp_path / "q", precision="fp16", device="cpu"))
+    with pytest.raises(BosamError, match=r"--lora-rank 100000: above the encoder's width \d+, the most"):
+        train(_cfg(phantoms, tmp_path / "r", lora_rank=100000))  # it wrote a 5.5 GB last.pth
+    assert not (tmp_path / "r" / "last.pth").exists()
 
 
 # ---------------------------------------------------------------------------------------------
