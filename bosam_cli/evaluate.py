@@ -199,6 +199,8 @@ def run_clicks_protocol(
         segmenter.set_volume(image)
         spacing = [float(s) for s in image.spacing_mm]
         labelled = structure_voxels(np.asarray(labels.array), info.ignore)
+        # nnU-Net's 'ignore' voxels were never annotated: no metric counts them, no click goes there
+        annotated = ~np.isin(np.asarray(labels.array), info.ignore) if info.ignore else None
         for lab in _pick_labels(info.labels, labels_per_case):
             name = scan.label_names.get(lab, f"label_{lab}")
             gt = np.asarray(labels.array) == lab
@@ -218,6 +220,8 @@ def run_clicks_protocol(
                     report = segmenter.add_click(lab, voxel=np.asarray(ijk, dtype=np.float64), positive=positive)
                     pred = segmenter.mask(lab)
                     dt = time.perf_counter() - t0
+                    if annotated is not None:
+                        pred = pred & annotated
                     nsd = surface_dice(pred, gt, spacing, nsd_tolerance_mm) if nsd_tolerance_mm else None
                     rec = ClickRecord(
                         "clicks", info.case.key, lab, name, k, positive, [int(v) for v in ijk], dice_score(pred, gt), nsd,

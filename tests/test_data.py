@@ -556,8 +556,19 @@ def test_nnunet_ignore_label_is_never_an_object_nor_another_structure(tmp_path):
         def mask(self, label):
             return np.ones(self.shape, bool)
 
-    records = run_clicks_protocol(Everything(), scan, 1, nsd_tolerance_mm=None)
+    records = run_clicks_protocol(Everything(), scan, 2, nsd_tolerance_mm=None)
     assert {r.label for r in records} == {1} and all(r.other_voxels == 0 for r in records)
+    # as in nnU-Net, no metric counts the ignore voxels and no click goes there: the mask over
+    # them is neither a false positive nor an error region (it had lowered the Dice)
+    from bosam_cli.evaluate import dice_score
+    from bosam_cli.volume import read_volume
+
+    for info in scan.infos:
+        lab = np.asarray(read_volume(info.case.label).array)
+        first, second = [r for r in records if r.case == info.case.key]
+        assert (lab == 2).any() and first.dice == pytest.approx(dice_score(lab != 2, lab == 1))
+        assert first.pred_voxels == int((lab != 2).sum())
+        assert second.positive is False and lab[tuple(second.voxel)] == 0
     sampler = PatchSampler(CaseStore(scan.infos), PatchConfig(size=32, spacing_mm=3.0))
     patch = sampler.sample(patch_rng(0, 0, 0))
     assert patch.label == 1 and not patch.others.any()
