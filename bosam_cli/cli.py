@@ -859,6 +859,8 @@ def evaluate(
              "containing '/ct_'); use --bosam-grid model to choose the clamp")
     if cases is not None and cases < 1:
         fail(f"--cases: must be 1 or more, got {cases}")
+    if not 0 <= seed < 2**32:  # NumPy's generator takes no negative seed (a traceback)
+        fail(f"--seed must be in 0 .. 2**32-1, got {seed}")
     if out is not None and out.exists() and not out.is_dir():
         fail(f"{out}: is a file; --out is the folder for evaluation.csv, .json and .md")
     base = None

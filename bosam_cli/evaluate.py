@@ -630,7 +630,10 @@ def parse_clicks(text: str) -> list[int]:
     from .errors import BosamError
 
     try:
-        vals = sorted({int(v) for v in str(text).split(",") if v.strip()})
+        parts = [v.strip() for v in str(text).split(",")]
+        if any(not v for v in parts):  # '1,,2' or a trailing comma: a count was lost
+            raise ValueError
+        vals = sorted({int(v) for v in parts})
     except ValueError:
         raise BosamError(f"--clicks: expected comma-separated click counts like 1,5,10, got {text!r}") from None
     if not vals or vals[0] < 1:

@@ -400,6 +400,8 @@ def test_cli_evaluate_bad_input_is_one_line(dataset, tmp_path):
                            (["--protocol", "bosam", "--no-clamp"], "--no-clamp: the bosam protocol's native grid clamps"),
                            (["--cases", "0"], "--cases: must be 1 or more, got 0"),
                            (["--clicks", "1," + "9" * 22], "--clicks: at most 100 clicks per object"),
+                           (["--clicks", "1,,5"], "--clicks: expected comma-separated click counts like 1,5,10, got '1,,5'"),
+                           (["--protocol", "bosam", "--seed", "-1"], "--seed must be in 0 .. 2**32-1, got -1"),
                            (["--out", str(dataset / "dataset.json")], "dataset.json: is a file; --out is the folder")):
         res = _bosam("evaluate", "--data", str(dataset), "--baseline", "threshold", *flags)
         assert res.returncode == 2 and message in res.stderr and len(res.stderr.strip().splitlines()) == 1, res.stderr
