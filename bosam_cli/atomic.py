@@ -114,7 +114,10 @@ def atomic_path(path: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
     """Yield a temporary path beside ``path``; on success it replaces ``path`` atomically."""
     path = Path(path)
     make_dirs(path.parent)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp" + suffix, dir=path.parent)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp" + suffix, dir=path.parent)
+    except OSError as exc:  # a read-only or full file system: name the output, not the temp file
+        raise _naming(exc, path) from exc
     os.close(fd)
     stage = _STAGE.get()
     try:
@@ -128,12 +131,19 @@ def atomic_path(path: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
             stage.files.append((Path(tmp), path))
     except OSError as exc:
         Path(tmp).unlink(missing_ok=True)
-        if exc.filename is None:  # a write() that failed (a full disk) names no file: name the output
-            raise OSError(exc.errno, exc.strerror or str(exc), str(path)) from exc
-        raise
+        raise _naming(exc, path) from exc
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def _naming(exc: OSError, path: Path) -> OSError:
+    """``exc`` naming the output ``path`` when it named no file (a write() on a full disk) or the
+    hidden temporary file beside it (which the user never asked for)."""
+    named = str(exc.filename) if exc.filename is not None else None
+    if named is None or Path(named).name.startswith(f".{path.name}."):
+        return OSError(exc.errno, exc.strerror or str(exc), str(path))
+    return exc
 
 
 def remove_stale_temps(folder: str | os.PathLike, names: "list[str] | tuple[str, ...]") -> list[Path]:

@@ -374,6 +374,23 @@ def test_all_or_nothing_renames_every_file_at_the_end_or_none(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.txt", "sub"]  # no temp, no new folder
 
 
+def test_a_failed_atomic_write_names_the_output_not_its_temporary_file(tmp_path, monkeypatch):
+    """A read-only file system refuses the hidden temporary file; the error named it
+    (".seg.nii.gz.u5024p9h.tmp.nii.gz: Read-only file system"), now the output the user asked for."""
+    import errno
+    import tempfile
+
+    ct = read_nifti(save_nifti(tmp_path / "ct.nii", ct_like(), np.eye(4)))
+
+    def read_only(prefix="", suffix="", dir=None):
+        raise OSError(errno.EROFS, "Read-only file system", str(Path(dir) / f"{prefix}u5024p9h{suffix}"))
+
+    monkeypatch.setattr(tempfile, "mkstemp", read_only)
+    with pytest.raises(OSError) as err:
+        write_label_map(np.ones(ct.shape, np.uint8), ct, tmp_path / "seg.nii.gz")
+    assert err.value.filename == str(tmp_path / "seg.nii.gz") and err.value.strerror == "Read-only file system"
+
+
 def test_gz_fast_path_reads_and_writes_what_nibabel_does(tmp_path, monkeypatch):
     """With isal (the default install) .nii.gz files are read and written through it; the
     result equals nibabel's own gzip path byte for byte after decompression, and files either
