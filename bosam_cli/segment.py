@@ -30,6 +30,7 @@ from .volume import (
     hu_warning,
     label_dtype,
     label_map_ending,
+    make_output_folder,
     nifti_output_warning,
     read_volume,
     require_finite,
@@ -574,6 +575,18 @@ def session_prompts(session: Session) -> dict[str, Any]:
     return {"_source": "bosam segment --interactive", "coordinate_system": "RAS", "objects": objects}
 
 
+def _check_writable(path: Path) -> None:
+    """One line now if ``path``'s folder cannot be written (made if missing, a file tried)."""
+    import tempfile
+
+    make_output_folder(path)
+    try:
+        with tempfile.TemporaryFile(dir=path.parent):
+            pass
+    except OSError as exc:
+        raise BosamError(f"{path}: cannot write there ({exc.strerror or exc})") from None
+
+
 def _plain_number(text: str, what: str) -> float:
     """A decimal number as people type it; Python's float() also takes '1_0', 'nan' and 'inf'."""
     if not re.fullmatch(r"[+-]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]+)?", text):
@@ -616,6 +629,7 @@ def interactive(
 
     guard(paths)
     check_output_format(paths["label_map"], volume)
+    _check_writable(paths["label_map"])  # before any clicking, not at the first autosave
     session = make_session(engine, options, engine_metadata(engine))
     session.set_volume(volume)
     current = 1
@@ -628,8 +642,8 @@ def interactive(
     def save(path: Path | None = None) -> bool:
         """Write the label map and the session's prompt file; False when there was nothing a
         DICOM SEG could hold (any earlier SEG and prompt file of this target are removed)."""
-        target = Path(path or paths["label_map"])
-        target_paths = output_paths(ct_path, target)
+        target_paths = output_paths(ct_path, path or paths["label_map"])
+        target = target_paths["label_map"]  # 'save DIR' writes DIR/<ct>.nii.gz, as -o DIR does
         guard(target_paths)
         names = {lab: st.name for lab, st in session.objects.items() if st.clicks}
         points_file = target_paths["points"]
@@ -644,6 +658,18 @@ def interactive(
         else:  # no clicks left: no prompt file (one without objects could not be loaded again)
             points_file.unlink(missing_ok=True)
         return True
+
+    def autosave() -> str:
+        """Rewrite the outputs after a change; the change stands even when that fails (the
+        session says so, and counts it as a failure), so a retyped click is not applied twice."""
+        nonlocal failures
+        try:
+            save()
+            return ""
+        except (OSError, BosamError) as exc:
+            failures += 1
+            what = f"{exc.filename2 or exc.filename or ''}: {exc.strerror or exc}" if isinstance(exc, OSError) else str(exc)
+            return f"; applied, but NOT SAVED ({what}); 'save PATH' writes elsewhere"
 
     if points is not None:
         prompts = load_prompts(points, volume)
@@ -674,12 +700,12 @@ def interactive(
                 if cmd == "-" and not (state and any(c.positive for c in state.clicks)):
                     raise ValueError(f"object {current} has no positive click yet: the first click of an object must be positive")
                 rep = session.add_click(current, xyz=np.asarray(click.ras), positive=click.positive)
-                save()
+                unsaved = autosave()
                 new = f", {rep.new_windows} new window(s), encoder {rep.encoder_s * 1000:.0f} ms" if rep.encoder_calls else ", no new window"
                 say(
                     f"object {current} click {cmd}: decoder {rep.decoder_s * 1000:.1f} ms "
                     f"({rep.decoder_calls} call(s)){new}; {rep.voxels} voxels in {rep.windows} window(s)"
-                    + (f"; {rep.note}" if rep.note else "")
+                    + (f"; {rep.note}" if rep.note else "") + unsaved
                 )
             elif cmd == "object":
                 if len(parts) < 2:
@@ -694,12 +720,10 @@ def interactive(
                 say(f"object {current} ({session.objects[current].name}) selected")
             elif cmd == "undo":
                 ok = session.undo()
-                save()
-                say("undone" if ok else "nothing to undo")
+                say(("undone" if ok else "nothing to undo") + autosave())
             elif cmd == "reset":
                 session.reset(current)
-                save()
-                say(f"object {current} cleared")
+                say(f"object {current} cleared" + autosave())
             elif cmd == "save":
                 target = Path(parts[1]) if len(parts) > 1 else None
                 if save(target):

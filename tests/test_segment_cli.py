@@ -403,6 +403,54 @@ def test_interactive_session_is_scriptable(tmp_path, random_checkpoint):
     assert json.loads(points.read_text())["objects"] == doc["objects"]
 
 
+def test_interactive_save_into_a_folder_and_a_click_whose_autosave_fails(tmp_path, monkeypatch):
+    """'save DIR' writes DIR/<ct>.nii.gz as '-o DIR' does (it was refused with a format message).
+    When the rewrite after a click fails (a full or read-only disk), the click still stands: the
+    session says it was applied but not saved, instead of an "error" that made users type it again."""
+    import io
+
+    from fake_engines import SphereEngine
+
+    import bosam_cli.segment as segment_mod
+    from bosam_cli.segment import SegmentOptions, interactive
+
+    ct = tmp_path / "ct.nii.gz"
+    nib.save(nib.Nifti1Image(np.full((40, 40, 40), -1000, np.int16), np.diag([2.0, 2.0, 2.0, 1.0])), str(ct))
+    real_write = segment_mod.write_label_map
+    calls = []
+
+    def flaky(labels, like, path, names=None):  # the first rewrite (after the first click) fails
+        calls.append(path)
+        if len(calls) == 1:
+            raise OSError(28, "No space left on device", str(path))
+        return real_write(labels, like, path, names)
+
+    monkeypatch.setattr(segment_mod, "write_label_map", flaky)
+    out = io.StringIO()
+    script = f"+ 20 20 20\nlist\nsave {tmp_path / 'snaps'}/\nquit\n"
+    failures = interactive(ct, tmp_path / "out.nii.gz", SphereEngine(radius_vox=4.0), SegmentOptions(refine="none"),
+                           "voxel", stdin=io.StringIO(script), stdout=out)
+    lines = out.getvalue().splitlines()
+    click = next(line for line in lines if line.startswith("object 1 click +"))
+    assert click.endswith(f"; applied, but NOT SAVED ({tmp_path / 'out.nii.gz'}: No space left on device); "
+                          "'save PATH' writes elsewhere")
+    assert "object 1 object_1: 1 clicks" in out.getvalue() and failures == 1
+    assert f"saved {tmp_path / 'snaps'}" in out.getvalue() and (tmp_path / "snaps" / "ct.nii.gz").is_file()
+    assert (tmp_path / "snaps" / "ct_points.json").is_file() and (tmp_path / "out.nii.gz").is_file()
+
+    import tempfile
+
+    from bosam_cli.errors import BosamError
+
+    def read_only(*args, **kwargs):
+        raise OSError(30, "Read-only file system")
+
+    monkeypatch.setattr(tempfile, "TemporaryFile", read_only)  # found before the first click, not at its autosave
+    with pytest.raises(BosamError, match=r"ro\.nii\.gz: cannot write there \(Read-only file system\)$"):
+        interactive(ct, tmp_path / "ro.nii.gz", SphereEngine(radius_vox=4.0), SegmentOptions(refine="none"), "voxel",
+                    stdin=io.StringIO("+ 20 20 20\n"), stdout=io.StringIO())
+
+
 def test_manifest_warns_about_empty_masks_and_says_why(tmp_path):
     from fake_engines import SphereEngine
 
