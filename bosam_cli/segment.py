@@ -235,6 +235,7 @@ def segment_file(
     writes = ["label_map", "manifest"] + (["overlay"] if options.overlay else []) + \
         (["objects_dir"] if options.per_object else []) + (["meshes_dir"] if options.mesh else [])
     guard_outputs({k: paths[k] for k in writes}, [ct_path, Path(points), *_series_files(volume)])
+    guard_series_folder(paths["label_map"], volume)
     check_output_format(paths["label_map"], volume)
     session = session or make_session(engine, options, engine_metadata(engine))
     before = dict(session.timings)
@@ -374,6 +375,16 @@ def guard_outputs(paths: dict[str, Path], inputs: Iterable[Path | None]) -> None
 def _series_files(volume: Volume) -> list[Path]:
     """The files a DICOM CT was read from (its other slices count as inputs too)."""
     return [Path(f) for f in volume.meta.get("files", [])] if str(volume.meta.get("format", "")).startswith("dicom") else []
+
+
+def guard_series_folder(label_map: Path, volume: Volume) -> None:
+    """A NIfTI/NRRD/MetaImage label map written into the CT's DICOM series folder turns that
+    folder into a batch of CTs for every later command: refused (a DICOM SEG there is skipped
+    when the series is read again, and allowed)."""
+    series = _series_files(volume)
+    if series and label_map_ending(label_map) != ".dcm" and _same_file(label_map.parent, series[0].parent):
+        raise BosamError(f"{label_map}: would go into the CT's DICOM series folder {series[0].parent}, which then "
+                         "reads as a folder of CTs; choose an -o outside it")
 
 
 def _same_file(a: Path, b: Path) -> bool:
@@ -625,6 +636,7 @@ def interactive(
         # the session's prompt file may be the --points file it started from: rewriting it is
         # how a continued session is saved
         guard_outputs({"label_map": target_paths["label_map"]}, inputs)
+        guard_series_folder(target_paths["label_map"], volume)
         guard_outputs({"points": target_paths["points"]}, [ct_path, *_series_files(volume)])
 
     guard(paths)

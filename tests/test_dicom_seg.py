@@ -237,3 +237,27 @@ def test_segment_dicom_ct_to_dicom_seg_cli(tmp_path, random_checkpoint):  # noqa
               stdin=f"object 31 vertebrae_L1\n+ {ras[0]} {ras[1]} {ras[2]}\nundo\nquit\n")
     assert r.returncode == 0 and "nothing to write" in r.stdout and "saved" not in r.stdout.splitlines()[-1]
     assert not (tmp_path / "c" / "ct.dcm").exists() and not (tmp_path / "c" / "ct_points.json").exists()
+
+
+def test_a_label_map_into_the_series_folder_is_refused(tmp_path):
+    """'-o <the series folder>' wrote <folder>.nii.gz among the slices, after which the folder
+    read as a folder of CTs (a batch) for every later command; a DICOM SEG there stays allowed
+    (reading the series again skips it)."""
+    from fake_engines import SphereEngine
+
+    from bosam_cli.errors import BosamError
+    from bosam_cli.segment import SegmentOptions, segment_file
+
+    series = tmp_path / "series"
+    write_dicom_series(series, rows=16, cols=16, n=8)
+    add_study(series)
+    prompts = tmp_path / "p.json"
+    prompts.write_text(json.dumps({"coordinate_system": "voxel", "objects": [{"label": 1, "clicks": [{"xyz": [8, 8, 4]}]}]}))
+    before = sorted(p.name for p in series.iterdir())
+    for out in (series, series / "seg.nrrd"):
+        target = out if out.suffix else out / "series.nii.gz"
+        with pytest.raises(BosamError, match=f"{target}: would go into the CT's DICOM series folder {series}, which then"):
+            segment_file(series, prompts, out, SphereEngine(radius_vox=3.0), SegmentOptions(refine="none"))
+    assert sorted(p.name for p in series.iterdir()) == before
+    segment_file(series, prompts, series / "seg.dcm", SphereEngine(radius_vox=3.0), SegmentOptions(refine="none"))
+    assert read_volume(series).shape == (16, 16, 8)
