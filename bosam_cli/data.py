@@ -318,6 +318,18 @@ def read_label_names(root: str | os.PathLike) -> dict[int, str]:
     return out
 
 
+def region_labels(root: str | os.PathLike) -> dict[str, list[Any]]:
+    """nnU-Net v2 region entries of a root's ``dataset.json`` (a name mapped to several ids),
+    which ``read_label_names`` skips."""
+    try:
+        labels = json.loads((Path(root) / "dataset.json").read_text()).get("labels")
+    except (OSError, ValueError, AttributeError):
+        return {}
+    if not isinstance(labels, dict):
+        return {}
+    return {str(k): v for k, v in labels.items() if isinstance(v, list) and len(v) > 1}
+
+
 def read_labelmap(path: str | os.PathLike) -> dict[str, Any]:
     """A label-map JSON like ``totalsegmentator_total_v2_labelmap.json``: ``labels`` (id ->
     {name, bone, group} or id -> name), optional ``bone_ids`` and ``bone_groups``."""
@@ -810,6 +822,11 @@ def scan_dataset(
     per_root = [(str(r), read_label_names(r)) for r in roots]
     label_ids, names, name_problems, listed = _labels_over_roots(per_root, labels, lm)
     problems += name_problems
+    for root, _ in per_root:
+        for name, ids in region_labels(root).items():
+            problems.append(Problem(str(root), Path(root) / "dataset.json", f"labels: {name!r} is a region of ids "
+                                    f"{ids} (nnU-Net v2): bosam takes one id per object, so each id is a label of its "
+                                    "own here, without that name", "warning"))
     ignore = {Path(root): ignore_label_ids(rn) for root, rn in per_root}
     for root, ids in ignore.items():
         chosen = sorted(set(ids) & set(label_ids or []))

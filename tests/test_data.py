@@ -190,6 +190,14 @@ def test_label_names_from_dataset_json_v1_and_v2(tmp_path):
     assert read_label_names(tmp_path / "v2") == {3: "femur", 4: "hip"}  # a one-id region, an id as text
     assert read_label_names(tmp_path / "v1") == {5: "sacrum"}
     assert read_label_names(tmp_path) == {}
+    # a region-based dataset is scanned with a warning: its name does not follow its ids
+    root = make_dataset(tmp_path / "regions", 1)
+    doc = json.loads((root / "dataset.json").read_text())
+    doc["labels"]["spine_and_femur"] = [L3, FEMUR]
+    (root / "dataset.json").write_text(json.dumps(doc))
+    (warning,) = [str(p) for p in scan_dataset([root]).problems if "region" in p.message]
+    assert warning == (f"{root / 'dataset.json'}: labels: 'spine_and_femur' is a region of ids [{L3}, {FEMUR}] (nnU-Net "
+                       "v2): bosam takes one id per object, so each id is a label of its own here, without that name")
 
 
 def test_label_filter_ids_ranges_names_bone_and_groups(tmp_path):
