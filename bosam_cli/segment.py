@@ -619,7 +619,7 @@ def interactive(
 
     Returns the number of commands that failed (the CLI exits non-zero if any did).
     """
-    from .atomic import write_json
+    from .atomic import all_or_nothing, write_json
     from .prompts import MAX_LABEL, MIN_LABEL, click_from, load_prompts
 
     stdin = stdin or sys.stdin
@@ -664,10 +664,11 @@ def interactive(
             points_file.unlink(missing_ok=True)
             say(f"nothing to write to {target}: a DICOM SEG needs an object with clicks")
             return False
-        write_label_map(session.label_map(), volume, target, names)
-        if names:
-            write_json(session_prompts(session), points_file)
-        else:  # no clicks left: no prompt file (one without objects could not be loaded again)
+        with all_or_nothing():  # the label map and its prompt file replace the old pair together
+            write_label_map(session.label_map(), volume, target, names)
+            if names:
+                write_json(session_prompts(session), points_file)
+        if not names:  # no clicks left: no prompt file (one without objects could not be loaded again)
             points_file.unlink(missing_ok=True)
         return True
 
