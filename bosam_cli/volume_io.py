@@ -60,10 +60,12 @@ def read_dicom_series_of(file: str | os.PathLike) -> Volume:
 def read_dicom_series(folder: str | os.PathLike, series_uid: str | None = None) -> Volume:
     """Read one DICOM image series from a folder (searched recursively) into a RAS volume.
 
-    * Files that are not DICOM, or DICOM objects without ``ImagePositionPatient`` (reports,
-      presentation states, DICOMDIR), are skipped. Several ``SeriesInstanceUID`` values are
-      refused with a message listing them, unless ``series_uid`` picks one (give one file of
-      the series to ``read_volume`` for that).
+    * Files that are not DICOM, or DICOM objects without ``ImagePositionPatient`` or
+      ``PixelData`` (reports, presentation states, screenshots, DICOMDIR), are skipped; but a
+      file of the series read that is one of its slices (the SOP class of its other slices)
+      and lacks either is refused, naming it: skipped, it would take a slice off the volume.
+      Several ``SeriesInstanceUID`` values are refused with a message listing them, unless
+      ``series_uid`` picks one (give one file of the series to ``read_volume`` for that).
     * Slices are sorted along the slice normal ``row x column`` of ``ImageOrientationPatient``;
       the slice step is the mean difference of ``ImagePositionPatient`` (so a gantry tilt
       becomes a sheared affine, not a wrong one). Non-uniform gaps (a missing slice), duplicate
@@ -83,6 +85,9 @@ def read_dicom_series(folder: str | os.PathLike, series_uid: str | None = None) 
         raise VolumeError(f"{folder}: not a folder (a DICOM series is read from a folder)")
     slices: dict[str, list[tuple[Path, Any]]] = {}
     multiframe: dict[str, list[Path]] = {}
+    # single-frame objects without PixelData or ImagePositionPatient: reports, presentation
+    # states, screenshots ... or a broken slice of a series, told apart once the series is known
+    incomplete: dict[str, list[tuple[Path, Any]]] = {}
     for f in sorted(p for p in folder.rglob("*") if p.is_file()):
         if f.name.startswith(".") or f.name.upper() == "DICOMDIR":
             continue
@@ -95,13 +100,12 @@ def read_dicom_series(folder: str | os.PathLike, series_uid: str | None = None) 
                 continue
         except Exception:  # noqa: BLE001 - unreadable file: skip, like any non-DICOM file
             continue
-        if "PixelData" not in ds:
-            continue
         if _is_multiframe(ds):
-            if _is_multiframe_ct(ds):
+            if "PixelData" in ds and _is_multiframe_ct(ds):
                 multiframe.setdefault(str(ds.get("SeriesInstanceUID", "")), []).append(f)
             continue
-        if "ImagePositionPatient" not in ds:
+        if "PixelData" not in ds or "ImagePositionPatient" not in ds:
+            incomplete.setdefault(str(ds.get("SeriesInstanceUID", "")), []).append((f, ds))
             continue
         slices.setdefault(str(ds.get("SeriesInstanceUID", "")), []).append((f, ds))
     for uid, files in multiframe.items():  # an enhanced CT: the whole volume in one file
@@ -109,9 +113,12 @@ def read_dicom_series(folder: str | os.PathLike, series_uid: str | None = None) 
             slices[uid] = [(f, None) for f in files]
     if series_uid is not None:
         if series_uid not in slices:
+            _refuse_broken_slice(series_uid, [], incomplete.get(series_uid, []))
             raise VolumeError(f"{folder}: SeriesInstanceUID: no image slices of series {series_uid} in this folder")
         slices = {series_uid: slices[series_uid]}
     if not slices:
+        for uid, others in sorted(incomplete.items()):
+            _refuse_broken_slice(uid, [], others)
         raise VolumeError(f"{folder}: ImagePositionPatient: no DICOM image slices found in this folder")
     if len(slices) > 1:
         listing = "; ".join(
@@ -127,7 +134,33 @@ def read_dicom_series(folder: str | os.PathLike, series_uid: str | None = None) 
             raise VolumeError(f"{folder}: NumberOfFrames: series {uid} is split over {len(items)} multi-frame files; "
                               "give the file to read")
         return read_enhanced_dicom(items[0][0])
+    _refuse_broken_slice(uid, items, incomplete.get(uid, []))
     return _assemble_series(folder, uid, items)
+
+
+def _refuse_broken_slice(uid: str, items: list[tuple[Path, Any]], others: list[tuple[Path, Any]]) -> None:
+    """A one-line VolumeError for the first file of series ``uid`` that is one of its image
+    slices but lacks ``ImagePositionPatient`` or ``PixelData``: left out, it would silently
+    take the first or last slice off the volume (shifting every click) or leave a gap. A file
+    of the series is such a slice when its SOP class is that of the series' complete slices
+    (``items``), or, when there are none, when it holds an image (``Rows``/``Columns`` and
+    ``PixelData``). Other objects of the series (reports, presentation states, screenshots of
+    another SOP class) stay passed over."""
+    classes = {str(ds.get("SOPClassUID", "")) for _, ds in items}
+    for f, ds in others:
+        sop = str(ds.get("SOPClassUID", ""))
+        image_like = "Rows" in ds and "Columns" in ds
+        if items:
+            broken = sop in classes and (bool(sop) or image_like or "PixelData" in ds)
+        else:
+            broken = image_like and "PixelData" in ds
+        if not broken:
+            continue
+        missing = [key for key in ("ImagePositionPatient", "PixelData") if key not in ds]
+        what = (f"a slice of series {uid} (SOP class {sop or 'not given'}, as its other {len(items)} slices)"
+                if items else f"an image of series {uid}")
+        raise VolumeError(f"{f}: {'/'.join(missing)}: missing, although the file is {what}; the series cannot be "
+                          "read without it (left out, the volume would lose a slice): export the series again")
 
 
 #: multi-frame image storage classes read as a CT volume: Enhanced CT, Legacy Converted Enhanced

@@ -876,6 +876,57 @@ def test_dicom_missing_slice_refused(tmp_path):
     assert_one_line_naming(exc, tmp_path / "gap", "ImagePositionPatient", "not uniform")
 
 
+def slice_files(folder: Path) -> dict[int, Path]:
+    """Slice index k -> file of a series from ``write_dicom_series`` (its pixel (0, 0) is 100 k)."""
+    import pydicom
+
+    return {int(pydicom.dcmread(f).pixel_array[0, 0]) // 100: f for f in folder.iterdir()}
+
+
+@pytest.mark.parametrize("field", ["ImagePositionPatient", "PixelData"])
+@pytest.mark.parametrize("which", [0, 2, 4])
+def test_dicom_slice_without_position_or_pixels_is_refused_not_skipped(tmp_path, field, which):
+    """A file of the series that lacks its position or its pixels is a broken slice, not a
+    report: skipped, the first or last one would shift every click by a slice, a middle one
+    give a misleading 'missing slice'. Objects of the series that are no slices stay passed
+    over: a presentation state and a screenshot (other SOP classes, no position)."""
+    pydicom = pytest.importorskip("pydicom")
+    write_dicom_series(tmp_path / "s", n=5)
+    files = slice_files(tmp_path / "s")
+    uid = str(pydicom.dcmread(files[0]).SeriesInstanceUID)
+    state = ct_image_dataset(uid, 6, 5, sop_class="1.2.840.10008.5.1.4.1.1.11.1")  # grayscale presentation state
+    for key in ("Rows", "Columns", "SamplesPerPixel", "PhotometricInterpretation", "BitsAllocated", "BitsStored",
+                "HighBit", "PixelRepresentation"):
+        delattr(state, key)
+    state.save_as(tmp_path / "s" / "PS0001", enforce_file_format=True)
+    shot = ct_image_dataset(uid, 6, 5, sop_class="1.2.840.10008.5.1.4.1.1.7")  # secondary capture
+    shot.PixelData = np.zeros((6, 5), np.uint16).tobytes()
+    shot.save_as(tmp_path / "s" / "SC0001", enforce_file_format=True)
+    assert read_volume(tmp_path / "s").shape == (5, 6, 5)
+
+    ds = pydicom.dcmread(files[which])
+    delattr(ds, field)
+    ds.save_as(files[which])
+    with pytest.raises(VolumeError) as exc:
+        read_volume(tmp_path / "s")
+    assert_one_line_naming(exc, files[which], f"{field}: missing", uid)
+    with pytest.raises(VolumeError) as exc:  # the series picked by one of its good files
+        read_volume(files[(which + 1) % 5])
+    assert_one_line_naming(exc, files[which], f"{field}: missing")
+
+
+def test_dicom_series_whose_every_slice_lacks_its_position_names_a_file(tmp_path):
+    pydicom = pytest.importorskip("pydicom")
+    write_dicom_series(tmp_path / "s", n=3)
+    for f in (tmp_path / "s").iterdir():
+        ds = pydicom.dcmread(f)
+        del ds.ImagePositionPatient
+        ds.save_as(f)
+    with pytest.raises(VolumeError) as exc:
+        read_volume(tmp_path / "s")
+    assert_one_line_naming(exc, sorted((tmp_path / "s").iterdir())[0], "ImagePositionPatient: missing")
+
+
 def test_dicom_empty_folder_refused(tmp_path):
     pytest.importorskip("pydicom")
     (tmp_path / "empty").mkdir()
