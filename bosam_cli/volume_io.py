@@ -71,7 +71,8 @@ def read_dicom_series(folder: str | os.PathLike, series_uid: str | None = None) 
       becomes a sheared affine, not a wrong one). Non-uniform gaps (a missing slice), duplicate
       positions, and orientation/size/spacing that differ between slices are refused.
     * ``RescaleSlope``/``RescaleIntercept`` are applied per slice: int16 when all slopes and
-      intercepts are whole numbers and the values fit, else float32.
+      intercepts are whole numbers and the values fit, else float32. A value that is not a
+      finite number, a slope of 0, a magnitude over 1e6, or slopes of both signs are refused.
     * The array is indexed (column i, row j, slice k); the affine maps it to RAS mm.
     """
     try:
@@ -253,6 +254,40 @@ def _floats(ds: Any, keyword: str, n: int, f: Path) -> np.ndarray:
     return arr
 
 
+#: rescale values beyond these are no CT's (slopes are about 1, intercepts about -1024): a
+#: corrupt header, refused rather than turned into voxels of 1e30 HU
+_MAX_RESCALE_SLOPE = 1e6
+_MAX_RESCALE_INTERCEPT = 1e6
+
+
+def _rescale(ds: Any, f: Path) -> tuple[float, float]:
+    """(RescaleSlope, RescaleIntercept) of one slice: 1 and 0 when absent or empty; a value
+    that is not a number, not finite, a slope of 0 or a magnitude no CT has is a one-line
+    VolumeError naming the file and the field."""
+    out = []
+    for keyword, default, limit in (("RescaleSlope", 1.0, _MAX_RESCALE_SLOPE),
+                                    ("RescaleIntercept", 0.0, _MAX_RESCALE_INTERCEPT)):
+        try:
+            raw = ds.get(keyword)
+        except Exception as exc:  # noqa: BLE001 - pydicom converting a malformed value
+            raise VolumeError(f"{f}: {keyword}: not a number ({_one_line(exc)})") from None
+        if raw is None or (isinstance(raw, (str, bytes)) and not raw.strip()):
+            out.append(default)
+            continue
+        try:
+            value = float(raw)
+        except (TypeError, ValueError):
+            raise VolumeError(f"{f}: {keyword}: not a number: {raw!r}") from None
+        if not np.isfinite(value) or abs(value) > limit:
+            raise VolumeError(f"{f}: {keyword}: {value:g} is no CT rescale value (expected a finite number of "
+                              f"magnitude at most {limit:g})")
+        if keyword == "RescaleSlope" and value == 0:
+            raise VolumeError(f"{f}: RescaleSlope: 0 would make every voxel of the slice the intercept; "
+                              "the header is corrupt")
+        out.append(value)
+    return out[0], out[1]
+
+
 def _assemble_series(folder: Path, uid: str, items: list[tuple[Path, Any]]) -> Volume:
     f0, ds0 = items[0]
     if int(ds0.get("SamplesPerPixel", 1)) != 1:
@@ -315,8 +350,14 @@ def _assemble_series(folder: Path, uid: str, items: list[tuple[Path, Any]]) -> V
     affine_lps[:3, 3] = positions_lps[0]
     affine_ras = LPS_TO_RAS @ affine_lps
 
-    slopes = np.array([float(ds.get("RescaleSlope", 1) or 1) for _, ds in items])
-    intercepts = np.array([float(ds.get("RescaleIntercept", 0) or 0) for _, ds in items])
+    rescale = np.array([_rescale(ds, f) for f, ds in items], dtype=np.float64).reshape(n, 2)
+    slopes, intercepts = rescale[:, 0], rescale[:, 1]
+    negative = slopes < 0
+    if 0 < np.count_nonzero(negative) < n:  # a sign flip between slices: one of them is corrupt
+        odd = negative if np.count_nonzero(negative) <= n // 2 else ~negative
+        k = int(np.argmax(odd))
+        raise VolumeError(f"{items[k][0]}: RescaleSlope: {slopes[k]:g} here but of the other sign in "
+                          f"{n - int(np.count_nonzero(odd))} of the {n} slices of series {uid}; the header is corrupt")
     exact = bool(np.all(slopes == np.round(slopes)) and np.all(intercepts == np.round(intercepts)))
     # Filled slice by slice, so peak memory is the output plus one slice (no float64 volume).
     array = np.empty((cols, rows, n), dtype=np.int16 if exact else np.float32)

@@ -883,6 +883,20 @@ def slice_files(folder: Path) -> dict[int, Path]:
     return {int(pydicom.dcmread(f).pixel_array[0, 0]) // 100: f for f in folder.iterdir()}
 
 
+def set_raw(f: Path, keyword: str, raw: bytes, vr: str = "DS") -> None:
+    """Write ``raw`` as the value of ``keyword`` in ``f`` as it is (no validation), as a
+    corrupt export would hold it."""
+    import pydicom
+    from pydicom.dataelem import RawDataElement
+    from pydicom.datadict import tag_for_keyword
+    from pydicom.tag import Tag
+
+    ds = pydicom.dcmread(f)
+    tag = Tag(tag_for_keyword(keyword))
+    ds[tag] = RawDataElement(tag, vr, len(raw), raw, 0, False, True)
+    ds.save_as(f)
+
+
 @pytest.mark.parametrize("field", ["ImagePositionPatient", "PixelData"])
 @pytest.mark.parametrize("which", [0, 2, 4])
 def test_dicom_slice_without_position_or_pixels_is_refused_not_skipped(tmp_path, field, which):
@@ -925,6 +939,41 @@ def test_dicom_series_whose_every_slice_lacks_its_position_names_a_file(tmp_path
     with pytest.raises(VolumeError) as exc:
         read_volume(tmp_path / "s")
     assert_one_line_naming(exc, sorted((tmp_path / "s").iterdir())[0], "ImagePositionPatient: missing")
+
+
+@pytest.mark.parametrize("field, raw", [
+    ("RescaleIntercept", b"inf"), ("RescaleIntercept", b"-inf"), ("RescaleSlope", b"nan"),
+    ("RescaleSlope", b"1e30"), ("RescaleIntercept", b"1e300"), ("RescaleSlope", b"abc"), ("RescaleSlope", b"0"),
+    ("RescaleSlope", b"0.0"),
+])
+def test_dicom_bad_rescale_value_is_one_line_naming_file_and_field(tmp_path, field, raw):
+    """Not a number, not finite, no CT's magnitude (which overflowed the int16 path), or a slope
+    of 0 (which made every voxel the intercept, and was read as 1): refused, naming the slice."""
+    pytest.importorskip("pydicom")
+    write_dicom_series(tmp_path / "s", n=4)
+    bad = slice_files(tmp_path / "s")[2]
+    set_raw(bad, field, raw + b" " * (len(raw) % 2))
+    with pytest.raises(VolumeError) as exc:
+        read_volume(tmp_path / "s")
+    assert_one_line_naming(exc, bad, f"{field}:")
+
+
+def test_dicom_rescale_slopes_of_both_signs_refused_naming_the_odd_slice(tmp_path):
+    pytest.importorskip("pydicom")
+    write_dicom_series(tmp_path / "s", n=5)
+    bad = slice_files(tmp_path / "s")[3]
+    set_raw(bad, "RescaleSlope", b"-1")
+    with pytest.raises(VolumeError) as exc:
+        read_volume(tmp_path / "s")
+    assert_one_line_naming(exc, bad, "RescaleSlope: -1", "other sign in 4 of the 5 slices")
+
+
+def test_dicom_whole_rescale_too_large_for_int16_gives_float32(tmp_path):
+    pytest.importorskip("pydicom")
+    write_dicom_series(tmp_path / "s", slope="1000", intercept="-1024")
+    vol = read_volume(tmp_path / "s")
+    assert vol.array.dtype == np.float32
+    assert vol.array[1, 2, 3] == (300 + 20 + 1) * 1000 - 1024
 
 
 def test_dicom_empty_folder_refused(tmp_path):
