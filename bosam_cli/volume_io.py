@@ -69,7 +69,8 @@ def read_dicom_series(folder: str | os.PathLike, series_uid: str | None = None) 
     * Slices are sorted along the slice normal ``row x column`` of ``ImageOrientationPatient``;
       the slice step is the mean difference of ``ImagePositionPatient`` (so a gantry tilt
       becomes a sheared affine, not a wrong one). Non-uniform gaps (a missing slice), duplicate
-      positions, and orientation/size/spacing that differ between slices are refused.
+      positions, and orientation/size/spacing that differ between slices are refused, naming
+      the slice that differs from the most slices.
     * ``RescaleSlope``/``RescaleIntercept`` are applied per slice: int16 when all slopes and
       intercepts are whole numbers and the values fit, else float32. A value that is not a
       finite number, a slope of 0, a magnitude over 1e6, or slopes of both signs are refused.
@@ -254,6 +255,24 @@ def _floats(ds: Any, keyword: str, n: int, f: Path) -> np.ndarray:
     return arr
 
 
+def _int_field(ds: Any, keyword: str, f: Path, default: int | None = None) -> int:
+    try:
+        return int(ds.get(keyword, default))
+    except (TypeError, ValueError):
+        raise VolumeError(f"{f}: {keyword}: expected a whole number, got {ds.get(keyword)!r}") from None
+
+
+def _reference(items: list[tuple[Path, Any]], key: Callable[[Path, Any], Any]) -> tuple[Path, Any]:
+    """The file (and dataset) whose ``key`` most slices share: the reference the others are
+    compared with, so that the odd file is the one an error names, even when it sorts first."""
+    keys = [key(f, ds) for f, ds in items]
+    counts: dict[Any, int] = {}
+    for k in keys:
+        counts[k] = counts.get(k, 0) + 1
+    best = max(counts.values())
+    return items[next(i for i, k in enumerate(keys) if counts[k] == best)]
+
+
 #: rescale values beyond these are no CT's (slopes are about 1, intercepts about -1024): a
 #: corrupt header, refused rather than turned into voxels of 1e30 HU
 _MAX_RESCALE_SLOPE = 1e6
@@ -289,9 +308,11 @@ def _rescale(ds: Any, f: Path) -> tuple[float, float]:
 
 
 def _assemble_series(folder: Path, uid: str, items: list[tuple[Path, Any]]) -> Volume:
-    f0, ds0 = items[0]
-    if int(ds0.get("SamplesPerPixel", 1)) != 1:
-        raise VolumeError(f"{f0}: SamplesPerPixel: colour images are not CT ({ds0.SamplesPerPixel} samples)")
+    for f, ds in items:
+        if _int_field(ds, "SamplesPerPixel", f, 1) != 1:
+            raise VolumeError(f"{f}: SamplesPerPixel: colour images are not CT ({ds.SamplesPerPixel} samples)")
+    # The reference geometry is what most slices share, so that a bad first file is the one named.
+    f0, ds0 = _reference(items, lambda f, ds: tuple(np.round(_floats(ds, "ImageOrientationPatient", 6, f), 3)))
     iop = _floats(ds0, "ImageOrientationPatient", 6, f0)
     row_dir, col_dir = iop[:3], iop[3:]  # row_dir: along a row (column index grows); col_dir: down a column
     if abs(np.linalg.norm(row_dir) - 1) > 1e-2 or abs(np.linalg.norm(col_dir) - 1) > 1e-2 or abs(row_dir @ col_dir) > 1e-2:
@@ -299,19 +320,23 @@ def _assemble_series(folder: Path, uid: str, items: list[tuple[Path, Any]]) -> V
     row_dir = row_dir / np.linalg.norm(row_dir)
     col_dir = col_dir / np.linalg.norm(col_dir)
     normal = np.cross(row_dir, col_dir)
+    f0, ds0 = _reference(items, lambda f, ds: tuple(np.round(_floats(ds, "PixelSpacing", 2, f), 4)))
     spacing_rc = _floats(ds0, "PixelSpacing", 2, f0)  # (between rows, between columns) in mm
     if np.any(spacing_rc <= 0):
         raise VolumeError(f"{f0}: PixelSpacing: must be positive, got {spacing_rc.tolist()}")
+    f0, ds0 = _reference(items, lambda f, ds: (_int_field(ds, "Rows", f), _int_field(ds, "Columns", f)))
     rows, cols = int(ds0.Rows), int(ds0.Columns)
+    n_like = sum(1 for _, ds in items if (int(ds.Rows), int(ds.Columns)) == (rows, cols))
 
     positions = []
     for f, ds in items:
         if not np.allclose(_floats(ds, "ImageOrientationPatient", 6, f), iop, atol=_COSINE_TOL):
-            raise VolumeError(f"{f}: ImageOrientationPatient: differs between slices of series {uid}")
+            raise VolumeError(f"{f}: ImageOrientationPatient: differs from the other slices of series {uid}")
         if not np.allclose(_floats(ds, "PixelSpacing", 2, f), spacing_rc, rtol=1e-4):
-            raise VolumeError(f"{f}: PixelSpacing: differs between slices of series {uid}")
+            raise VolumeError(f"{f}: PixelSpacing: differs from the other slices of series {uid}")
         if (int(ds.Rows), int(ds.Columns)) != (rows, cols):
-            raise VolumeError(f"{f}: Rows/Columns: {ds.Rows}x{ds.Columns} differs from {rows}x{cols} in series {uid}")
+            raise VolumeError(f"{f}: Rows/Columns: {ds.Rows}x{ds.Columns} differs from the {rows}x{cols} of "
+                              f"{n_like} of the {len(items)} slices of series {uid}")
         positions.append(_floats(ds, "ImagePositionPatient", 3, f))
     positions_lps = np.asarray(positions)
     depth = positions_lps @ normal

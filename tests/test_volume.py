@@ -976,6 +976,28 @@ def test_dicom_whole_rescale_too_large_for_int16_gives_float32(tmp_path):
     assert vol.array[1, 2, 3] == (300 + 20 + 1) * 1000 - 1024
 
 
+@pytest.mark.parametrize("field", ["Rows", "PixelSpacing", "ImageOrientationPatient"])
+def test_dicom_odd_first_file_is_the_one_named(tmp_path, field):
+    """The slice that differs is named even when it sorts first (the reference is what most
+    slices share, not the first file)."""
+    pydicom = pytest.importorskip("pydicom")
+    write_dicom_series(tmp_path / "s", n=4)
+    first = sorted((tmp_path / "s").iterdir())[0]
+    ds = pydicom.dcmread(first)
+    if field == "Rows":
+        ds.Rows = 0
+    elif field == "PixelSpacing":
+        ds.PixelSpacing = [1.5, 1.5]
+    else:
+        ds.ImageOrientationPatient = [1.0, 0.0, 0.0, 0.0, 1.0, 0.0]
+    ds.save_as(first)
+    with pytest.raises(VolumeError) as exc:
+        read_volume(tmp_path / "s")
+    assert_one_line_naming(exc, first, field)
+    others = [f for f in (tmp_path / "s").iterdir() if f != first]
+    assert not any(str(f) in str(exc.value) for f in others), str(exc.value)
+
+
 def test_dicom_empty_folder_refused(tmp_path):
     pytest.importorskip("pydicom")
     (tmp_path / "empty").mkdir()
