@@ -998,6 +998,22 @@ def test_dicom_odd_first_file_is_the_one_named(tmp_path, field):
     assert not any(str(f) in str(exc.value) for f in others), str(exc.value)
 
 
+def test_dicom_series_of_another_modality_is_read_with_a_warning(tmp_path):
+    """An MR or PET series (or a CT labelled so) is read, and the note reaches the segment
+    manifest's warnings (through geometry_warning); a CT gets none."""
+    pydicom = pytest.importorskip("pydicom")
+    from bosam_cli.volume import geometry_warning
+
+    write_dicom_series(tmp_path / "s", n=3)
+    assert geometry_warning(read_volume(tmp_path / "s")) is None
+    for f in (tmp_path / "s").iterdir():
+        ds = pydicom.dcmread(f)
+        ds.Modality = "MR"
+        ds.save_as(f)
+    note = geometry_warning(read_volume(tmp_path / "s"))
+    assert note and "Modality: MR, not CT" in note and "\n" not in note
+
+
 def test_dicom_empty_folder_refused(tmp_path):
     pytest.importorskip("pydicom")
     (tmp_path / "empty").mkdir()
