@@ -177,6 +177,9 @@ def write_dicom_seg(labels: np.ndarray, like: Volume, path: str | os.PathLike,
                 pixel_array=frames,
                 segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
                 segment_descriptions=descriptions,
+                # with no voxel in any segment, highdicom keeps every frame anyway (and logs so
+                # to stderr); bosam has already warned about the empty masks
+                omit_empty_frames=bool(frames.any()),
                 series_instance_uid=hd.UID(),
                 series_number=series_number + 1000 if 0 <= series_number < 2**31 - 1001 else 1000,
                 sop_instance_uid=hd.UID(),

@@ -169,6 +169,23 @@ def test_seg_labels_from_any_object_name_are_valid_single_lo_values(tmp_path):
     assert str(seg.PatientName) == "Test^Patient"
 
 
+def test_seg_of_only_empty_masks_is_written_without_highdicom_logging(tmp_path, caplog):
+    """bosam warns about an empty mask itself; highdicom's own 'Encoding an empty image with
+    omit_empty_frames' went raw to stderr on top."""
+    import logging
+
+    folder = tmp_path / "series"
+    write_dicom_series(folder, rows=9, cols=8, n=4)
+    add_study(folder)
+    vol = read_volume(folder)
+    with caplog.at_level(logging.DEBUG):
+        out = write_label_map(np.zeros(vol.shape, np.uint8), vol, tmp_path / "seg.dcm", {1: "bone"})
+    assert not [r for r in caplog.records if "omit_empty_frames" in r.getMessage()], caplog.text
+    seg = hd.seg.segread(out)
+    assert [str(s.SegmentLabel) for s in seg.SegmentSequence] == ["bone"]
+    assert not seg_voxels_lps(out)["bone"].size
+
+
 def test_seg_of_an_enhanced_multiframe_ct_references_its_frames(tmp_path):
     """An enhanced CT stores its frames in any order: the SEG's frames name the right source
     frame and lie, voxel for voxel, where the label map has them."""
