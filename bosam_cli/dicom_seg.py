@@ -9,7 +9,9 @@ the volume's slices).
 
 * Each object is one segment (``BINARY``, 1 bit per voxel; frames without any voxel of a segment
   are left out). Segment numbers are 1, 2, ... in the given object order, labelled with the
-  object names; the label map values they stand for are listed in ``segment_map``.
+  object names made valid DICOM text (no backslash or control character, at most 64
+  characters; UTF-8 when a name is not ASCII); the label map values they stand for are listed
+  in ``segment_map``.
 * Every segment is typed "Anatomical Structure / Bone" (SNOMED CT 91723000 / 272673000),
   semi-automatic, by the algorithm "bosam" of the family "Artificial Intelligence".
 * Patient and study attributes are copied from the CT by highdicom. Anonymised exports often
@@ -82,14 +84,27 @@ def check_source(like: Volume, path: str | os.PathLike) -> list[Any]:
     return headers
 
 
+#: the longest value of a DICOM LO (long string) attribute, such as SegmentLabel
+_LO_MAX = 64
+
+
+def dicom_text(text: str, limit: int = _LO_MAX) -> str:
+    """``text`` as a valid single DICOM LO/SH value: a backslash (the value separator, which
+    would make it several values) and control characters (line breaks, tabs, ESC ...) become a
+    space, runs of spaces one, the ends stripped, and at most ``limit`` characters kept."""
+    out = "".join(" " if ch == "\\" or ord(ch) < 32 or 127 <= ord(ch) < 160 else ch for ch in str(text))
+    return " ".join(out.split())[:limit].strip()
+
+
 def segment_map(labels: np.ndarray, names: Mapping[int, str] | None) -> list[tuple[int, int, str]]:
     """(segment number, label value, name) for every segment: the objects of ``names`` in
-    their order, else every non-zero value of ``labels`` in increasing order."""
+    their order, else every non-zero value of ``labels`` in increasing order. The name is the
+    SEG's SegmentLabel: the object's name made a valid DICOM LO value (:func:`dicom_text`)."""
     if names:
         items = list(names.items())
     else:
         items = [(int(v), f"label {int(v)}") for v in np.unique(labels) if v]
-    return [(n, int(lab), str(name) or f"label {lab}") for n, (lab, name) in enumerate(items, start=1)]
+    return [(n, int(lab), dicom_text(name) or f"label {lab}") for n, (lab, name) in enumerate(items, start=1)]
 
 
 def write_dicom_seg(labels: np.ndarray, like: Volume, path: str | os.PathLike,
@@ -137,7 +152,7 @@ def write_dicom_seg(labels: np.ndarray, like: Volume, path: str | os.PathLike,
     descriptions = [
         hd.seg.SegmentDescription(
             segment_number=number,
-            segment_label=name[:64],
+            segment_label=name,
             segmented_property_category=codes.SCT.AnatomicalStructure,
             segmented_property_type=codes.SCT.Bone,
             algorithm_type=hd.seg.SegmentAlgorithmTypeValues.SEMIAUTOMATIC,
@@ -145,6 +160,11 @@ def write_dicom_seg(labels: np.ndarray, like: Volume, path: str | os.PathLike,
         )
         for number, _, name in segments
     ]
+    extra: dict[str, Any] = {}
+    if not all(name.isascii() for _, _, name in segments):
+        # a name beyond ASCII needs a character set that holds it (the source's is copied, and
+        # is often the default, ASCII only): UTF-8, which holds the copied patient names too
+        extra["specific_character_set"] = "ISO_IR 192"
     try:
         series_number = int(float(str(headers[0].get("SeriesNumber", "") or 0)))
     except ValueError:
@@ -157,6 +177,9 @@ def write_dicom_seg(labels: np.ndarray, like: Volume, path: str | os.PathLike,
                 pixel_array=frames,
                 segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
                 segment_descriptions=descriptions,
+                # with no voxel in any segment, highdicom keeps every frame anyway (and logs so
+                # to stderr); bosam has already warned about the empty masks
+                omit_empty_frames=bool(frames.any()),
                 series_instance_uid=hd.UID(),
                 series_number=series_number + 1000 if 0 <= series_number < 2**31 - 1001 else 1000,
                 sop_instance_uid=hd.UID(),
@@ -168,6 +191,7 @@ def write_dicom_seg(labels: np.ndarray, like: Volume, path: str | os.PathLike,
                 series_description="bosam bone segmentation",
                 content_label="BOSAM",
                 content_description="bosam: bones segmented from clicks",
+                **extra,
             )
         except (ValueError, TypeError, AttributeError) as exc:
             raise VolumeError(f"{path}: cannot build a DICOM SEG on {like.name} ({_one_line(exc)})") from None

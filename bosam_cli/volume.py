@@ -435,7 +435,9 @@ def geometry_warning(volume: Volume) -> str | None:
       the qform: when the sform's code is not 1 (scanner; registration tools write 2 or 4
       beside a scanner qform).
 
-    bosam reads the sform, as nibabel and FSL do.
+    bosam reads the sform, as nibabel and FSL do. For a DICOM CT, whose geometry needs no
+    warning, the note is its ``Modality`` when that is not CT (an MR or PET series is read and
+    segmented, but its values are no Hounsfield units).
     """
     where = f"{volume.path}: " if volume.path is not None else ""
     meta = volume.meta
@@ -461,6 +463,10 @@ def geometry_warning(volume: Volume) -> str | None:
                 f"and FSL do), while ITK-based viewers (3D Slicer, ITK-SNAP) use the qform here (its sform_code is "
                 f"{meta.get('sform_code')}, not 1), so world clicks taken in them land elsewhere: give voxel clicks, "
                 "or clicks from a viewer that reads the sform")
+    modality = str(meta.get("modality") or "").strip()
+    if meta.get("format") in ("dicom", "dicom-multiframe") and modality and modality.upper() != "CT":
+        return (f"{where}Modality: {modality}, not CT: bosam segments bones in CT values (Hounsfield units); "
+                "check the masks, or that this series is a CT labelled wrongly")
     return None
 
 

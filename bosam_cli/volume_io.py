@@ -60,16 +60,20 @@ def read_dicom_series_of(file: str | os.PathLike) -> Volume:
 def read_dicom_series(folder: str | os.PathLike, series_uid: str | None = None) -> Volume:
     """Read one DICOM image series from a folder (searched recursively) into a RAS volume.
 
-    * Files that are not DICOM, or DICOM objects without ``ImagePositionPatient`` (reports,
-      presentation states, DICOMDIR), are skipped. Several ``SeriesInstanceUID`` values are
-      refused with a message listing them, unless ``series_uid`` picks one (give one file of
-      the series to ``read_volume`` for that).
+    * Files that are not DICOM, or DICOM objects without ``ImagePositionPatient`` or
+      ``PixelData`` (reports, presentation states, screenshots, DICOMDIR), are skipped; but a
+      file of the series read that is one of its slices (the SOP class of its other slices)
+      and lacks either is refused, naming it: skipped, it would take a slice off the volume.
+      Several ``SeriesInstanceUID`` values are refused with a message listing them, unless
+      ``series_uid`` picks one (give one file of the series to ``read_volume`` for that).
     * Slices are sorted along the slice normal ``row x column`` of ``ImageOrientationPatient``;
       the slice step is the mean difference of ``ImagePositionPatient`` (so a gantry tilt
       becomes a sheared affine, not a wrong one). Non-uniform gaps (a missing slice), duplicate
-      positions, and orientation/size/spacing that differ between slices are refused.
+      positions, and orientation/size/spacing that differ between slices are refused, naming
+      the slice that differs from the most slices.
     * ``RescaleSlope``/``RescaleIntercept`` are applied per slice: int16 when all slopes and
-      intercepts are whole numbers and the values fit, else float32.
+      intercepts are whole numbers and the values fit, else float32. A value that is not a
+      finite number, a slope of 0, a magnitude over 1e6, or slopes of both signs are refused.
     * The array is indexed (column i, row j, slice k); the affine maps it to RAS mm.
     """
     try:
@@ -83,6 +87,9 @@ def read_dicom_series(folder: str | os.PathLike, series_uid: str | None = None) 
         raise VolumeError(f"{folder}: not a folder (a DICOM series is read from a folder)")
     slices: dict[str, list[tuple[Path, Any]]] = {}
     multiframe: dict[str, list[Path]] = {}
+    # single-frame objects without PixelData or ImagePositionPatient: reports, presentation
+    # states, screenshots ... or a broken slice of a series, told apart once the series is known
+    incomplete: dict[str, list[tuple[Path, Any]]] = {}
     for f in sorted(p for p in folder.rglob("*") if p.is_file()):
         if f.name.startswith(".") or f.name.upper() == "DICOMDIR":
             continue
@@ -95,13 +102,12 @@ def read_dicom_series(folder: str | os.PathLike, series_uid: str | None = None) 
                 continue
         except Exception:  # noqa: BLE001 - unreadable file: skip, like any non-DICOM file
             continue
-        if "PixelData" not in ds:
-            continue
         if _is_multiframe(ds):
-            if _is_multiframe_ct(ds):
+            if "PixelData" in ds and _is_multiframe_ct(ds):
                 multiframe.setdefault(str(ds.get("SeriesInstanceUID", "")), []).append(f)
             continue
-        if "ImagePositionPatient" not in ds:
+        if "PixelData" not in ds or "ImagePositionPatient" not in ds:
+            incomplete.setdefault(str(ds.get("SeriesInstanceUID", "")), []).append((f, ds))
             continue
         slices.setdefault(str(ds.get("SeriesInstanceUID", "")), []).append((f, ds))
     for uid, files in multiframe.items():  # an enhanced CT: the whole volume in one file
@@ -109,9 +115,12 @@ def read_dicom_series(folder: str | os.PathLike, series_uid: str | None = None) 
             slices[uid] = [(f, None) for f in files]
     if series_uid is not None:
         if series_uid not in slices:
+            _refuse_broken_slice(series_uid, [], incomplete.get(series_uid, []))
             raise VolumeError(f"{folder}: SeriesInstanceUID: no image slices of series {series_uid} in this folder")
         slices = {series_uid: slices[series_uid]}
     if not slices:
+        for uid, others in sorted(incomplete.items()):
+            _refuse_broken_slice(uid, [], others)
         raise VolumeError(f"{folder}: ImagePositionPatient: no DICOM image slices found in this folder")
     if len(slices) > 1:
         listing = "; ".join(
@@ -127,7 +136,33 @@ def read_dicom_series(folder: str | os.PathLike, series_uid: str | None = None) 
             raise VolumeError(f"{folder}: NumberOfFrames: series {uid} is split over {len(items)} multi-frame files; "
                               "give the file to read")
         return read_enhanced_dicom(items[0][0])
+    _refuse_broken_slice(uid, items, incomplete.get(uid, []))
     return _assemble_series(folder, uid, items)
+
+
+def _refuse_broken_slice(uid: str, items: list[tuple[Path, Any]], others: list[tuple[Path, Any]]) -> None:
+    """A one-line VolumeError for the first file of series ``uid`` that is one of its image
+    slices but lacks ``ImagePositionPatient`` or ``PixelData``: left out, it would silently
+    take the first or last slice off the volume (shifting every click) or leave a gap. A file
+    of the series is such a slice when its SOP class is that of the series' complete slices
+    (``items``), or, when there are none, when it holds an image (``Rows``/``Columns`` and
+    ``PixelData``). Other objects of the series (reports, presentation states, screenshots of
+    another SOP class) stay passed over."""
+    classes = {str(ds.get("SOPClassUID", "")) for _, ds in items}
+    for f, ds in others:
+        sop = str(ds.get("SOPClassUID", ""))
+        image_like = "Rows" in ds and "Columns" in ds
+        if items:
+            broken = sop in classes and (bool(sop) or image_like or "PixelData" in ds)
+        else:
+            broken = image_like and "PixelData" in ds
+        if not broken:
+            continue
+        missing = [key for key in ("ImagePositionPatient", "PixelData") if key not in ds]
+        what = (f"a slice of series {uid} (SOP class {sop or 'not given'}, as its other {len(items)} slices)"
+                if items else f"an image of series {uid}")
+        raise VolumeError(f"{f}: {'/'.join(missing)}: missing, although the file is {what}; the series cannot be "
+                          "read without it (left out, the volume would lose a slice): export the series again")
 
 
 #: multi-frame image storage classes read as a CT volume: Enhanced CT, Legacy Converted Enhanced
@@ -220,10 +255,64 @@ def _floats(ds: Any, keyword: str, n: int, f: Path) -> np.ndarray:
     return arr
 
 
+def _int_field(ds: Any, keyword: str, f: Path, default: int | None = None) -> int:
+    try:
+        return int(ds.get(keyword, default))
+    except (TypeError, ValueError):
+        raise VolumeError(f"{f}: {keyword}: expected a whole number, got {ds.get(keyword)!r}") from None
+
+
+def _reference(items: list[tuple[Path, Any]], key: Callable[[Path, Any], Any]) -> tuple[Path, Any]:
+    """The file (and dataset) whose ``key`` most slices share: the reference the others are
+    compared with, so that the odd file is the one an error names, even when it sorts first."""
+    keys = [key(f, ds) for f, ds in items]
+    counts: dict[Any, int] = {}
+    for k in keys:
+        counts[k] = counts.get(k, 0) + 1
+    best = max(counts.values())
+    return items[next(i for i, k in enumerate(keys) if counts[k] == best)]
+
+
+#: rescale values beyond these are no CT's (slopes are about 1, intercepts about -1024): a
+#: corrupt header, refused rather than turned into voxels of 1e30 HU
+_MAX_RESCALE_SLOPE = 1e6
+_MAX_RESCALE_INTERCEPT = 1e6
+
+
+def _rescale(ds: Any, f: Path) -> tuple[float, float]:
+    """(RescaleSlope, RescaleIntercept) of one slice: 1 and 0 when absent or empty; a value
+    that is not a number, not finite, a slope of 0 or a magnitude no CT has is a one-line
+    VolumeError naming the file and the field."""
+    out = []
+    for keyword, default, limit in (("RescaleSlope", 1.0, _MAX_RESCALE_SLOPE),
+                                    ("RescaleIntercept", 0.0, _MAX_RESCALE_INTERCEPT)):
+        try:
+            raw = ds.get(keyword)
+        except Exception as exc:  # noqa: BLE001 - pydicom converting a malformed value
+            raise VolumeError(f"{f}: {keyword}: not a number ({_one_line(exc)})") from None
+        if raw is None or (isinstance(raw, (str, bytes)) and not raw.strip()):
+            out.append(default)
+            continue
+        try:
+            value = float(raw)
+        except (TypeError, ValueError):
+            raise VolumeError(f"{f}: {keyword}: not a number: {raw!r}") from None
+        if not np.isfinite(value) or abs(value) > limit:
+            raise VolumeError(f"{f}: {keyword}: {value:g} is no CT rescale value (expected a finite number of "
+                              f"magnitude at most {limit:g})")
+        if keyword == "RescaleSlope" and value == 0:
+            raise VolumeError(f"{f}: RescaleSlope: 0 would make every voxel of the slice the intercept; "
+                              "the header is corrupt")
+        out.append(value)
+    return out[0], out[1]
+
+
 def _assemble_series(folder: Path, uid: str, items: list[tuple[Path, Any]]) -> Volume:
-    f0, ds0 = items[0]
-    if int(ds0.get("SamplesPerPixel", 1)) != 1:
-        raise VolumeError(f"{f0}: SamplesPerPixel: colour images are not CT ({ds0.SamplesPerPixel} samples)")
+    for f, ds in items:
+        if _int_field(ds, "SamplesPerPixel", f, 1) != 1:
+            raise VolumeError(f"{f}: SamplesPerPixel: colour images are not CT ({ds.SamplesPerPixel} samples)")
+    # The reference geometry is what most slices share, so that a bad first file is the one named.
+    f0, ds0 = _reference(items, lambda f, ds: tuple(np.round(_floats(ds, "ImageOrientationPatient", 6, f), 3)))
     iop = _floats(ds0, "ImageOrientationPatient", 6, f0)
     row_dir, col_dir = iop[:3], iop[3:]  # row_dir: along a row (column index grows); col_dir: down a column
     if abs(np.linalg.norm(row_dir) - 1) > 1e-2 or abs(np.linalg.norm(col_dir) - 1) > 1e-2 or abs(row_dir @ col_dir) > 1e-2:
@@ -231,19 +320,23 @@ def _assemble_series(folder: Path, uid: str, items: list[tuple[Path, Any]]) -> V
     row_dir = row_dir / np.linalg.norm(row_dir)
     col_dir = col_dir / np.linalg.norm(col_dir)
     normal = np.cross(row_dir, col_dir)
+    f0, ds0 = _reference(items, lambda f, ds: tuple(np.round(_floats(ds, "PixelSpacing", 2, f), 4)))
     spacing_rc = _floats(ds0, "PixelSpacing", 2, f0)  # (between rows, between columns) in mm
     if np.any(spacing_rc <= 0):
         raise VolumeError(f"{f0}: PixelSpacing: must be positive, got {spacing_rc.tolist()}")
+    f0, ds0 = _reference(items, lambda f, ds: (_int_field(ds, "Rows", f), _int_field(ds, "Columns", f)))
     rows, cols = int(ds0.Rows), int(ds0.Columns)
+    n_like = sum(1 for _, ds in items if (int(ds.Rows), int(ds.Columns)) == (rows, cols))
 
     positions = []
     for f, ds in items:
         if not np.allclose(_floats(ds, "ImageOrientationPatient", 6, f), iop, atol=_COSINE_TOL):
-            raise VolumeError(f"{f}: ImageOrientationPatient: differs between slices of series {uid}")
+            raise VolumeError(f"{f}: ImageOrientationPatient: differs from the other slices of series {uid}")
         if not np.allclose(_floats(ds, "PixelSpacing", 2, f), spacing_rc, rtol=1e-4):
-            raise VolumeError(f"{f}: PixelSpacing: differs between slices of series {uid}")
+            raise VolumeError(f"{f}: PixelSpacing: differs from the other slices of series {uid}")
         if (int(ds.Rows), int(ds.Columns)) != (rows, cols):
-            raise VolumeError(f"{f}: Rows/Columns: {ds.Rows}x{ds.Columns} differs from {rows}x{cols} in series {uid}")
+            raise VolumeError(f"{f}: Rows/Columns: {ds.Rows}x{ds.Columns} differs from the {rows}x{cols} of "
+                              f"{n_like} of the {len(items)} slices of series {uid}")
         positions.append(_floats(ds, "ImagePositionPatient", 3, f))
     positions_lps = np.asarray(positions)
     depth = positions_lps @ normal
@@ -282,8 +375,14 @@ def _assemble_series(folder: Path, uid: str, items: list[tuple[Path, Any]]) -> V
     affine_lps[:3, 3] = positions_lps[0]
     affine_ras = LPS_TO_RAS @ affine_lps
 
-    slopes = np.array([float(ds.get("RescaleSlope", 1) or 1) for _, ds in items])
-    intercepts = np.array([float(ds.get("RescaleIntercept", 0) or 0) for _, ds in items])
+    rescale = np.array([_rescale(ds, f) for f, ds in items], dtype=np.float64).reshape(n, 2)
+    slopes, intercepts = rescale[:, 0], rescale[:, 1]
+    negative = slopes < 0
+    if 0 < np.count_nonzero(negative) < n:  # a sign flip between slices: one of them is corrupt
+        odd = negative if np.count_nonzero(negative) <= n // 2 else ~negative
+        k = int(np.argmax(odd))
+        raise VolumeError(f"{items[k][0]}: RescaleSlope: {slopes[k]:g} here but of the other sign in "
+                          f"{n - int(np.count_nonzero(odd))} of the {n} slices of series {uid}; the header is corrupt")
     exact = bool(np.all(slopes == np.round(slopes)) and np.all(intercepts == np.round(intercepts)))
     # Filled slice by slice, so peak memory is the output plus one slice (no float64 volume).
     array = np.empty((cols, rows, n), dtype=np.int16 if exact else np.float32)

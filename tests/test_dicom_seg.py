@@ -133,6 +133,59 @@ def test_seg_refused_without_a_dicom_series_or_its_uids(tmp_path):
     assert not list(tmp_path.glob("*.dcm"))
 
 
+def test_seg_labels_from_any_object_name_are_valid_single_lo_values(tmp_path):
+    """Object names are the user's text: a backslash (DICOM's value separator, which made
+    SegmentLabel multi-valued), control characters and over 64 characters are no valid LO
+    value. Read back, every segment has one SegmentLabel, the cleaned name, and the
+    manifest's segment map says the same."""
+    from pydicom.multival import MultiValue
+
+    from bosam_cli.dicom_seg import segment_map
+
+    folder = tmp_path / "series"
+    write_dicom_series(folder, rows=9, cols=8, n=4)
+    add_study(folder)
+    vol = read_volume(folder)
+    labels = np.zeros(vol.shape, np.uint16)
+    labels[1:3, 1:3, 0:2], labels[4:6, 4:6, 1:3], labels[0:2, 6:8, 2:4], labels[6:8, 0:2, 0:2] = 300, 2, 3, 4
+    names = {300: "a\\b^c=long_name_" + "x" * 80, 2: "ab\\\\cd", 3: " femur\tleft\n2\r", 4: "\\"}
+    want = ["a b^c=long_name_" + "x" * 48, "ab cd", "femur left 2", "label 4"]
+    out = write_label_map(labels, vol, tmp_path / "seg.dcm", names)
+    seg = pydicom.dcmread(out)
+    got = [seg.SegmentSequence[i]["SegmentLabel"].value for i in range(len(names))]
+    assert not any(isinstance(v, MultiValue) for v in got), got
+    assert got == want
+    assert all(len(v) <= 64 for v in got)
+    assert [name for _, _, name in segment_map(labels, names)] == want
+    assert set(seg_voxels_lps(out)) == set(want)  # every segment's frames found under its label
+    # a name beyond ASCII is kept whole, in UTF-8, with no encoding warning
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        out = write_label_map(labels, vol, tmp_path / "utf8.dcm", {300: "fémur ½ 骨", 2: "b", 3: "c", 4: "d"})
+    seg = pydicom.dcmread(out)
+    assert seg.SpecificCharacterSet == "ISO_IR 192" and seg.SegmentSequence[0].SegmentLabel == "fémur ½ 骨"
+    assert str(seg.PatientName) == "Test^Patient"
+
+
+def test_seg_of_only_empty_masks_is_written_without_highdicom_logging(tmp_path, caplog):
+    """bosam warns about an empty mask itself; highdicom's own 'Encoding an empty image with
+    omit_empty_frames' went raw to stderr on top."""
+    import logging
+
+    folder = tmp_path / "series"
+    write_dicom_series(folder, rows=9, cols=8, n=4)
+    add_study(folder)
+    vol = read_volume(folder)
+    with caplog.at_level(logging.DEBUG):
+        out = write_label_map(np.zeros(vol.shape, np.uint8), vol, tmp_path / "seg.dcm", {1: "bone"})
+    assert not [r for r in caplog.records if "omit_empty_frames" in r.getMessage()], caplog.text
+    seg = hd.seg.segread(out)
+    assert [str(s.SegmentLabel) for s in seg.SegmentSequence] == ["bone"]
+    assert not seg_voxels_lps(out)["bone"].size
+
+
 def test_seg_of_an_enhanced_multiframe_ct_references_its_frames(tmp_path):
     """An enhanced CT stores its frames in any order: the SEG's frames name the right source
     frame and lie, voxel for voxel, where the label map has them."""

@@ -893,6 +893,144 @@ def test_dicom_missing_slice_refused(tmp_path):
     assert_one_line_naming(exc, tmp_path / "gap", "ImagePositionPatient", "not uniform")
 
 
+def slice_files(folder: Path) -> dict[int, Path]:
+    """Slice index k -> file of a series from ``write_dicom_series`` (its pixel (0, 0) is 100 k)."""
+    import pydicom
+
+    return {int(pydicom.dcmread(f).pixel_array[0, 0]) // 100: f for f in folder.iterdir()}
+
+
+def set_raw(f: Path, keyword: str, raw: bytes, vr: str = "DS") -> None:
+    """Write ``raw`` as the value of ``keyword`` in ``f`` as it is (no validation), as a
+    corrupt export would hold it."""
+    import pydicom
+    from pydicom.dataelem import RawDataElement
+    from pydicom.datadict import tag_for_keyword
+    from pydicom.tag import Tag
+
+    ds = pydicom.dcmread(f)
+    tag = Tag(tag_for_keyword(keyword))
+    ds[tag] = RawDataElement(tag, vr, len(raw), raw, 0, False, True)
+    ds.save_as(f)
+
+
+@pytest.mark.parametrize("field", ["ImagePositionPatient", "PixelData"])
+@pytest.mark.parametrize("which", [0, 2, 4])
+def test_dicom_slice_without_position_or_pixels_is_refused_not_skipped(tmp_path, field, which):
+    """A file of the series that lacks its position or its pixels is a broken slice, not a
+    report: skipped, the first or last one would shift every click by a slice, a middle one
+    give a misleading 'missing slice'. Objects of the series that are no slices stay passed
+    over: a presentation state and a screenshot (other SOP classes, no position)."""
+    pydicom = pytest.importorskip("pydicom")
+    write_dicom_series(tmp_path / "s", n=5)
+    files = slice_files(tmp_path / "s")
+    uid = str(pydicom.dcmread(files[0]).SeriesInstanceUID)
+    state = ct_image_dataset(uid, 6, 5, sop_class="1.2.840.10008.5.1.4.1.1.11.1")  # grayscale presentation state
+    for key in ("Rows", "Columns", "SamplesPerPixel", "PhotometricInterpretation", "BitsAllocated", "BitsStored",
+                "HighBit", "PixelRepresentation"):
+        delattr(state, key)
+    state.save_as(tmp_path / "s" / "PS0001", enforce_file_format=True)
+    shot = ct_image_dataset(uid, 6, 5, sop_class="1.2.840.10008.5.1.4.1.1.7")  # secondary capture
+    shot.PixelData = np.zeros((6, 5), np.uint16).tobytes()
+    shot.save_as(tmp_path / "s" / "SC0001", enforce_file_format=True)
+    assert read_volume(tmp_path / "s").shape == (5, 6, 5)
+
+    ds = pydicom.dcmread(files[which])
+    delattr(ds, field)
+    ds.save_as(files[which])
+    with pytest.raises(VolumeError) as exc:
+        read_volume(tmp_path / "s")
+    assert_one_line_naming(exc, files[which], f"{field}: missing", uid)
+    with pytest.raises(VolumeError) as exc:  # the series picked by one of its good files
+        read_volume(files[(which + 1) % 5])
+    assert_one_line_naming(exc, files[which], f"{field}: missing")
+
+
+def test_dicom_series_whose_every_slice_lacks_its_position_names_a_file(tmp_path):
+    pydicom = pytest.importorskip("pydicom")
+    write_dicom_series(tmp_path / "s", n=3)
+    for f in (tmp_path / "s").iterdir():
+        ds = pydicom.dcmread(f)
+        del ds.ImagePositionPatient
+        ds.save_as(f)
+    with pytest.raises(VolumeError) as exc:
+        read_volume(tmp_path / "s")
+    assert_one_line_naming(exc, sorted((tmp_path / "s").iterdir())[0], "ImagePositionPatient: missing")
+
+
+@pytest.mark.parametrize("field, raw", [
+    ("RescaleIntercept", b"inf"), ("RescaleIntercept", b"-inf"), ("RescaleSlope", b"nan"),
+    ("RescaleSlope", b"1e30"), ("RescaleIntercept", b"1e300"), ("RescaleSlope", b"abc"), ("RescaleSlope", b"0"),
+    ("RescaleSlope", b"0.0"),
+])
+def test_dicom_bad_rescale_value_is_one_line_naming_file_and_field(tmp_path, field, raw):
+    """Not a number, not finite, no CT's magnitude (which overflowed the int16 path), or a slope
+    of 0 (which made every voxel the intercept, and was read as 1): refused, naming the slice."""
+    pytest.importorskip("pydicom")
+    write_dicom_series(tmp_path / "s", n=4)
+    bad = slice_files(tmp_path / "s")[2]
+    set_raw(bad, field, raw + b" " * (len(raw) % 2))
+    with pytest.raises(VolumeError) as exc:
+        read_volume(tmp_path / "s")
+    assert_one_line_naming(exc, bad, f"{field}:")
+
+
+def test_dicom_rescale_slopes_of_both_signs_refused_naming_the_odd_slice(tmp_path):
+    pytest.importorskip("pydicom")
+    write_dicom_series(tmp_path / "s", n=5)
+    bad = slice_files(tmp_path / "s")[3]
+    set_raw(bad, "RescaleSlope", b"-1")
+    with pytest.raises(VolumeError) as exc:
+        read_volume(tmp_path / "s")
+    assert_one_line_naming(exc, bad, "RescaleSlope: -1", "other sign in 4 of the 5 slices")
+
+
+def test_dicom_whole_rescale_too_large_for_int16_gives_float32(tmp_path):
+    pytest.importorskip("pydicom")
+    write_dicom_series(tmp_path / "s", slope="1000", intercept="-1024")
+    vol = read_volume(tmp_path / "s")
+    assert vol.array.dtype == np.float32
+    assert vol.array[1, 2, 3] == (300 + 20 + 1) * 1000 - 1024
+
+
+@pytest.mark.parametrize("field", ["Rows", "PixelSpacing", "ImageOrientationPatient"])
+def test_dicom_odd_first_file_is_the_one_named(tmp_path, field):
+    """The slice that differs is named even when it sorts first (the reference is what most
+    slices share, not the first file)."""
+    pydicom = pytest.importorskip("pydicom")
+    write_dicom_series(tmp_path / "s", n=4)
+    first = sorted((tmp_path / "s").iterdir())[0]
+    ds = pydicom.dcmread(first)
+    if field == "Rows":
+        ds.Rows = 0
+    elif field == "PixelSpacing":
+        ds.PixelSpacing = [1.5, 1.5]
+    else:
+        ds.ImageOrientationPatient = [1.0, 0.0, 0.0, 0.0, 1.0, 0.0]
+    ds.save_as(first)
+    with pytest.raises(VolumeError) as exc:
+        read_volume(tmp_path / "s")
+    assert_one_line_naming(exc, first, field)
+    others = [f for f in (tmp_path / "s").iterdir() if f != first]
+    assert not any(str(f) in str(exc.value) for f in others), str(exc.value)
+
+
+def test_dicom_series_of_another_modality_is_read_with_a_warning(tmp_path):
+    """An MR or PET series (or a CT labelled so) is read, and the note reaches the segment
+    manifest's warnings (through geometry_warning); a CT gets none."""
+    pydicom = pytest.importorskip("pydicom")
+    from bosam_cli.volume import geometry_warning
+
+    write_dicom_series(tmp_path / "s", n=3)
+    assert geometry_warning(read_volume(tmp_path / "s")) is None
+    for f in (tmp_path / "s").iterdir():
+        ds = pydicom.dcmread(f)
+        ds.Modality = "MR"
+        ds.save_as(f)
+    note = geometry_warning(read_volume(tmp_path / "s"))
+    assert note and "Modality: MR, not CT" in note and "\n" not in note
+
+
 def test_dicom_empty_folder_refused(tmp_path):
     pytest.importorskip("pydicom")
     (tmp_path / "empty").mkdir()
