@@ -216,9 +216,14 @@ def _label(ctx: _Ctx, v: Any, jpath: str) -> int:
 
 
 def _name(ctx: _Ctx, v: Any, jpath: str) -> str:
+    """An object's name on one line: control characters (a line break split warnings, tables
+    and DICOM values) become spaces, runs of white space one."""
     if not isinstance(v, str) or not v.strip():
         raise ctx.fail(jpath, f"name must be a non-empty string, got {json.dumps(v)}")
-    return v.strip()
+    one_line = " ".join("".join(" " if ord(ch) < 32 or 127 <= ord(ch) < 160 else ch for ch in v).split())
+    if not one_line:
+        raise ctx.fail(jpath, f"name must be a non-empty string, got {json.dumps(v)}")
+    return one_line
 
 
 def _positive(ctx: _Ctx, v: Any, jpath: str) -> bool:

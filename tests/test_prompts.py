@@ -76,6 +76,17 @@ def test_minimal_form_as_written(tmp_path):
     assert all(isinstance(c, Click) and c.ijk.shape == (3,) and c.ras.shape == (3,) for c in obj.clicks)
 
 
+def test_object_names_are_kept_on_one_line(tmp_path):
+    """A line break or tab in a name split the manifest's warnings and tables over lines (and is
+    no valid DICOM text): control characters become spaces, runs of white space one."""
+    vol = axis_aligned_volume()
+    doc = bosam_file("voxel", [{"xyz": [1, 2, 3]}], name="  femur\nleft\t\x1b bone  ")
+    (obj,) = load_prompts(write(tmp_path, doc), vol).objects
+    assert obj.name == "femur left bone"
+    with pytest.raises(PromptError, match="name must be a non-empty string"):
+        load_prompts(write(tmp_path, bosam_file("voxel", [{"xyz": [1, 2, 3]}], name="\n\x07"), "bad.json"), vol)
+
+
 def test_ras_lps_and_voxel_give_the_same_voxel(tmp_path):
     vol = oblique_volume()
     ijk = np.array([10.25, 20.5, 12.75])
