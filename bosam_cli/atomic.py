@@ -97,7 +97,7 @@ def staged(path: str | os.PathLike) -> Path:
     path = Path(path)
     stage = _STAGE.get()
     for tmp, target in reversed(stage.files if stage is not None else []):
-        if target == path:
+        if os.path.abspath(target) == os.path.abspath(path):
             return tmp
     return path
 

@@ -163,7 +163,7 @@ def output_paths(ct_path: Path, out: str | os.PathLike | None) -> dict[str, Path
         name = out.name.lower()
         if name.endswith((*LABEL_MAP_SUFFIXES, ".mhd", ".nhdr")):
             label_map = out
-        elif (out.exists() and not out.is_dir()) or name.endswith(_NOT_A_FOLDER):
+        elif not out.is_dir() and (out.exists() or name.endswith(_NOT_A_FOLDER)):
             # it was read as a folder to make: '-o seg.txt' made a folder 'seg.txt', '-o ct.json' failed oddly
             raise BosamError(f"{out}: is {'a file' if out.exists() else 'a file name'}, not a label map or a folder; "
                              f"-o takes a label map path ({', '.join(LABEL_MAP_SUFFIXES)}) or a folder")
@@ -228,6 +228,8 @@ def segment_file(
     ct_path = Path(ct)
     # staged: inputs written earlier in the caller's all-or-nothing block (the demo's phantom)
     volume = require_finite(read_volume(staged(ct_path)))
+    if staged(ct_path) != ct_path:  # messages and warnings name the CT, never its staged temporary file
+        volume.path = ct_path
     t_read = time.perf_counter()
     prompts = load_prompts(staged(points), volume)
     t_prompts = time.perf_counter()
@@ -382,8 +384,18 @@ def guard_series_folder(label_map: Path, volume: Volume) -> None:
     folder into a batch of CTs for every later command: refused (a DICOM SEG there is skipped
     when the series is read again, and allowed)."""
     series = _series_files(volume)
-    if series and label_map_ending(label_map) != ".dcm" and _same_file(label_map.parent, series[0].parent):
-        raise BosamError(f"{label_map}: would go into the CT's DICOM series folder {series[0].parent}, which then "
+    if not series or label_map_ending(label_map) == ".dcm":
+        return
+    # the folder given (a series is found in its sub-folders too), and every folder down to the slices
+    given = Path(volume.path) if volume.path is not None else series[0].parent
+    top = (given if given.is_dir() else given.parent).resolve()
+    folders = {top}
+    for f in {Path(f).parent.resolve() for f in series}:
+        while f != top and top in f.parents:
+            folders.add(f)
+            f = f.parent
+    if label_map.parent.resolve() in folders:
+        raise BosamError(f"{label_map}: would go into the CT's DICOM series folder {top}, which then "
                          "reads as a folder of CTs; choose an -o outside it")
 
 

@@ -860,7 +860,10 @@ def _data_changed(before: dict[str, Any], now: dict[str, Any]) -> list[str]:
     if old_ids is not None and list(old_ids) != list(new_ids):
         return [f"the selected labels are now ids {', '.join(map(str, new_ids))}; the run trained on "
                 f"{', '.join(map(str, old_ids))}{tail}"]
-    if before.get("cases") != now.get("cases") or before.get("labels") != now.get("labels"):
+    def counts(summary: dict[str, Any]) -> dict[str, Any]:  # a renamed label is no change of data
+        return {k: (v.get("cases"), v.get("voxels")) for k, v in (summary.get("labels") or {}).items()}
+
+    if before.get("cases") != now.get("cases") or counts(before) != counts(now):
         return [f"the dataset changed since the run started ({now.get('cases')} usable cases, "
                 f"{before.get('cases')} then; or their label voxels differ){tail}"]
     return []

@@ -10,13 +10,10 @@ so they stay optional (``pip install bosam[io]``).
 
 from __future__ import annotations
 
-import contextlib
 import os
 import re
-import sys
-import tempfile
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import numpy as np
 
@@ -140,6 +137,15 @@ def read_dicom_series(folder: str | os.PathLike, series_uid: str | None = None) 
     return _assemble_series(folder, uid, items)
 
 
+def _image_type(ds: Any) -> tuple[str, ...]:
+    """ImageType's values, upper case (``("ORIGINAL", "PRIMARY", "AXIAL")``); () when absent."""
+    value = ds.get("ImageType")
+    if value is None:
+        return ()
+    values = [value] if isinstance(value, str) else list(value)
+    return tuple(str(v).strip().upper() for v in values)
+
+
 def _refuse_broken_slice(uid: str, items: list[tuple[Path, Any]], others: list[tuple[Path, Any]]) -> None:
     """A one-line VolumeError for the first file of series ``uid`` that is one of its image
     slices but lacks ``ImagePositionPatient`` or ``PixelData``: left out, it would silently
@@ -149,9 +155,13 @@ def _refuse_broken_slice(uid: str, items: list[tuple[Path, Any]], others: list[t
     ``PixelData``). Other objects of the series (reports, presentation states, screenshots of
     another SOP class) stay passed over."""
     classes = {str(ds.get("SOPClassUID", "")) for _, ds in items}
+    kinds = {_image_type(ds) for _, ds in items} - {()}
     for f, ds in others:
         sop = str(ds.get("SOPClassUID", ""))
         image_like = "Rows" in ds and "Columns" in ds
+        kind = _image_type(ds)
+        if {"SCREEN SAVE", "LOCALIZER"} & set(kind) or (kind and kinds and kind not in kinds):
+            continue  # a screen save or scout stored in the series (often as CT Image Storage): not a slice
         if items:
             broken = sop in classes and (bool(sop) or image_like or "PixelData" in ds)
         else:
@@ -508,53 +518,88 @@ def _drop_singleton_nrrd_axis(data: np.ndarray, header: dict, path: Path) -> tup
 # MetaImage
 
 
-def _missing_mhd_data_file(path: Path) -> str | None:
-    """The data file a detached .mhd header names when it is not there (ITK's own message says
-    only that the header "cannot be read")."""
-    if path.suffix.lower() != ".mhd":
-        return None
+#: bytes per value of the MetaImage element types
+_MET_BYTES = {"MET_CHAR": 1, "MET_UCHAR": 1, "MET_SHORT": 2, "MET_USHORT": 2, "MET_INT": 4, "MET_UINT": 4,
+              "MET_LONG": 4, "MET_ULONG": 4, "MET_LONG_LONG": 8, "MET_ULONG_LONG": 8, "MET_FLOAT": 4,
+              "MET_DOUBLE": 8}
+
+
+def _metaimage_data_problem(path: Path) -> str | None:
+    """What is wrong with a MetaImage's voxel data before SimpleITK reads it: a missing data
+    file, or (uncompressed data) fewer bytes than ``DimSize`` and ``ElementType`` declare. ITK
+    says only that the file "cannot be read", and prints the reason on the C++ stderr, a second
+    line that no Python code can take back without touching every thread's stderr. None when
+    the header is one this check does not follow (SimpleITK then says what it finds)."""
     try:
         with open(path, "rb") as f:
-            head = f.read(1 << 16).decode("latin-1")
+            head = f.read(1 << 16)
     except OSError:
-        return None  # SimpleITK says why
-    for line in head.splitlines():
-        key, eq, value = line.partition("=")
-        if eq and key.strip() == "ElementDataFile":
-            name = value.strip()
-            if name.upper() == "LOCAL" or name.upper().startswith("LIST") or " " in name or "%" in name:
-                return None  # the data follow the header, or a list/pattern of slice files
-            return None if (path.parent / name).exists() else name
+        return None
+    fields: dict[str, str] = {}
+    offset = 0
+    for raw in head.split(b"\n"):
+        offset += len(raw) + 1
+        key, eq, value = raw.decode("latin-1").partition("=")
+        if not eq:
+            return None
+        fields[key.strip()] = value.strip()
+        if key.strip() == "ElementDataFile":
+            break
+    else:
+        return None
+    name = fields["ElementDataFile"]
+    if name.upper().startswith("LIST") or " " in name or "%" in name:
+        return None  # a list or a pattern of slice files
+    local = name.upper() == "LOCAL"
+    if not local and not (path.parent / name).is_file():
+        return f"ElementDataFile: {name}: no such file beside the header"
+    try:
+        size = [int(v) for v in fields.get("DimSize", "").split()]
+        channels = int(fields.get("ElementNumberOfChannels", "1"))
+        item = _MET_BYTES[fields.get("ElementType", "")]
+    except (ValueError, KeyError):
+        return None
+    compressed = fields.get("CompressedData", "False").lower() == "true"
+    if "HeaderSize" in fields or not size:
+        return None
+    need = int(np.prod(size, dtype=np.float64)) * channels * item
+    if compressed:  # ITK reads data that do not uncompress without an error (garbage voxels)
+        return _inflate_problem(path if local else path.parent / name, offset if local else 0, need)
+    have = (path.stat().st_size - offset) if local else (path.parent / name).stat().st_size
+    if have < need:
+        where = "after the header" if local else f"in {name}"
+        return (f"ElementDataFile: {max(have, 0)} bytes of voxel data {where}, but DimSize {fields['DimSize']} of "
+                f"{fields['ElementType']} needs {need} (a truncated file?)")
     return None
 
 
-@contextlib.contextmanager
-def _native_stderr_captured() -> Iterator[Callable[[], str]]:
-    """Redirect file descriptor 2 (where C++ libraries print) into a temporary file; yields a
-    function returning what was printed. Python's own stderr is flushed first."""
-    sys.stderr.flush()
-    saved = os.dup(2)
-    text = ""
+def _inflate_problem(data_file: Path, offset: int, need: int) -> str | None:
+    """Inflate compressed MetaImage data in chunks, keeping only the count: fewer bytes than
+    ``need``, or a stream zlib refuses, is the problem SimpleITK would not report."""
+    import zlib
+
+    inflater = zlib.decompressobj(47)  # zlib or gzip wrapper, as MetaIO writers differ
+    got = 0
     try:
-        with tempfile.TemporaryFile() as tmp:
-            os.dup2(tmp.fileno(), 2)
-            try:
-                yield lambda: text
-            finally:
-                os.dup2(saved, 2)
-                tmp.seek(0)
-                text = tmp.read(4096).decode("utf-8", "replace")
-    finally:
-        os.close(saved)
+        with open(data_file, "rb") as f:
+            f.seek(offset)
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                got += len(inflater.decompress(chunk))
+                if inflater.eof:
+                    break
+            got += len(inflater.flush())
+    except zlib.error as exc:
+        return f"CompressedData: the voxel data do not uncompress ({exc}); the file is corrupt"
+    if got < need:
+        return f"CompressedData: the voxel data uncompress to {got} bytes, but DimSize needs {need} (a truncated file?)"
+    return None
 
 
-def _itk_reason(exc: BaseException, printed: str) -> str:
-    """ITK's reason without the C++ source location and object address, plus what it printed."""
+def _itk_reason(exc: BaseException) -> str:
+    """ITK's reason without the C++ source location and object address."""
     text = " ".join(str(exc).split())
     text = re.sub(r"^.*?ERROR:\s*", "", text)  # "Exception thrown in ... .cxx:490: ITK ERROR: "
-    text = re.sub(r"^\w+\(0x[0-9a-fA-F]+\):\s*", "", text)  # "MetaImageIO(0x55e0...): "
-    extra = " ".join(printed.split())
-    return text + (f"; {extra}" if extra and extra not in text else "")
+    return re.sub(r"^\w+\(0x[0-9a-fA-F]+\):\s*", "", text)  # "MetaImageIO(0x55e0...): "
 
 
 def read_metaimage(path: str | os.PathLike) -> Volume:
@@ -571,16 +616,13 @@ def read_metaimage(path: str | os.PathLike) -> Volume:
         raise VolumeError(f"{path}: reading MetaImage needs SimpleITK (pip install 'bosam[io]')") from None
 
     path = Path(path)
-    missing = _missing_mhd_data_file(path)
-    if missing:
-        raise VolumeError(f"{path}: ElementDataFile: {missing}: no such file beside the header")
-    with _native_stderr_captured() as said:  # MetaIO prints its own complaints to the C++ stderr
-        try:
-            img = sitk.ReadImage(str(path))
-        except Exception as exc:  # noqa: BLE001 - SimpleITK raises RuntimeError with multi-line text
-            img, error = None, exc
-    if img is None:
-        raise VolumeError(f"{path}: cannot read MetaImage ({_itk_reason(error, said())})") from None
+    problem = _metaimage_data_problem(path)
+    if problem:
+        raise VolumeError(f"{path}: {problem}")
+    try:
+        img = sitk.ReadImage(str(path))
+    except Exception as exc:  # noqa: BLE001 - SimpleITK raises RuntimeError with multi-line text
+        raise VolumeError(f"{path}: cannot read MetaImage ({_itk_reason(exc)})") from None
     dim = img.GetDimension()
     if dim == 4 and img.GetSize()[3] == 1:  # a 3-D image stored with a fourth axis of size 1
         try:

@@ -314,3 +314,9 @@ def test_a_label_map_into_the_series_folder_is_refused(tmp_path):
     assert sorted(p.name for p in series.iterdir()) == before
     segment_file(series, prompts, series / "seg.dcm", SphereEngine(radius_vox=3.0), SegmentOptions(refine="none"))
     assert read_volume(series).shape == (16, 16, 8)
+    # a series kept in sub-folders of the folder given (study/DICOM/S1/...): the folder given counts too
+    study = tmp_path / "study"
+    write_dicom_series(study / "DICOM" / "S1", rows=16, cols=16, n=8)
+    for out in (study, study / "DICOM" / "seg.nii.gz"):
+        with pytest.raises(BosamError, match=f"would go into the CT's DICOM series folder {study}"):
+            segment_file(study, prompts, out, SphereEngine(radius_vox=3.0), SegmentOptions(refine="none"))

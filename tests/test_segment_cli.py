@@ -628,6 +628,9 @@ def test_bad_numbers_and_names_are_one_line_errors_before_any_work(tmp_path):
         assert r.returncode == 2 and r.stderr.strip().splitlines() == [
             f"error: {target}: is {what}, not a label map or a folder; -o takes a label map path ({endings}) or a folder"]
     assert not (tmp_path / "seg.txt").exists() and pts.is_file()
+    (tmp_path / "x.json").mkdir()  # an existing folder is a folder, whatever its name
+    r = bosam("segment", str(ct), "-p", str(pts), "-o", str(tmp_path / "x.json"), "--engine", "torch", "--max-windows", "1")
+    assert r.returncode == 0 and (tmp_path / "x.json" / "ct.nii.gz").is_file(), r.stderr
     r = bosam("export", "--preset", "foo", "-o", str(tmp_path / "eng"))
     assert r.returncode == 2 and r.stderr.strip().splitlines() == [
         "error: --preset: unknown preset 'foo'; choose one of sam-med3d, tiny, vit-b-256"]

@@ -381,6 +381,9 @@ def test_resume_warns_when_the_same_labels_select_other_ids_or_the_cases_changed
 
     before = scan_dataset([root]).summary()
     assert _data_changed(before, scan_dataset([root]).summary()) == []
+    doc["labels"] = {"background": 0, "femur_renamed": FEMUR, "l3_renamed": L3}  # same ids, new names: no change
+    (root / "dataset.json").write_text(json.dumps(doc))
+    assert _data_changed(before, scan_dataset([root]).summary()) == []
     next(iter(sorted((root / "labelsTr").iterdir()))).unlink()
     next(iter(sorted((root / "imagesTr").iterdir()))).unlink()
     (msg,) = _data_changed(before, scan_dataset([root]).summary())
