@@ -219,6 +219,8 @@ def segment_file(
 ) -> dict[str, Any]:
     """Segment one CT from one prompt file; writes the label map and its manifest (plus the
     extras asked for) and returns the manifest. Nothing is written when an input is bad."""
+    from engines.manifest import engine_warnings
+
     from .prompts import load_prompts
     from .atomic import all_or_nothing, staged, write_json
     from .report import object_stats
@@ -290,7 +292,7 @@ def segment_file(
         t_write = time.perf_counter()
 
         timings = {k: round(session.timings[k] - before.get(k, 0.0), 4) for k in session.timings}
-        warnings = ct_warnings(volume, paths["label_map"])
+        warnings = ct_warnings(volume, paths["label_map"]) + engine_warnings(engine)
         for o in objects:
             if not o["voxels"]:
                 why = ("every voxel went to other objects by the overlap rule" if o["voxels_before_overlap_rule"]

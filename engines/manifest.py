@@ -284,3 +284,19 @@ def check_io_shapes(
             raise ManifestError(f"{Path(engine_dir) / MANIFEST_NAME}: {field}: {value} does not fit {graph}, whose "
                                 f"'{tensor}' has shape {shown}; export again (bosam export)")
 
+
+def engine_warnings(engine: Any) -> list[str]:
+    """What a command segmenting with an engine folder should warn about: a folder exported
+    from no checkpoint file, whose weights nothing checks (``bosam export --preset`` without
+    ``--checkpoint`` exports random weights, for tests and benchmarks). Folder engines keep
+    their manifest as ``.manifest``; torch engines give none."""
+    manifest = getattr(engine, "manifest", None)
+    if not isinstance(manifest, Mapping) or manifest.get("checkpoint_sha256") is not None:
+        return []
+    folder = getattr(engine, "dir", None) or "the engine folder"
+    if manifest.get("random_init") is False:
+        what = "a model held in memory, not a checkpoint file: its weights cannot be checked"
+    else:
+        what = (f"a randomly initialised '{manifest.get('preset')}' model (bosam export --preset without "
+                "--checkpoint, for tests and benchmarks): its masks are meaningless")
+    return [f"{folder}: exported from {what}; export real weights with bosam export -c CHECKPOINT"]

@@ -432,7 +432,8 @@ def export_onnx(
     os.chmod(tmp, 0o777 & ~current_umask())  # the folder others use, not mkdtemp's private 0700
     try:
         manifest = _export_into(
-            model, tmp, precision, max_points, opset, ckpt_path, ckpt_sha, preset_name, seed, threads, log
+            model, tmp, precision, max_points, opset, ckpt_path, ckpt_sha, preset_name, seed, threads, log,
+            random_init=model_or_checkpoint is None,
         )
         if trt:
             from .trt_build import build_trt_engines
@@ -491,6 +492,7 @@ def _export_into(
     seed: int,
     threads: int | None,
     log: Log,
+    random_init: bool = False,
 ) -> dict[str, Any]:
     import torch
 
@@ -563,6 +565,8 @@ def _export_into(
         "checkpoint_path": str(ckpt_path) if ckpt_path else None,
         "checkpoint_sha256": ckpt_sha,
         "weights_fingerprint": state_dict_fingerprint(model),
+        # no checkpoint: random weights (export --preset without --checkpoint), which segment warns about
+        "random_init": bool(random_init),
         "preset": preset,
         "arch": dict(getattr(model, "arch", {}) or {}),
         "img_size": int(model.img_size),

@@ -9,6 +9,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import nibabel as nib
@@ -193,3 +195,39 @@ def test_manifest_limits_are_segments_own():
     from engines import manifest
 
     assert manifest.CLICK_MEMORIES == CLICK_MEMORIES and manifest.MAX_SPACING_MM == MAX_SPACING_MM
+
+
+# ---------------------------------------------------------------------------------------------
+# H2: a folder exported from random weights is warned about
+
+
+def test_a_random_weights_engine_is_warned_about(tmp_path, ct, exported):
+    """bosam export --preset without --checkpoint exports random weights (for tests and
+    benchmarks); segmenting with that folder and no -c (which would refuse it) warns, printed
+    and in the manifest. An in-memory model's export (no checkpoint file either) says that."""
+    eng_dir = tmp_path / "rand"
+    r = fx.run_cli("export", "--preset", "tiny", "-o", str(eng_dir), "--max-points", "2", "--threads", "2")
+    assert r.returncode == 0, r.stderr
+    man = json.loads((eng_dir / "manifest.json").read_text())
+    assert man["checkpoint_sha256"] is None
+    r = fx.run_cli("segment", str(ct), "-p", str(_prompt(tmp_path / "p.json", [[20, 20, 20]])), "-o",
+                   str(tmp_path / "o.nii.gz"), "--engine", "onnxruntime", "--engine-dir", str(eng_dir), "--threads", "1")
+    assert r.returncode == 0, r.stderr
+    (warning,) = [w for w in json.loads((tmp_path / "o.json").read_text())["warnings"] if "randomly initialised" in w]
+    assert warning.startswith(f"{eng_dir}: exported from a randomly initialised 'tiny' model") and "meaningless" in warning
+    assert "randomly initialised 'tiny' model" in r.stdout + r.stderr
+    # interactive: printed before the session starts
+    r = subprocess.run([sys.executable, "-m", "bosam_cli", "segment", str(ct), "-i", "--coords", "voxel", "-o",
+                        str(tmp_path / "i.nii.gz"), "--engine", "onnxruntime", "--engine-dir", str(eng_dir),
+                        "--threads", "1"], input="quit\n", capture_output=True, text=True, timeout=300)
+    assert "randomly initialised 'tiny' model" in r.stderr, r.stderr
+    assert man["random_init"] is True
+    # a checkpoint's export: no warning; an in-memory model's: its own words
+    from engines.manifest import engine_warnings
+    from engines.registry import open_engine
+
+    out, _ = exported
+    assert engine_warnings(open_engine("onnxruntime", engine_dir=out, device="cpu")) == []
+    held = _copy(out, tmp_path / "held", {"checkpoint_sha256": None, "random_init": False})
+    (w,) = engine_warnings(open_engine("onnxruntime", engine_dir=held, device="cpu"))
+    assert "a model held in memory" in w
