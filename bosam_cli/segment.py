@@ -298,6 +298,12 @@ def segment_file(
                 why = ("every voxel went to other objects by the overlap rule" if o["voxels_before_overlap_rule"]
                        else "the model found nothing at its clicks")
                 warnings.append(f"object {o['label']} ({o['name']}): empty mask: {why}")
+            dropped = max((r.get("dropped_clicks", 0) for r in result["reports"][o["label"]]), default=0)
+            if dropped:
+                warnings.append(
+                    f"object {o['label']} ({o['name']}): {len(o['clicks'])} clicks, but the engine takes at most "
+                    f"{session.max_points} points per decoder call: up to {dropped} older click(s) were left out, so the "
+                    "mask differs from the torch engine's (bosam export --max-points N raises the limit)")
         manifest = {
             "tool": "bosam segment",
             "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),

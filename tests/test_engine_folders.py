@@ -198,6 +198,32 @@ def test_manifest_limits_are_segments_own():
 
 
 # ---------------------------------------------------------------------------------------------
+# M8: clicks beyond the engine's point limit are reported
+
+
+def test_clicks_beyond_the_engines_point_limit_are_a_warning(tmp_path, exported, ct):
+    """With click memory "all", an object with more clicks than the engine's max_points gets only
+    the newest max_points per decoder call: the manifest says so, and how to raise the limit."""
+    out, _ = exported
+    folder = _copy(out, tmp_path / "eng", {"max_points": 2}, {"click_memory": "all"})
+    clicks = [[20, 20, 20], [18, 20, 20], [20, 22, 20], [21, 19, 20]]
+    r = fx.run_cli("segment", str(ct), "-p", str(_prompt(tmp_path / "p.json", clicks)), "-o", str(tmp_path / "o.nii.gz"),
+                   "--engine", "onnxruntime", "--engine-dir", str(folder), "--threads", "1")
+    assert r.returncode == 0, r.stderr
+    man = json.loads((tmp_path / "o.json").read_text())
+    assert man["model_window"]["click_memory"] == "all"
+    (warning,) = [w for w in man["warnings"] if "points per decoder call" in w]
+    assert warning.startswith("object 1 (cube): 4 clicks, but the engine takes at most 2 points per decoder call: "
+                              "up to 2 older click(s) were left out")
+    assert "bosam export --max-points N" in warning and "points per decoder call" in r.stdout + r.stderr
+    # within the limit: no such warning
+    r = fx.run_cli("segment", str(ct), "-p", str(_prompt(tmp_path / "p2.json", clicks[:2])), "-o",
+                   str(tmp_path / "o2.nii.gz"), "--engine", "onnxruntime", "--engine-dir", str(folder), "--threads", "1")
+    assert r.returncode == 0, r.stderr
+    assert not [w for w in json.loads((tmp_path / "o2.json").read_text())["warnings"] if "decoder call" in w]
+
+
+# ---------------------------------------------------------------------------------------------
 # H2: a folder exported from random weights is warned about
 
 
