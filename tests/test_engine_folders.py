@@ -257,3 +257,38 @@ def test_a_random_weights_engine_is_warned_about(tmp_path, ct, exported):
     held = _copy(out, tmp_path / "held", {"checkpoint_sha256": None, "random_init": False})
     (w,) = engine_warnings(open_engine("onnxruntime", engine_dir=held, device="cpu"))
     assert "a model held in memory" in w
+
+
+# ---------------------------------------------------------------------------------------------
+# L1: export never names its scratch folder
+
+
+def test_export_names_its_target_not_its_scratch_folder(tmp_path, tiny_model):
+    """mkdtemp of the scratch folder beside the target fails (here: the target's parent is a
+    file; a read-only disk does the same): the error names the target, and nothing is left."""
+    from export import export_onnx
+
+    blocker = tmp_path / "afile"
+    blocker.write_text("x")
+    with pytest.raises(EngineError) as e:
+        export_onnx(tiny_model, blocker / "eng", max_points=2)
+    assert str(e.value).startswith(f"{blocker / 'eng'}: cannot write the engine folder (") and ".tmp-" not in str(e.value)
+
+
+def _unshare_works() -> bool:
+    try:
+        return subprocess.run(["unshare", "-rm", "true"], capture_output=True, timeout=10).returncode == 0
+    except (OSError, subprocess.SubprocessError):
+        return False
+
+
+@pytest.mark.skipif(not _unshare_works(), reason="needs unshare -rm to mount a read-only tmpfs")
+def test_export_to_a_read_only_disk_names_the_target(tmp_path):
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    script = (f"mount -t tmpfs -o ro tmpfs {ro} && exec {sys.executable} -m bosam_cli export --preset tiny "
+              f"-o {ro / 'eng'} --max-points 2 --threads 1")
+    r = subprocess.run(["unshare", "-rm", "sh", "-c", script], capture_output=True, text=True, timeout=300, cwd=fx.REPO,
+                       env=dict(os.environ, PYTHONWARNINGS="ignore"))
+    assert r.returncode == 2, r.stderr
+    assert r.stderr.strip() == f"error: {ro / 'eng'}: cannot write the engine folder (Read-only file system)"
