@@ -302,6 +302,9 @@ def segment(
              "(its coordinate_system field)")
     if interactive_mode:
         eng = open_engine_for(engine, checkpoint, engine_dir, device, precision, threads)
+        from engines.manifest import engine_warnings
+
+        _print_warnings(_console(stderr=True), engine_warnings(eng))  # a file run has them in its manifest
         failures = interactive(ct, out, eng, options, coordinate_system=coords, points=points)
         if failures:
             raise typer.Exit(1)

@@ -697,6 +697,10 @@ def evaluate(
         text = PROTOCOL_TEXT["bosam"].format(seed=options.seed, grid=options.bosam_grid)
     summary = summarise(records, clicks, options.protocol)
     notes = [str(p) for p in scan.warnings]
+    if baseline is None:
+        from engines.manifest import engine_warnings
+
+        notes += engine_warnings(engine)  # an engine folder of random weights
     if options.protocol == "bosam" and options.labels is None:
         notes.append("protocol bosam merged every label > 0 into one mask; for bones only pass --labels bone "
                      "--labelmap FILE (or the bone ids)")

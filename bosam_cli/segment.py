@@ -220,6 +220,8 @@ def segment_file(
 ) -> dict[str, Any]:
     """Segment one CT from one prompt file; writes the label map and its manifest (plus the
     extras asked for) and returns the manifest. Nothing is written when an input is bad."""
+    from engines.manifest import engine_warnings
+
     from .prompts import load_prompts
     from .atomic import all_or_nothing, staged, write_json
     from .report import object_stats
@@ -294,12 +296,18 @@ def segment_file(
         t_write = time.perf_counter()
 
         timings = {k: round(session.timings[k] - before.get(k, 0.0), 4) for k in session.timings}
-        warnings = ct_warnings(volume, paths["label_map"])
+        warnings = ct_warnings(volume, paths["label_map"]) + engine_warnings(engine)
         for o in objects:
             if not o["voxels"]:
                 why = ("every voxel went to other objects by the overlap rule" if o["voxels_before_overlap_rule"]
                        else "the model found nothing at its clicks")
                 warnings.append(f"object {o['label']} ({o['name']}): empty mask: {why}")
+            dropped = max((r.get("dropped_clicks", 0) for r in result["reports"][o["label"]]), default=0)
+            if dropped:
+                warnings.append(
+                    f"object {o['label']} ({o['name']}): {len(o['clicks'])} clicks, but the engine takes at most "
+                    f"{session.max_points} points per decoder call: up to {dropped} older click(s) were left out, so the "
+                    "mask differs from the torch engine's (bosam export --max-points N raises the limit)")
         manifest = {
             "tool": "bosam segment",
             "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),

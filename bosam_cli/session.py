@@ -115,6 +115,8 @@ class ClickReport:
     new_windows: int = 0
     voxels: int = 0
     note: str = ""
+    #: most clicks left out of one decoder call: the engine's point limit (click memory "all")
+    dropped_clicks: int = 0
 
     def as_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -271,7 +273,7 @@ class Session:
                 containing = [win]
                 opened = win
         for win in containing:
-            self._decode(win, self._points_for(state, win.geom, [(ras, bool(positive))]), report)
+            self._decode(win, self._points_for(state, win.geom, [(ras, bool(positive))], report=report), report)
             if win is opened and self.click_memory == "newest":
                 # the object's earlier clicks in the new window (negative ones made where it had
                 # no window yet), in order, as a grown window gets them
@@ -420,16 +422,26 @@ class Session:
         return emb
 
     def _points_for(self, state: ObjectState, geom: WindowGeometry, new: list[tuple[np.ndarray, bool]],
-                    include_new: bool = True) -> list[tuple[np.ndarray, bool]]:
+                    include_new: bool = True, report: ClickReport | None = None) -> list[tuple[np.ndarray, bool]]:
         """The points of one decoder call in window ``geom``. ``new``: the click just made (already
         the last of ``state.clicks``), or a grown window's seed point. "newest": ``new`` alone;
         "all": the object's clicks inside the window, oldest first and ``new`` last, the newest
-        ``max_points`` of them when the engine has a limit."""
+        ``max_points`` of them when the engine has a limit (``report`` notes how many were left
+        out: the mask then differs from an engine without the limit)."""
         if self.click_memory == "newest":
             return new
         clicks = state.clicks[:-1] if include_new else state.clicks
         pts = [(c.ras, c.positive) for c in clicks if geom.contains(c.ras[None])[0]] + new
-        return pts[-self.max_points:] if self.max_points else pts
+        if not self.max_points or len(pts) <= self.max_points:
+            return pts
+        dropped = len(pts) - self.max_points
+        if report is not None and dropped > report.dropped_clicks:
+            report.dropped_clicks = dropped
+            note = (f"{dropped} older click(s) left out: the engine takes {self.max_points} points per call "
+                    "(bosam export --max-points N raises the limit)")
+            kept = [n for n in report.note.split("; ") if n and "older click(s) left out" not in n]
+            report.note = "; ".join([*kept, note])
+        return pts[-self.max_points:]
 
     def _decode(self, win: WindowState, points: list[tuple[np.ndarray, bool]], report: ClickReport) -> None:
         emb = self._embedding(win.geom, report)
@@ -512,7 +524,7 @@ class Session:
     def _decode_seed(self, state: ObjectState, win: WindowState, seed: np.ndarray, report: ClickReport) -> None:
         """One more decoder call in ``win`` with a positive seed point (and, with click memory
         "all", the object's clicks in that window before it)."""
-        points = (self._points_for(state, win.geom, [(seed, True)], include_new=False)
+        points = (self._points_for(state, win.geom, [(seed, True)], include_new=False, report=report)
                   if self.click_memory == "all" else [(seed, True)])
         self._decode(win, points, report)
 

@@ -23,6 +23,7 @@ from .manifest import (
     DECODER_ONNX,
     ENCODER_ONNX,
     check_files,
+    check_io_shapes,
     load_manifest,
 )
 
@@ -138,7 +139,7 @@ class OrtEngine:
                 "install onnxruntime-gpu (bosam[gpu]) or use --device cpu"
             )
         device_id = _device_id(providers)
-        max_points = int(self.manifest.get("max_points", 0)) or 64
+        max_points = int(self.manifest["max_points"])  # validated when the manifest was read
         enc_opts = [_provider_options(p, device_id, self.dir, None) for p in requested]
         dec_opts = [_provider_options(p, device_id, self.dir, max_points) for p in requested]
 
@@ -172,9 +173,12 @@ class OrtEngine:
             )
         self.device_id = device_id
         man = self.manifest
-        self.img_size = int(man.get("img_size", 128))
-        self.mask_size = int(man.get("mask_size", 32))
-        self.max_points = int(man.get("max_points", 0)) or None
+        self.img_size = int(man["img_size"])
+        self.mask_size = int(man["mask_size"])
+        self.max_points = int(man["max_points"])
+        check_io_shapes(man, self.dir, ENCODER_ONNX, DECODER_ONNX,
+                        {v.name: v.shape for v in (*self.enc.get_inputs(), *self.enc.get_outputs())},
+                        {v.name: v.shape for v in (*self.dec.get_inputs(), *self.dec.get_outputs())})
         embed_shape = tuple(man.get("embed_shape") or self.enc.get_outputs()[0].shape)
         # the checkpoint's spacing, HU clamp and click feeding, as exported (segment reads them)
         self.metadata = dict(self.manifest.get("model_metadata") or {})

@@ -18,7 +18,7 @@ import numpy as np
 from bosam_cli.errors import EngineError
 
 from .base import Embedding, EngineInfo, check_decode_inputs, check_embedding, check_image
-from .manifest import DECODER_PLAN, ENCODER_PLAN, check_files, load_manifest
+from .manifest import DECODER_PLAN, ENCODER_PLAN, check_files, check_io_shapes, load_manifest
 
 #: TensorRT DataType member name -> torch dtype name
 _TRT_TO_TORCH = {
@@ -134,9 +134,11 @@ class TrtEngine:
             {"embedding": "in", "points": "in", "labels": "in", "mask_prompt": "in", "low_res_logits": "out", "iou": "out"},
         )
         man = self.manifest
-        self.img_size = int(man.get("img_size", 128))
-        self.mask_size = int(man.get("mask_size", 32))
-        self.max_points = int(built.get("max_points") or man.get("max_points") or 64)
+        check_io_shapes(man, self.dir, ENCODER_PLAN, DECODER_PLAN,
+                        {k: v[2] for k, v in self.enc_io.items()}, {k: v[2] for k, v in self.dec_io.items()})
+        self.img_size = int(man["img_size"])  # validated when the manifest was read
+        self.mask_size = int(man["mask_size"])
+        self.max_points = int(built.get("max_points") or man["max_points"])
         self.embed_shape = tuple(int(v) for v in self.enc_io["embedding"][2])
         m = self.mask_size
         # fixed device buffers: the click path allocates nothing

@@ -428,11 +428,16 @@ def export_onnx(
     _check_target(target)
 
     created = make_dirs(target.parent)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-    os.chmod(tmp, 0o777 & ~current_umask())  # the folder others use, not mkdtemp's private 0700
     try:
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    except OSError as exc:
+        _remove_created(created)
+        raise _about_target(exc, target) from None
+    try:
+        os.chmod(tmp, 0o777 & ~current_umask())  # the folder others use, not mkdtemp's private 0700
         manifest = _export_into(
-            model, tmp, precision, max_points, opset, ckpt_path, ckpt_sha, preset_name, seed, threads, log
+            model, tmp, precision, max_points, opset, ckpt_path, ckpt_sha, preset_name, seed, threads, log,
+            random_init=model_or_checkpoint is None,
         )
         if trt:
             from .trt_build import build_trt_engines
@@ -442,16 +447,40 @@ def export_onnx(
 
             manifest = load_manifest(tmp)
         _replace_dir(tmp, target)
-    except BaseException:
+    except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
-        for d in reversed(created):
-            try:
-                d.rmdir()
-            except OSError:
-                break
+        _remove_created(created)
+        if isinstance(exc, OSError) and _names_scratch(exc, target):
+            raise _about_target(exc, target) from None
         raise
     manifest["path"] = str(target)
     return manifest
+
+
+def _remove_created(created: list[Path]) -> None:
+    for d in reversed(created):
+        try:
+            d.rmdir()
+        except OSError:
+            break
+
+
+def _names_scratch(exc: OSError, target: Path) -> bool:
+    """The error names one of export's scratch folders beside the target (``.name.tmp-*``,
+    ``.name.old-*``) or a file in one: a name the user never gave."""
+    for f in (exc.filename, exc.filename2):
+        if f is None:
+            continue
+        p = Path(os.fsdecode(f)).absolute()
+        for q in (p, *p.parents):
+            if q.parent == target.absolute().parent and q.name.startswith(f".{target.name}."):
+                return True
+    return False
+
+
+def _about_target(exc: OSError, target: Path) -> EngineError:
+    """An OSError about export's scratch folder, told about the target (a read-only or full disk)."""
+    return EngineError(f"{target}: cannot write the engine folder ({exc.strerror or exc})")
 
 
 def _check_target(target: Path) -> None:
@@ -491,6 +520,7 @@ def _export_into(
     seed: int,
     threads: int | None,
     log: Log,
+    random_init: bool = False,
 ) -> dict[str, Any]:
     import torch
 
@@ -563,6 +593,8 @@ def _export_into(
         "checkpoint_path": str(ckpt_path) if ckpt_path else None,
         "checkpoint_sha256": ckpt_sha,
         "weights_fingerprint": state_dict_fingerprint(model),
+        # no checkpoint: random weights (export --preset without --checkpoint), which segment warns about
+        "random_init": bool(random_init),
         "preset": preset,
         "arch": dict(getattr(model, "arch", {}) or {}),
         "img_size": int(model.img_size),

@@ -580,6 +580,27 @@ def test_trt_engine_refusals(fake_trt, folder):
         TrtEngine(folder, memory=CpuMemory())
 
 
+def test_a_plan_from_another_build_is_refused(fake_trt, folder):
+    """The plans are checked against the size and sha256 the build recorded in the manifest."""
+    from bosam_cli.atomic import sha256_file
+    from engines.trt_engine import TrtEngine
+    from export import build_trt_engines
+
+    man = build_trt_engines(folder)
+    for name in ("encoder.plan", "decoder.plan"):
+        rec = man["tensorrt"]["plans"][name]
+        assert rec["sha256"] == sha256_file(folder / name) and rec["bytes"] == (folder / name).stat().st_size
+    plan = (folder / "decoder.plan").read_bytes()
+    other = bytearray(plan)
+    other[len(other) // 2] ^= 1
+    (folder / "decoder.plan").write_bytes(bytes(other))  # same size, other bytes
+    with pytest.raises(EngineError, match=r"decoder.plan: does not match the engine's manifest \(sha256 "):
+        TrtEngine(folder, memory=CpuMemory())
+    (folder / "decoder.plan").write_bytes(plan + b" ")
+    with pytest.raises(EngineError, match=r"decoder.plan: does not match the engine's manifest \(\d+ bytes"):
+        TrtEngine(folder, memory=CpuMemory())
+
+
 def test_engines_are_deserialised_with_their_device_current(fake_trt, folder, monkeypatch):
     """TensorRT binds an engine to the CUDA device current when it is built or deserialised:
     with device 1 asked for, the builders, the runtime and both plans are made while device 1
