@@ -508,8 +508,8 @@ def _cases_from_manifest(path: Path) -> list[Case]:
         raise BosamError(f"{path}: cases: expected a list of rows with 'ct' and 'points', got {type(rows).__name__}")
     cases = []
     for i, row in enumerate(rows):
-        if isinstance(row, dict):
-            row = {str(k).strip(): v for k, v in row.items()}
+        if isinstance(row, dict):  # spaces around cells, as spreadsheets leave them
+            row = {str(k).strip(): (v.strip() if isinstance(v, str) else v) for k, v in row.items()}
         if not isinstance(row, dict) or not row.get("ct") or not row.get("points"):
             empty = [k for k in ("ct", "points") if isinstance(row, dict) and k in row and not row[k]]
             found = (f"; found {', '.join(repr(k) for k in row)}" if isinstance(row, dict) else "") if not empty else \
@@ -560,26 +560,31 @@ def segment_batch(
 
 
 def _refuse_shared_outputs(cases: list[Case], out_dir: str | os.PathLike | None) -> None:
-    """Two cases writing the same label map would silently keep only the last: refused before
-    any work (a label map path as -o for several CTs, two rows with one 'out', a.nii and
-    a.nii.gz in one folder)."""
-    planned: dict[Path, Path] = {}
-    inputs = {Path(os.path.abspath(p)): case.ct for case in cases for p in (case.ct, case.points)}
+    """Before any work: a case's output that is another case's input, or an output two cases
+    would write (one label map for several CTs, two rows with one 'out', a.nii and a.nii.gz in
+    one folder, x.nii beside x.nii.gz sharing x.json). Paths are compared with symbolic links
+    resolved: an 'out' through a linked folder had overwritten another case's CT."""
+    def key(p: Path) -> str:
+        return os.path.realpath(p)
+
+    inputs = {key(p): case.ct for case in cases for p in (case.ct, case.points)}
+    claimed: dict[str, tuple[Path, str]] = {}
     for case in cases:
         try:
             paths = output_paths(case.ct, case.out or (Path(out_dir) if out_dir else None))
         except BosamError:
             continue  # reported with its case
-        for what in ("label_map", "manifest"):
-            key = Path(os.path.abspath(paths[what]))
-            if key in inputs:
-                raise BosamError(f"{paths[what]}: the {what.replace('_', ' ')} of {case.ct} would overwrite an input "
-                                 f"of the batch (of {inputs[key]}); choose another output (-o)")
-        key = Path(os.path.abspath(paths["label_map"]))
-        if key in planned:
-            raise BosamError(f"{paths['label_map']}: both {planned[key]} and {case.ct} would write this label map; "
-                             "give -o a folder, or each case its own 'out'")
-        planned[key] = case.ct
+        for what in ("label_map", "manifest", "overlay", "objects_dir", "meshes_dir"):
+            k = key(paths[what])
+            name = what.replace("_dir", " folder").replace("_", " ")
+            if what in ("label_map", "manifest") and k in inputs:
+                raise BosamError(f"{paths[what]}: the {name} of {case.ct} would overwrite an input of the batch "
+                                 f"(of {inputs[k]}); choose another output (-o)")
+            if k in claimed:
+                other, _ = claimed[k]
+                raise BosamError(f"{paths[what]}: both {other} and {case.ct} would write this {name}; "
+                                 "give -o a folder, or each case its own 'out'")
+            claimed[k] = (case.ct, what)
 
 
 # ---------------------------------------------------------------------------------------------

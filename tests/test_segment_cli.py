@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import struct
 import subprocess
@@ -225,6 +226,47 @@ def test_outputs_never_overwrite_inputs_nor_each_other(tmp_path, random_checkpoi
     r = bosam("segment", str(ct), "--points", str(ct.with_name("example_ct_sm.json")), "-o", str(tmp_path / "one"),
               *options)
     assert r.returncode == 0 and "[/bold]" in r.stdout and "[left]" in r.stdout, r.stdout + r.stderr  # not markup
+
+
+def test_batch_outputs_through_links_or_sharing_a_manifest_are_refused_before_any_work(tmp_path):
+    """An 'out' through a linked folder onto another case's CT (it overwrote the CT, exit 0),
+    two 'out's that are one file through a link (the first result lost), x.nii beside x.nii.gz
+    (one x.json for both), and one CT twice into one output: refused before any work. Cells
+    with spaces around them, as spreadsheets leave them, are read."""
+    from bosam_cli.errors import BosamError
+    from bosam_cli.segment import _refuse_shared_outputs, find_cases
+
+    (tmp_path / "cts").mkdir()
+    (tmp_path / "res").mkdir()
+    for name in ("a", "b"):
+        (tmp_path / "cts" / f"{name}.nii.gz").write_bytes(b"x")
+        (tmp_path / f"{name}.json").write_text("{}")
+    (tmp_path / "ctlink").symlink_to(tmp_path / "cts")
+    (tmp_path / "reslink").symlink_to(tmp_path / "res")
+    rows = {
+        "onto_ct": ["cts/a.nii.gz,a.json,ctlink/b.nii.gz", "cts/b.nii.gz,b.json,o_b.nii.gz"],
+        "one_file": ["cts/a.nii.gz,a.json,res/z.nii.gz", "cts/b.nii.gz,b.json,reslink/z.nii.gz"],
+        "one_manifest": ["cts/a.nii.gz,a.json,x.nii", "cts/b.nii.gz,b.json,x.nii.gz"],
+        "same_ct_twice": ["cts/a.nii.gz,a.json,r1/", "cts/a.nii.gz,b.json,r1/"],
+    }
+    messages = {
+        "onto_ct": f"{tmp_path / 'ctlink' / 'b.nii.gz'}: the label map of {tmp_path / 'cts' / 'a.nii.gz'} would "
+                   f"overwrite an input of the batch (of {tmp_path / 'cts' / 'b.nii.gz'})",
+        "one_file": f"{tmp_path / 'reslink' / 'z.nii.gz'}: both {tmp_path / 'cts' / 'a.nii.gz'} and "
+                    f"{tmp_path / 'cts' / 'b.nii.gz'} would write this label map",
+        "one_manifest": f"{tmp_path / 'x.json'}: both {tmp_path / 'cts' / 'a.nii.gz'} and "
+                        f"{tmp_path / 'cts' / 'b.nii.gz'} would write this manifest",
+        "same_ct_twice": "would write this label map",
+    }
+    for name, lines in rows.items():
+        csv_file = tmp_path / f"{name}.csv"
+        csv_file.write_text("ct,points,out\n" + "\n".join(lines) + "\n")
+        with pytest.raises(BosamError, match=re.escape(messages[name])):
+            _refuse_shared_outputs(find_cases(csv_file, None), None)
+    (tmp_path / "spaces.csv").write_text("ct, points ,out\n cts/a.nii.gz , a.json , r2/ \n")
+    (case,) = find_cases(tmp_path / "spaces.csv", None)
+    assert (case.ct, case.points, case.out) == (tmp_path / "cts" / "a.nii.gz", tmp_path / "a.json", tmp_path / "r2")
+    _refuse_shared_outputs([case], None)
 
 
 def test_batch_manifests_and_engine_options_fail_in_one_line(tmp_path):
