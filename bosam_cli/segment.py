@@ -362,7 +362,31 @@ def segment_file(
             },
         }
         write_json(manifest, paths["manifest"])
+    _remove_stale_extras(paths, written)
     return manifest
+
+
+#: the per-object masks and meshes segment writes: <label>_<name>.<ending>
+_EXTRA_FILE = re.compile(r"[0-9]+_[A-Za-z0-9_.-]*\.(nii\.gz|nii|nrrd|mha|dcm|stl)")
+
+
+def _remove_stale_extras(paths: dict[str, Path], written: list[Path]) -> None:
+    """After a run's files are in place: per-object masks and meshes that an earlier run into the
+    same output left in its ``_objects/`` and ``_meshes/`` folders (objects since removed, or no
+    --per-object / --mesh this time) go, and so does a folder that is left empty; the manifest
+    describes exactly what lies there. Other files in those folders are left alone."""
+    keep = {os.path.realpath(p) for p in written}
+    for key in ("objects_dir", "meshes_dir"):
+        folder = paths[key]
+        if not folder.is_dir():
+            continue
+        for f in folder.iterdir():
+            if f.is_file() and _EXTRA_FILE.fullmatch(f.name) and os.path.realpath(f) not in keep:
+                f.unlink(missing_ok=True)
+        try:
+            folder.rmdir()  # only when empty
+        except OSError:
+            pass
 
 
 def guard_outputs(paths: dict[str, Path], inputs: Iterable[Path | None]) -> None:

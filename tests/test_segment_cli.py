@@ -613,6 +613,40 @@ def test_a_full_disk_is_one_line_naming_the_file_and_the_demo_leaves_no_folder(t
     assert not (tmp_path / "new").exists()
 
 
+def test_a_rerun_leaves_no_stale_masks_or_meshes_of_the_earlier_run(tmp_path):
+    """Two objects with --per-object --mesh, then one object, then neither flag, into one
+    output: each time the _objects/ and _meshes/ folders hold exactly what the manifest lists
+    (an earlier run's masks and meshes had stayed, listed nowhere); other files there stay."""
+    from fake_engines import SphereEngine
+
+    from bosam_cli.segment import SegmentOptions, segment_file
+
+    ct = tmp_path / "ct.nii.gz"
+    nib.save(nib.Nifti1Image(np.full((40, 40, 40), -1000, np.int16), np.diag([2.0, 2.0, 2.0, 1.0])), str(ct))
+    two = tmp_path / "two.json"
+    two.write_text(json.dumps({"coordinate_system": "voxel", "objects": [
+        {"label": 1, "name": "b1", "clicks": [{"xyz": [10, 10, 10]}]},
+        {"label": 2, "name": "b2", "clicks": [{"xyz": [30, 30, 30]}]}]}))
+    one = tmp_path / "one.json"
+    one.write_text(json.dumps({"coordinate_system": "voxel", "objects": [
+        {"label": 1, "name": "b1", "clicks": [{"xyz": [10, 10, 10]}]}]}))
+    out = tmp_path / "o.nii.gz"
+
+    def listed(m):
+        return sorted(Path(o[k]).name for o in m["objects"] for k in ("mask_file", "mesh_file") if k in o)
+
+    def present():
+        return sorted(p.name for d in ("o_objects", "o_meshes") if (tmp_path / d).is_dir() for p in (tmp_path / d).iterdir())
+
+    m = segment_file(ct, two, out, SphereEngine(radius_vox=3.0), SegmentOptions(refine="none", per_object=True, mesh=True))
+    assert present() == listed(m) == ["1_b1.nii.gz", "1_b1.stl", "2_b2.nii.gz", "2_b2.stl"]
+    (tmp_path / "o_objects" / "notes.txt").write_text("mine")
+    m = segment_file(ct, one, out, SphereEngine(radius_vox=3.0), SegmentOptions(refine="none", per_object=True, mesh=True))
+    assert present() == sorted(listed(m) + ["notes.txt"]) and listed(m) == ["1_b1.nii.gz", "1_b1.stl"]
+    m = segment_file(ct, one, out, SphereEngine(radius_vox=3.0), SegmentOptions(refine="none"))
+    assert listed(m) == [] and present() == ["notes.txt"] and not (tmp_path / "o_meshes").exists()
+
+
 def test_label_map_as_metaimage_with_per_object_masks(tmp_path, random_checkpoint):
     """``-o x.mha`` (or .nrrd): the label map and the per-object masks in that format, on the
     CT's grid; a detached .mhd header is refused up front with nothing written."""
