@@ -61,7 +61,18 @@ def run_demo(
     if Path(out_dir).exists() and not Path(out_dir).is_dir():
         raise BosamError(f"{out_dir}: is a file; -o is the folder for the demo's outputs")
     with all_or_nothing():
-        return _run_demo(Path(out_dir), engine, ct, points, seed, options)
+        manifest = _run_demo(Path(out_dir), engine, ct, points, seed, options)
+    if ct is not None:  # an earlier phantom demo's files would sit beside another CT's result
+        inputs = {os.path.realpath(p) for p in (ct, points) if p is not None}
+        for name in PHANTOM_FILES:
+            f = Path(out_dir) / name
+            if f.is_file() and os.path.realpath(f) not in inputs:
+                f.unlink()
+    return manifest
+
+
+#: what a phantom demo writes besides the segmentation (``Phantom.save`` and the prompt file)
+PHANTOM_FILES = ("phantom_ct.nii.gz", "phantom_labels.nii.gz", "phantom.json", "phantom_points.json")
 
 
 def _run_demo(out: Path, engine: Any, ct: str | os.PathLike | None, points: str | os.PathLike | None,
