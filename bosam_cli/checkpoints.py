@@ -233,6 +233,8 @@ def read_checkpoint(path: str | os.PathLike, keep_container: bool = False) -> Ch
         raise CheckpointError(f"{path}: no such checkpoint file")
     if path.is_dir():
         raise CheckpointError(f"{path}: is a folder, not a checkpoint file")
+    if not path.is_file():  # /dev/zero or a pipe: hashing it never ended
+        raise CheckpointError(f"{path}: not a regular file (a device or a pipe), not a checkpoint file")
     digest = sha256_file(path)
     metadata: dict[str, Any] = {}
     extra: list[str] = []

@@ -505,8 +505,10 @@ def bench(
     from .errors import BosamError, EngineError
 
     kinds = ["torch", "onnxruntime", "tensorrt"] if engine == "all" else [engine]
-    if repeats < 1 or decoder_repeats < 1:
-        raise BosamError("--repeats and --decoder-repeats must be >= 1")
+    if engine not in ("all", "torch", "onnxruntime", "tensorrt"):
+        raise BosamError(f"--engine must be torch, onnxruntime, tensorrt or all, not {engine!r}")
+    if not (1 <= repeats <= 1000 and 1 <= decoder_repeats <= 10000):  # a huge value ran until killed
+        raise BosamError("--repeats must be 1 .. 1000 and --decoder-repeats 1 .. 10000")
     check_threads(threads)
     check_preset(preset)
     if threads:

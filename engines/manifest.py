@@ -236,7 +236,8 @@ def check_files(manifest: Mapping[str, Any], engine_dir: str | os.PathLike, name
     for name in names:
         path = Path(engine_dir) / name
         if not path.is_file():
-            raise EngineError(f"{path}: missing from the engine folder (re-run bosam export)")
+            what = "missing from the engine folder" if not path.exists() else "not a regular file"
+            raise EngineError(f"{path}: {what} (re-run bosam export)")
     for name in names:
         path = Path(engine_dir) / name
         rec = _file_record(manifest, name)

@@ -244,6 +244,16 @@ def test_not_a_checkpoint_is_a_clear_error(tmp_path, content, pattern):
     assert str(p) in str(err.value)
 
 
+def test_a_device_or_pipe_as_checkpoint_is_refused_without_reading_it(tmp_path):
+    import os
+
+    fifo = tmp_path / "pipe.pth"
+    os.mkfifo(fifo)
+    for path in (Path("/dev/zero"), fifo):  # hashing them never ended
+        with pytest.raises(CheckpointError, match="not a regular file"):
+            load_model(path)
+
+
 def test_a_checkpoint_with_an_empty_state_dict_says_so(tmp_path):
     p = tmp_path / "empty_sd.pth"
     torch.save({"state_dict": {}, "epoch": 3}, p)

@@ -123,3 +123,11 @@ def test_bench_table_and_explicit_engine_errors(exported, ckpt):
     proc = fx.run_cli("bench", "--engine", "onnxruntime", "--checkpoint", str(ckpt), "--engine-dir", str(out),
                       "--precision", "fp16", "--repeats", "1")
     assert proc.returncode == 2 and "are fp32, not fp16" in _one_error_line(proc)
+
+
+def test_bench_refuses_an_unknown_engine_and_endless_repeats_in_one_line(exported):
+    out, _ = exported
+    for flags, text in ((["--engine", "foo"], "--engine must be torch, onnxruntime, tensorrt or all, not 'foo'"),
+                        (["--repeats", "100000000"], "--repeats must be 1 .. 1000 and --decoder-repeats 1 .. 10000")):
+        proc = fx.run_cli("bench", "--engine-dir", str(out), *flags)
+        assert proc.returncode == 2 and _one_error_line(proc) == f"error: {text}", proc.stderr
