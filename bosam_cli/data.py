@@ -140,6 +140,9 @@ def _volume_files(folder: Path, problems: list[Problem]) -> list[tuple[str, Path
     for p in sorted(folder.iterdir()):
         if p.is_symlink() and not p.exists() and _volume_stem(p.name) is not None:
             problems.append(Problem(p.name, p, f"broken link to {os.readlink(p)} (the file it points to is missing)", "warning"))
+        elif p.is_dir() and not p.name.startswith("."):  # nnU-Net reads no sub-folders: cases there are not seen
+            problems.append(Problem(p.name, p, "a folder: its files are not read (cases lie directly in "
+                                    f"{folder.name}/)", "warning"))
     for p in _listing(folder):
         parts = _volume_stem(p.name)
         if parts is None:

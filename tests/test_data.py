@@ -51,10 +51,15 @@ def test_cases_pair_channel_suffix_plain_names_and_nii(tmp_path):
     save_nifti(lab, aff, root / "labelsTr" / "b.nii")
     save_nifti(ct, aff, root / "imagesTr" / "c_0001.nii.gz")  # a second channel: ignored, told
     (root / "imagesTr" / ".DS_Store").write_text("x")  # hidden files: silently ignored
+    (root / "imagesTr" / ".cache").mkdir()  # hidden folders too
     cases, problems = find_cases([root])
     assert [(c.name, c.image.name, c.label.name) for c in cases] == [
         ("a", "a_0000.nii.gz", "a.nii.gz"), ("b", "b.nii", "b.nii")]
     assert len(problems) == 1 and problems[0].severity == "warning" and "channel 0001" in problems[0].message
+    save_nifti(ct, aff, root / "imagesTr" / "more" / "d_0000.nii.gz")  # nnU-Net reads no sub-folders: told
+    _, problems = find_cases([root])
+    assert [str(p) for p in problems if "folder" in p.message] == [
+        f"{root / 'imagesTr' / 'more'}: a folder: its files are not read (cases lie directly in imagesTr/)"]
 
 
 def _as_other_format(src: Path, dst: Path) -> Path:
