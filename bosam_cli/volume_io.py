@@ -196,10 +196,10 @@ def _is_multiframe_ct(ds: Any) -> bool:
 def read_enhanced_dicom(file: str | os.PathLike) -> Volume:
     """An enhanced (multi-frame) CT, the whole volume in one file, through highdicom: frames
     sorted in space from their per-frame plane positions, the shared or per-frame rescale
-    applied. The array is (column i, row j, slice k) as for a series of single slices; the slice
-    axis runs in the order highdicom sorts the frames, and the affine says which way that is.
-    A file whose frames do not form one regular 3-D grid (several stacks, uneven gaps) is
-    refused with highdicom's reason."""
+    applied. The array is (column i, row j, slice k) as for a series of single slices, slices
+    sorted along the slice normal ``row x column`` (as ITK orders a series), whatever the order
+    of the frames in the file. A file whose frames do not form one regular 3-D grid (several
+    stacks, uneven gaps) is refused with highdicom's reason."""
     file = Path(file)
     try:
         import highdicom as hd
@@ -219,6 +219,13 @@ def read_enhanced_dicom(file: str | os.PathLike) -> Volume:
     affine_lps[:3, 2] = grid.affine[:3, 0]
     affine_lps[:3, 3] = grid.affine[:3, 3]
     array = values.transpose(2, 1, 0)
+    # highdicom picks its own slice direction; the rule for DICOM is ITK's: k grows along the
+    # normal row x column (row: the step of i along a row; column: the step of j down a column)
+    normal = np.cross(affine_lps[:3, 0], affine_lps[:3, 1])
+    if float(affine_lps[:3, 2] @ normal) < 0:
+        array = array[:, :, ::-1]
+        affine_lps[:3, 3] = affine_lps[:3, 3] + (array.shape[2] - 1) * affine_lps[:3, 2]
+        affine_lps[:3, 2] = -affine_lps[:3, 2]
     if np.all(np.isfinite(array)) and np.array_equal(array, np.round(array)) and array.size \
             and array.min() >= -32768 and array.max() <= 32767:
         array = array.astype(np.int16)

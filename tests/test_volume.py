@@ -827,6 +827,32 @@ def test_dicom_enhanced_multiframe_ct_reads_as_its_single_slice_series(tmp_path)
     assert read_volume(tmp_path / "series" / "zz_enhanced").meta["format"] == "dicom-multiframe"
 
 
+@pytest.mark.parametrize("order", [[0, 1, 2, 3, 4], [4, 3, 2, 1, 0], [3, 0, 4, 1, 2]],
+                         ids=["forward", "reversed", "shuffled"])
+def test_dicom_enhanced_ct_slices_run_along_the_normal_as_its_series_and_itk(tmp_path, order):
+    """``voxel`` prompts index the array: an enhanced file gives the array and affine of the
+    same scan as a single-slice series (slices sorted along row x column, as ITK sorts them),
+    whatever the order of its frames; highdicom's own slice order (the reverse) mirrored every
+    voxel click along k."""
+    pytest.importorskip("highdicom")
+    write_dicom_series(tmp_path / "series", rows=6, cols=5, n=5)
+    classic = read_volume(tmp_path / "series")
+    enhanced_file = tmp_path / "enh" / "ENHANCED.dcm"
+    write_enhanced_ct(tmp_path / "series", enhanced_file, order=order)
+    vol = read_volume(enhanced_file)
+    np.testing.assert_array_equal(vol.array, classic.array)
+    np.testing.assert_allclose(vol.affine, classic.affine, atol=1e-4)
+    assert vol.meta["frame_slices"] == order  # frame f of the file is slice order[f]
+    if order == sorted(order):  # ITK (GDCM) keeps an enhanced file's frames in file order
+        sitk = pytest.importorskip("SimpleITK")
+        img = sitk.ReadImage(str(enhanced_file))
+        direction = np.asarray(img.GetDirection()).reshape(3, 3)
+        np.testing.assert_allclose(np.asarray(img.GetOrigin()) * [-1, -1, 1], vol.affine[:3, 3], atol=1e-3)
+        np.testing.assert_allclose(direction * np.array([[-1], [-1], [1]]),
+                                   vol.affine[:3, :3] / np.linalg.norm(vol.affine[:3, :3], axis=0), atol=1e-4)
+        np.testing.assert_array_equal(sitk.GetArrayFromImage(img).transpose(2, 1, 0), vol.array)
+
+
 def test_dicom_fractional_rescale_gives_float32(tmp_path):
     pytest.importorskip("pydicom")
     write_dicom_series(tmp_path / "s", slope="0.5", intercept="-1000.25")
