@@ -198,15 +198,31 @@ def read_enhanced_dicom(file: str | os.PathLike) -> Volume:
     sorted in space from their per-frame plane positions, the shared or per-frame rescale
     applied. The array is (column i, row j, slice k) as for a series of single slices, slices
     sorted along the slice normal ``row x column`` (as ITK orders a series), whatever the order
-    of the frames in the file. A file whose frames do not form one regular 3-D grid (several
-    stacks, uneven gaps) is refused with highdicom's reason."""
+    of the frames in the file. Read with ``force=True`` (a file without the 128-byte preamble,
+    as for a series). Before highdicom sees it, the file's own counts and values are checked,
+    each refusal one line naming the file and the field: ``NumberOfFrames`` against the
+    per-frame functional groups and (uncompressed) the ``PixelData`` length, every frame's
+    ``PlanePositionSequence``. ``FrameOfReferenceUID`` is not needed to read it (as for a
+    series): only a DICOM SEG written on it needs it, and that writer refuses. A file whose frames do not form
+    one regular 3-D grid (several stacks, uneven gaps) is refused with highdicom's reason."""
     file = Path(file)
     try:
         import highdicom as hd
+        import pydicom
+        from pydicom.uid import generate_uid
     except ImportError:  # pragma: no cover - depends on the install
         raise VolumeError(f"{file}: reading a multi-frame (enhanced) DICOM needs highdicom (pip install 'bosam[io]')") from None
     try:
-        image = hd.imread(str(file))
+        ds = pydicom.dcmread(file, force=True)  # as the series path and the file's detection read it
+    except Exception as exc:  # noqa: BLE001 - not DICOM, truncated
+        raise VolumeError(f"{file}: not a readable DICOM file ({_one_line(exc)})") from None
+    _check_frames(ds, file)
+    if not str(ds.get("FrameOfReferenceUID", "") or "").strip():
+        # highdicom builds no volume without one; the grid does not depend on it, and the file
+        # on disk keeps lacking it, so a DICOM SEG on this CT is still refused naming it
+        ds.FrameOfReferenceUID = generate_uid()
+    try:
+        image = hd.Image.from_dataset(ds, copy=False)
         grid = image.get_volume(dtype=np.float32)
     except Exception as exc:  # noqa: BLE001 - not one regular volume, undecodable frames
         raise VolumeError(f"{file}: multi-frame DICOM: not one regular 3-D volume ({_one_line(exc)})") from None
@@ -241,6 +257,62 @@ def read_enhanced_dicom(file: str | os.PathLike) -> Volume:
         "frame_slices": _frame_slices(image, affine_lps, int(array.shape[2])),
     }
     return Volume(array, LPS_TO_RAS @ affine_lps, None, file, meta)
+
+
+def _check_frames(ds: Any, file: Path) -> None:
+    """A one-line VolumeError when a multi-frame file's frame count is not one number:
+    ``NumberOfFrames``, the items of ``PerFrameFunctionalGroupsSequence`` and (uncompressed)
+    the frames ``PixelData`` holds must agree (a lower ``NumberOfFrames`` silently dropped
+    slices; a missing item was reported as frames sharing a position); and every frame needs a
+    plane position (its own, or a shared one)."""
+    try:
+        raw = ds.get("NumberOfFrames")
+        n = int(raw)
+    except Exception:  # noqa: BLE001 - absent, empty, not a number
+        raise VolumeError(f"{file}: NumberOfFrames: expected a whole number of frames, got {ds.get('NumberOfFrames')!r}") from None
+    if n < 1:
+        raise VolumeError(f"{file}: NumberOfFrames: expected at least 1, got {n}")
+    per_frame = ds.get("PerFrameFunctionalGroupsSequence")
+    if per_frame is None:
+        raise VolumeError(f"{file}: PerFrameFunctionalGroupsSequence: missing, so the frames cannot be placed in space")
+    items = len(per_frame)
+    pixel_frames = None  # the whole frames PixelData holds, when it is uncompressed
+    ts = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
+    data = ds.get("PixelData")
+    if data is None:
+        raise VolumeError(f"{file}: PixelData: missing")
+    try:
+        bits, rows, cols = int(ds.BitsAllocated), int(ds.Rows), int(ds.Columns)
+        samples = int(ds.get("SamplesPerPixel", 1) or 1)
+    except Exception:  # noqa: BLE001 - absent or not numbers: highdicom says which
+        bits = rows = cols = samples = 0
+    frame_bytes = rows * cols * samples * bits // 8
+    if ts is not None and not ts.is_encapsulated and bits % 8 == 0 and frame_bytes > 0:
+        have = len(data.value if hasattr(data, "value") else data)
+        pixel_frames = have // frame_bytes
+        if have < n * frame_bytes and pixel_frames != items:  # (when it is items, NumberOfFrames is named below)
+            raise VolumeError(f"{file}: PixelData: {have} bytes, but NumberOfFrames {n} of Rows x Columns {rows}x{cols} "
+                              f"at BitsAllocated {bits} needs {n * frame_bytes} (a truncated file?)")
+    holds = f" and PixelData holds {pixel_frames} frames" if pixel_frames is not None else ""
+    if items != n or (pixel_frames is not None and pixel_frames > n):
+        if pixel_frames is not None and pixel_frames == n and items != n:  # an item missing (or one too many)
+            what = f"PerFrameFunctionalGroupsSequence: {items} items (one per frame), but NumberOfFrames is {n}{holds}"
+        else:
+            what = f"NumberOfFrames: {n}, but PerFrameFunctionalGroupsSequence has {items} items (one per frame){holds}"
+        raise VolumeError(f"{file}: {what}; read, the volume would lose or misplace slices: export the file again")
+    shared = ds.get("SharedFunctionalGroupsSequence")
+    shared = shared[0] if shared else None
+    for index, fg in enumerate(per_frame):
+        group = fg if "PlanePositionSequence" in fg else shared
+        try:
+            position = group.PlanePositionSequence[0].ImagePositionPatient
+            ok = len(position) == 3 and all(np.isfinite(float(v)) for v in position)
+        except Exception:  # noqa: BLE001 - absent, empty, not numbers
+            ok = False
+        if not ok:
+            raise VolumeError(f"{file}: PlanePositionSequence: frame {index + 1} (PerFrameFunctionalGroupsSequence item "
+                              f"{index + 1}) has no ImagePositionPatient of three finite numbers, so it cannot be "
+                              "placed in the volume: export the file again")
 
 
 def _frame_slices(ds: Any, affine_lps: np.ndarray, n_slices: int) -> list[int] | None:

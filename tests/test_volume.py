@@ -827,6 +827,16 @@ def test_dicom_enhanced_multiframe_ct_reads_as_its_single_slice_series(tmp_path)
     assert read_volume(tmp_path / "series" / "zz_enhanced").meta["format"] == "dicom-multiframe"
 
 
+def edit_enhanced(path: Path, change) -> None:
+    """Read the enhanced file at ``path``, let ``change(ds)`` break it, and save it again as it
+    is (no validation), as a faulty export would hold it."""
+    import pydicom
+
+    ds = pydicom.dcmread(path)
+    change(ds)
+    ds.save_as(path)
+
+
 @pytest.mark.parametrize("order", [[0, 1, 2, 3, 4], [4, 3, 2, 1, 0], [3, 0, 4, 1, 2]],
                          ids=["forward", "reversed", "shuffled"])
 def test_dicom_enhanced_ct_slices_run_along_the_normal_as_its_series_and_itk(tmp_path, order):
@@ -851,6 +861,55 @@ def test_dicom_enhanced_ct_slices_run_along_the_normal_as_its_series_and_itk(tmp
         np.testing.assert_allclose(direction * np.array([[-1], [-1], [1]]),
                                    vol.affine[:3, :3] / np.linalg.norm(vol.affine[:3, :3], axis=0), atol=1e-4)
         np.testing.assert_array_equal(sitk.GetArrayFromImage(img).transpose(2, 1, 0), vol.array)
+
+
+def _drop_position(ds: Any) -> None:
+    del ds.PerFrameFunctionalGroupsSequence[2].PlanePositionSequence
+
+
+@pytest.mark.parametrize("change, fields", [
+    (lambda ds: setattr(ds, "NumberOfFrames", 4), ["NumberOfFrames: 4, but PerFrameFunctionalGroupsSequence has 5",
+                                                   "PixelData holds 5 frames"]),
+    (lambda ds: setattr(ds, "NumberOfFrames", 1), ["NumberOfFrames: 1, but"]),
+    (lambda ds: setattr(ds, "NumberOfFrames", 6), ["NumberOfFrames: 6, but"]),
+    (lambda ds: ds.PerFrameFunctionalGroupsSequence.pop(2),
+     ["PerFrameFunctionalGroupsSequence: 4 items (one per frame), but NumberOfFrames is 5"]),
+    (lambda ds: setattr(ds, "PerFrameFunctionalGroupsSequence", []),
+     ["PerFrameFunctionalGroupsSequence: 0 items"]),
+    (_drop_position, ["PlanePositionSequence: frame 3"]),
+    (lambda ds: setattr(ds, "PixelData", ds.PixelData[:100]), ["PixelData: 100 bytes", "needs 300"]),
+], ids=["fewer", "one", "more", "item-missing", "no-items", "no-position", "truncated"])
+def test_dicom_enhanced_ct_frame_counts_that_disagree_are_refused_naming_the_field(tmp_path, change, fields):
+    """A NumberOfFrames below the frames present silently dropped slices (1 read one slice);
+    a missing per-frame item was reported as frames sharing a position, a frame without a
+    plane position as a KeyError, an empty per-frame sequence as an IndexError."""
+    pytest.importorskip("highdicom")
+    write_dicom_series(tmp_path / "series", rows=6, cols=5, n=5)
+    enhanced_file = tmp_path / "enh" / "ENHANCED.dcm"
+    write_enhanced_ct(tmp_path / "series", enhanced_file, order=[0, 1, 2, 3, 4])
+    edit_enhanced(enhanced_file, change)
+    with pytest.raises(VolumeError) as exc:
+        read_volume(enhanced_file)
+    assert_one_line_naming(exc, enhanced_file, *fields)
+
+
+def test_dicom_enhanced_ct_without_the_preamble_is_read(tmp_path):
+    """Detected as an enhanced CT with force=True, the file was then read without it."""
+    pytest.importorskip("highdicom")
+    import pydicom
+
+    write_dicom_series(tmp_path / "series", rows=6, cols=5, n=5)
+    enhanced_file = tmp_path / "enh" / "ENHANCED.dcm"
+    write_enhanced_ct(tmp_path / "series", enhanced_file, order=[1, 0, 2, 4, 3])
+    want = read_volume(enhanced_file)
+    ds = pydicom.dcmread(enhanced_file)
+    ds.preamble = None
+    ds.save_as(enhanced_file, enforce_file_format=False)
+    assert enhanced_file.read_bytes()[128:132] != b"DICM"
+    for source in (enhanced_file, enhanced_file.parent):
+        vol = read_volume(source)
+        np.testing.assert_array_equal(vol.array, want.array)
+        np.testing.assert_allclose(vol.affine, want.affine)
 
 
 def test_dicom_fractional_rescale_gives_float32(tmp_path):
