@@ -202,8 +202,9 @@ def read_enhanced_dicom(file: str | os.PathLike) -> Volume:
     as for a series). Before highdicom sees it, the file's own counts and values are checked,
     each refusal one line naming the file and the field: ``NumberOfFrames`` against the
     per-frame functional groups and (uncompressed) the ``PixelData`` length, every frame's
-    ``PlanePositionSequence``. ``FrameOfReferenceUID`` is not needed to read it (as for a
-    series): only a DICOM SEG written on it needs it, and that writer refuses. A file whose frames do not form
+    ``PlanePositionSequence``, and the Pixel Value Transformation values with the series'
+    rescale rules. ``FrameOfReferenceUID`` is not needed to read it (as for a series): only a
+    DICOM SEG written on it needs it, and that writer refuses. A file whose frames do not form
     one regular 3-D grid (several stacks, uneven gaps) is refused with highdicom's reason."""
     file = Path(file)
     try:
@@ -217,6 +218,7 @@ def read_enhanced_dicom(file: str | os.PathLike) -> Volume:
     except Exception as exc:  # noqa: BLE001 - not DICOM, truncated
         raise VolumeError(f"{file}: not a readable DICOM file ({_one_line(exc)})") from None
     _check_frames(ds, file)
+    _check_frame_rescale(ds, file)
     if not str(ds.get("FrameOfReferenceUID", "") or "").strip():
         # highdicom builds no volume without one; the grid does not depend on it, and the file
         # on disk keeps lacking it, so a DICOM SEG on this CT is still refused naming it
@@ -315,6 +317,40 @@ def _check_frames(ds: Any, file: Path) -> None:
                               "placed in the volume: export the file again")
 
 
+def _check_frame_rescale(ds: Any, file: Path) -> None:
+    """The series' rescale rules (:func:`_rescale`: a finite number, magnitude at most 1e6, no
+    slope of 0; slopes of one sign over the frames) on the Pixel Value Transformation of the
+    shared and of every per-frame functional group, refused in one line naming the file, the
+    frame and the field."""
+    field = "PixelValueTransformationSequence."
+
+    def transformation(group: Any) -> Any:
+        try:
+            seq = group.get("PixelValueTransformationSequence") if group is not None else None
+        except Exception:  # noqa: BLE001 - a malformed sequence: highdicom says what it finds
+            return None
+        return seq[0] if seq else None
+
+    shared = ds.get("SharedFunctionalGroupsSequence")
+    shared_item = transformation(shared[0] if shared else None)
+    default = (1.0, 0.0)
+    if shared_item is not None:
+        default = _rescale(shared_item, file, prefix=field, where=" (shared functional group)")
+    slopes = []
+    for index, fg in enumerate(ds.get("PerFrameFunctionalGroupsSequence") or []):
+        item = transformation(fg)
+        slopes.append(default[0] if item is None else
+                      _rescale(item, file, prefix=field, where=f" (frame {index + 1})")[0])
+    slopes_arr = np.asarray(slopes, dtype=np.float64)
+    negative = slopes_arr < 0
+    n = slopes_arr.size
+    if 0 < np.count_nonzero(negative) < n:  # a sign flip between frames: one of them is corrupt
+        odd = negative if np.count_nonzero(negative) <= n // 2 else ~negative
+        k = int(np.argmax(odd))
+        raise VolumeError(f"{file}: {field}RescaleSlope (frame {k + 1}): {slopes_arr[k]:g} here but of the other sign "
+                          f"in {n - int(np.count_nonzero(odd))} of the {n} frames; the header is corrupt")
+
+
 def _frame_slices(ds: Any, affine_lps: np.ndarray, n_slices: int) -> list[int] | None:
     """The volume's slice index of every frame of a multi-frame file, in frame order (what a
     DICOM SEG on it references), from the frames' plane positions; None when a frame does not
@@ -368,29 +404,31 @@ _MAX_RESCALE_SLOPE = 1e6
 _MAX_RESCALE_INTERCEPT = 1e6
 
 
-def _rescale(ds: Any, f: Path) -> tuple[float, float]:
+def _rescale(ds: Any, f: Path, prefix: str = "", where: str = "") -> tuple[float, float]:
     """(RescaleSlope, RescaleIntercept) of one slice: 1 and 0 when absent or empty; a value
     that is not a number, not finite, a slope of 0 or a magnitude no CT has is a one-line
-    VolumeError naming the file and the field."""
+    VolumeError naming the file and the field (for an enhanced CT, ``prefix`` names its
+    functional group sequence and ``where`` the frame, as ``RescaleSlope (frame 3)``)."""
     out = []
-    for keyword, default, limit in (("RescaleSlope", 1.0, _MAX_RESCALE_SLOPE),
-                                    ("RescaleIntercept", 0.0, _MAX_RESCALE_INTERCEPT)):
+    for name, default, limit in (("RescaleSlope", 1.0, _MAX_RESCALE_SLOPE),
+                                 ("RescaleIntercept", 0.0, _MAX_RESCALE_INTERCEPT)):
+        keyword, name = name, prefix + name + where
         try:
             raw = ds.get(keyword)
         except Exception as exc:  # noqa: BLE001 - pydicom converting a malformed value
-            raise VolumeError(f"{f}: {keyword}: not a number ({_one_line(exc)})") from None
+            raise VolumeError(f"{f}: {name}: not a number ({_one_line(exc)})") from None
         if raw is None or (isinstance(raw, (str, bytes)) and not raw.strip()):
             out.append(default)
             continue
         try:
             value = float(raw)
         except (TypeError, ValueError):
-            raise VolumeError(f"{f}: {keyword}: not a number: {raw!r}") from None
+            raise VolumeError(f"{f}: {name}: not a number: {raw!r}") from None
         if not np.isfinite(value) or abs(value) > limit:
-            raise VolumeError(f"{f}: {keyword}: {value:g} is no CT rescale value (expected a finite number of "
+            raise VolumeError(f"{f}: {name}: {value:g} is no CT rescale value (expected a finite number of "
                               f"magnitude at most {limit:g})")
         if keyword == "RescaleSlope" and value == 0:
-            raise VolumeError(f"{f}: RescaleSlope: 0 would make every voxel of the slice the intercept; "
+            raise VolumeError(f"{f}: {name}: 0 would make every voxel of the slice the intercept; "
                               "the header is corrupt")
         out.append(value)
     return out[0], out[1]

@@ -10,7 +10,7 @@ import gzip
 import os
 import random
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import nibabel as nib
 import numpy as np
@@ -891,6 +891,67 @@ def test_dicom_enhanced_ct_frame_counts_that_disagree_are_refused_naming_the_fie
     with pytest.raises(VolumeError) as exc:
         read_volume(enhanced_file)
     assert_one_line_naming(exc, enhanced_file, *fields)
+
+
+def _frame_rescale(slopes: list, intercept="-1024") -> Callable[[Any], None]:
+    """Move the rescale from the shared functional group into every frame's own, frame f with
+    slope ``slopes[f]``."""
+    def change(ds: Any) -> None:
+        from pydicom.dataset import Dataset
+        from pydicom.sequence import Sequence
+
+        del ds.SharedFunctionalGroupsSequence[0].PixelValueTransformationSequence
+        for fg, slope in zip(ds.PerFrameFunctionalGroupsSequence, slopes):
+            item = Dataset()
+            item.RescaleSlope, item.RescaleIntercept, item.RescaleType = slope, intercept, "HU"
+            fg.PixelValueTransformationSequence = Sequence([item])
+    return change
+
+
+def _shared_rescale(keyword: str, raw: str) -> Callable[[Any], None]:
+    def change(ds: Any) -> None:
+        setattr(ds.SharedFunctionalGroupsSequence[0].PixelValueTransformationSequence[0], keyword, raw)
+    return change
+
+
+@pytest.mark.parametrize("change, fields", [
+    (_shared_rescale("RescaleSlope", "0"), ["PixelValueTransformationSequence.RescaleSlope (shared", "0 would make"]),
+    (_shared_rescale("RescaleSlope", "1e30"), ["PixelValueTransformationSequence.RescaleSlope (shared", "1e+30"]),
+    (_shared_rescale("RescaleSlope", "1e7"), ["PixelValueTransformationSequence.RescaleSlope (shared", "1e+07"]),
+    (_shared_rescale("RescaleIntercept", "1e30"), ["PixelValueTransformationSequence.RescaleIntercept (shared"]),
+    (_shared_rescale("RescaleSlope", "nan"), ["PixelValueTransformationSequence.RescaleSlope (shared", "nan"]),
+    (_frame_rescale(["1", "1", "0", "1", "1"]), ["PixelValueTransformationSequence.RescaleSlope (frame 3)"]),
+    (_frame_rescale(["1", "1", "1", "inf", "1"]), ["PixelValueTransformationSequence.RescaleSlope (frame 4)", "inf"]),
+    (_frame_rescale(["1", "-1", "1", "1", "1"]),
+     ["PixelValueTransformationSequence.RescaleSlope (frame 2): -1", "other sign in 4 of the 5 frames"]),
+], ids=["slope0", "slope1e30", "slope1e7", "intercept1e30", "slope-nan", "frame-slope0", "frame-slope-inf",
+        "frame-slopes-of-both-signs"])
+@pytest.mark.filterwarnings("ignore:Invalid value for VR DS")  # the corrupt values written
+def test_dicom_enhanced_ct_bad_rescale_is_refused_as_in_a_series(tmp_path, change, fields):
+    """The series' rescale rules hold for the shared and per-frame Pixel Value Transformation
+    of an enhanced CT: a slope of 0 was read as 1, 1e30 gave voxels of 1e33, one frame's slope
+    of -1 gave a wrong HU warning."""
+    pytest.importorskip("highdicom")
+    write_dicom_series(tmp_path / "series", rows=6, cols=5, n=5)
+    enhanced_file = tmp_path / "enh" / "ENHANCED.dcm"
+    write_enhanced_ct(tmp_path / "series", enhanced_file, order=[2, 0, 1, 4, 3])
+    edit_enhanced(enhanced_file, change)
+    with pytest.raises(VolumeError) as exc:
+        read_volume(enhanced_file)
+    assert_one_line_naming(exc, enhanced_file, *fields)
+
+
+def test_dicom_enhanced_ct_per_frame_rescale_of_one_sign_is_applied_per_frame(tmp_path):
+    pytest.importorskip("highdicom")
+    write_dicom_series(tmp_path / "series", rows=6, cols=5, n=5)
+    classic = read_volume(tmp_path / "series")
+    enhanced_file = tmp_path / "enh" / "ENHANCED.dcm"
+    write_enhanced_ct(tmp_path / "series", enhanced_file, order=[0, 1, 2, 3, 4])
+    edit_enhanced(enhanced_file, _frame_rescale(["1", "1", "2", "1", "1"]))
+    vol = read_volume(enhanced_file)
+    want = classic.array.astype(np.float64)
+    want[:, :, 2] = (want[:, :, 2] + 1024) * 2 - 1024
+    np.testing.assert_array_equal(vol.array, want)
 
 
 def test_dicom_enhanced_ct_without_the_preamble_is_read(tmp_path):
