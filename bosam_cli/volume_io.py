@@ -196,17 +196,35 @@ def _is_multiframe_ct(ds: Any) -> bool:
 def read_enhanced_dicom(file: str | os.PathLike) -> Volume:
     """An enhanced (multi-frame) CT, the whole volume in one file, through highdicom: frames
     sorted in space from their per-frame plane positions, the shared or per-frame rescale
-    applied. The array is (column i, row j, slice k) as for a series of single slices; the slice
-    axis runs in the order highdicom sorts the frames, and the affine says which way that is.
-    A file whose frames do not form one regular 3-D grid (several stacks, uneven gaps) is
-    refused with highdicom's reason."""
+    applied. The array is (column i, row j, slice k) as for a series of single slices, slices
+    sorted along the slice normal ``row x column`` (as ITK orders a series), whatever the order
+    of the frames in the file. Read with ``force=True`` (a file without the 128-byte preamble,
+    as for a series). Before highdicom sees it, the file's own counts and values are checked,
+    each refusal one line naming the file and the field: ``NumberOfFrames`` against the
+    per-frame functional groups and (uncompressed) the ``PixelData`` length, every frame's
+    ``PlanePositionSequence``, and the Pixel Value Transformation values with the series'
+    rescale rules. ``FrameOfReferenceUID`` is not needed to read it (as for a series): only a
+    DICOM SEG written on it needs it, and that writer refuses. A file whose frames do not form
+    one regular 3-D grid (several stacks, uneven gaps) is refused with highdicom's reason."""
     file = Path(file)
     try:
         import highdicom as hd
+        import pydicom
+        from pydicom.uid import generate_uid
     except ImportError:  # pragma: no cover - depends on the install
         raise VolumeError(f"{file}: reading a multi-frame (enhanced) DICOM needs highdicom (pip install 'bosam[io]')") from None
     try:
-        image = hd.imread(str(file))
+        ds = pydicom.dcmread(file, force=True)  # as the series path and the file's detection read it
+    except Exception as exc:  # noqa: BLE001 - not DICOM, truncated
+        raise VolumeError(f"{file}: not a readable DICOM file ({_one_line(exc)})") from None
+    _check_frames(ds, file)
+    _check_frame_rescale(ds, file)
+    if not str(ds.get("FrameOfReferenceUID", "") or "").strip():
+        # highdicom builds no volume without one; the grid does not depend on it, and the file
+        # on disk keeps lacking it, so a DICOM SEG on this CT is still refused naming it
+        ds.FrameOfReferenceUID = generate_uid()
+    try:
+        image = hd.Image.from_dataset(ds, copy=False)
         grid = image.get_volume(dtype=np.float32)
     except Exception as exc:  # noqa: BLE001 - not one regular volume, undecodable frames
         raise VolumeError(f"{file}: multi-frame DICOM: not one regular 3-D volume ({_one_line(exc)})") from None
@@ -219,6 +237,13 @@ def read_enhanced_dicom(file: str | os.PathLike) -> Volume:
     affine_lps[:3, 2] = grid.affine[:3, 0]
     affine_lps[:3, 3] = grid.affine[:3, 3]
     array = values.transpose(2, 1, 0)
+    # highdicom picks its own slice direction; the rule for DICOM is ITK's: k grows along the
+    # normal row x column (row: the step of i along a row; column: the step of j down a column)
+    normal = np.cross(affine_lps[:3, 0], affine_lps[:3, 1])
+    if float(affine_lps[:3, 2] @ normal) < 0:
+        array = array[:, :, ::-1]
+        affine_lps[:3, 3] = affine_lps[:3, 3] + (array.shape[2] - 1) * affine_lps[:3, 2]
+        affine_lps[:3, 2] = -affine_lps[:3, 2]
     if np.all(np.isfinite(array)) and np.array_equal(array, np.round(array)) and array.size \
             and array.min() >= -32768 and array.max() <= 32767:
         array = array.astype(np.int16)
@@ -234,6 +259,96 @@ def read_enhanced_dicom(file: str | os.PathLike) -> Volume:
         "frame_slices": _frame_slices(image, affine_lps, int(array.shape[2])),
     }
     return Volume(array, LPS_TO_RAS @ affine_lps, None, file, meta)
+
+
+def _check_frames(ds: Any, file: Path) -> None:
+    """A one-line VolumeError when a multi-frame file's frame count is not one number:
+    ``NumberOfFrames``, the items of ``PerFrameFunctionalGroupsSequence`` and (uncompressed)
+    the frames ``PixelData`` holds must agree (a lower ``NumberOfFrames`` silently dropped
+    slices; a missing item was reported as frames sharing a position); and every frame needs a
+    plane position (its own, or a shared one)."""
+    try:
+        raw = ds.get("NumberOfFrames")
+        n = int(raw)
+    except Exception:  # noqa: BLE001 - absent, empty, not a number
+        raise VolumeError(f"{file}: NumberOfFrames: expected a whole number of frames, got {ds.get('NumberOfFrames')!r}") from None
+    if n < 1:
+        raise VolumeError(f"{file}: NumberOfFrames: expected at least 1, got {n}")
+    per_frame = ds.get("PerFrameFunctionalGroupsSequence")
+    if per_frame is None:
+        raise VolumeError(f"{file}: PerFrameFunctionalGroupsSequence: missing, so the frames cannot be placed in space")
+    items = len(per_frame)
+    pixel_frames = None  # the whole frames PixelData holds, when it is uncompressed
+    ts = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
+    data = ds.get("PixelData")
+    if data is None:
+        raise VolumeError(f"{file}: PixelData: missing")
+    try:
+        bits, rows, cols = int(ds.BitsAllocated), int(ds.Rows), int(ds.Columns)
+        samples = int(ds.get("SamplesPerPixel", 1) or 1)
+    except Exception:  # noqa: BLE001 - absent or not numbers: highdicom says which
+        bits = rows = cols = samples = 0
+    frame_bytes = rows * cols * samples * bits // 8
+    if ts is not None and not ts.is_encapsulated and bits % 8 == 0 and frame_bytes > 0:
+        have = len(data.value if hasattr(data, "value") else data)
+        pixel_frames = have // frame_bytes
+        if have < n * frame_bytes and pixel_frames != items:  # (when it is items, NumberOfFrames is named below)
+            raise VolumeError(f"{file}: PixelData: {have} bytes, but NumberOfFrames {n} of Rows x Columns {rows}x{cols} "
+                              f"at BitsAllocated {bits} needs {n * frame_bytes} (a truncated file?)")
+    holds = f" and PixelData holds {pixel_frames} frames" if pixel_frames is not None else ""
+    if items != n or (pixel_frames is not None and pixel_frames > n):
+        if pixel_frames is not None and pixel_frames == n and items != n:  # an item missing (or one too many)
+            what = f"PerFrameFunctionalGroupsSequence: {items} items (one per frame), but NumberOfFrames is {n}{holds}"
+        else:
+            what = f"NumberOfFrames: {n}, but PerFrameFunctionalGroupsSequence has {items} items (one per frame){holds}"
+        raise VolumeError(f"{file}: {what}; read, the volume would lose or misplace slices: export the file again")
+    shared = ds.get("SharedFunctionalGroupsSequence")
+    shared = shared[0] if shared else None
+    for index, fg in enumerate(per_frame):
+        group = fg if "PlanePositionSequence" in fg else shared
+        try:
+            position = group.PlanePositionSequence[0].ImagePositionPatient
+            ok = len(position) == 3 and all(np.isfinite(float(v)) for v in position)
+        except Exception:  # noqa: BLE001 - absent, empty, not numbers
+            ok = False
+        if not ok:
+            raise VolumeError(f"{file}: PlanePositionSequence: frame {index + 1} (PerFrameFunctionalGroupsSequence item "
+                              f"{index + 1}) has no ImagePositionPatient of three finite numbers, so it cannot be "
+                              "placed in the volume: export the file again")
+
+
+def _check_frame_rescale(ds: Any, file: Path) -> None:
+    """The series' rescale rules (:func:`_rescale`: a finite number, magnitude at most 1e6, no
+    slope of 0; slopes of one sign over the frames) on the Pixel Value Transformation of the
+    shared and of every per-frame functional group, refused in one line naming the file, the
+    frame and the field."""
+    field = "PixelValueTransformationSequence."
+
+    def transformation(group: Any) -> Any:
+        try:
+            seq = group.get("PixelValueTransformationSequence") if group is not None else None
+        except Exception:  # noqa: BLE001 - a malformed sequence: highdicom says what it finds
+            return None
+        return seq[0] if seq else None
+
+    shared = ds.get("SharedFunctionalGroupsSequence")
+    shared_item = transformation(shared[0] if shared else None)
+    default = (1.0, 0.0)
+    if shared_item is not None:
+        default = _rescale(shared_item, file, prefix=field, where=" (shared functional group)")
+    slopes = []
+    for index, fg in enumerate(ds.get("PerFrameFunctionalGroupsSequence") or []):
+        item = transformation(fg)
+        slopes.append(default[0] if item is None else
+                      _rescale(item, file, prefix=field, where=f" (frame {index + 1})")[0])
+    slopes_arr = np.asarray(slopes, dtype=np.float64)
+    negative = slopes_arr < 0
+    n = slopes_arr.size
+    if 0 < np.count_nonzero(negative) < n:  # a sign flip between frames: one of them is corrupt
+        odd = negative if np.count_nonzero(negative) <= n // 2 else ~negative
+        k = int(np.argmax(odd))
+        raise VolumeError(f"{file}: {field}RescaleSlope (frame {k + 1}): {slopes_arr[k]:g} here but of the other sign "
+                          f"in {n - int(np.count_nonzero(odd))} of the {n} frames; the header is corrupt")
 
 
 def _frame_slices(ds: Any, affine_lps: np.ndarray, n_slices: int) -> list[int] | None:
@@ -289,29 +404,31 @@ _MAX_RESCALE_SLOPE = 1e6
 _MAX_RESCALE_INTERCEPT = 1e6
 
 
-def _rescale(ds: Any, f: Path) -> tuple[float, float]:
+def _rescale(ds: Any, f: Path, prefix: str = "", where: str = "") -> tuple[float, float]:
     """(RescaleSlope, RescaleIntercept) of one slice: 1 and 0 when absent or empty; a value
     that is not a number, not finite, a slope of 0 or a magnitude no CT has is a one-line
-    VolumeError naming the file and the field."""
+    VolumeError naming the file and the field (for an enhanced CT, ``prefix`` names its
+    functional group sequence and ``where`` the frame, as ``RescaleSlope (frame 3)``)."""
     out = []
-    for keyword, default, limit in (("RescaleSlope", 1.0, _MAX_RESCALE_SLOPE),
-                                    ("RescaleIntercept", 0.0, _MAX_RESCALE_INTERCEPT)):
+    for name, default, limit in (("RescaleSlope", 1.0, _MAX_RESCALE_SLOPE),
+                                 ("RescaleIntercept", 0.0, _MAX_RESCALE_INTERCEPT)):
+        keyword, name = name, prefix + name + where
         try:
             raw = ds.get(keyword)
         except Exception as exc:  # noqa: BLE001 - pydicom converting a malformed value
-            raise VolumeError(f"{f}: {keyword}: not a number ({_one_line(exc)})") from None
+            raise VolumeError(f"{f}: {name}: not a number ({_one_line(exc)})") from None
         if raw is None or (isinstance(raw, (str, bytes)) and not raw.strip()):
             out.append(default)
             continue
         try:
             value = float(raw)
         except (TypeError, ValueError):
-            raise VolumeError(f"{f}: {keyword}: not a number: {raw!r}") from None
+            raise VolumeError(f"{f}: {name}: not a number: {raw!r}") from None
         if not np.isfinite(value) or abs(value) > limit:
-            raise VolumeError(f"{f}: {keyword}: {value:g} is no CT rescale value (expected a finite number of "
+            raise VolumeError(f"{f}: {name}: {value:g} is no CT rescale value (expected a finite number of "
                               f"magnitude at most {limit:g})")
         if keyword == "RescaleSlope" and value == 0:
-            raise VolumeError(f"{f}: RescaleSlope: 0 would make every voxel of the slice the intercept; "
+            raise VolumeError(f"{f}: {name}: 0 would make every voxel of the slice the intercept; "
                               "the header is corrupt")
         out.append(value)
     return out[0], out[1]

@@ -213,6 +213,28 @@ def test_seg_of_an_enhanced_multiframe_ct_references_its_frames(tmp_path):
                                    [float(v) for v in fg.PlanePositionSequence[0].ImagePositionPatient], atol=1e-4)
 
 
+def test_enhanced_ct_without_frame_of_reference_is_read_and_only_a_seg_refused(tmp_path):
+    """As for a series: an enhanced CT without FrameOfReferenceUID is read (highdicom refused
+    to build its volume, so even a NIfTI label map was refused); only a DICOM SEG, which
+    references it, is refused, naming the field."""
+    write_dicom_series(tmp_path / "series", rows=6, cols=5, n=4)
+    classic = read_volume(tmp_path / "series")
+    enhanced = tmp_path / "enh" / "ct.dcm"
+    write_enhanced_ct(tmp_path / "series", enhanced, order=[2, 0, 3, 1])
+    ds = pydicom.dcmread(enhanced)
+    del ds.FrameOfReferenceUID
+    ds.save_as(enhanced)
+    vol = read_volume(enhanced)
+    np.testing.assert_array_equal(vol.array, classic.array)
+    assert "FrameOfReferenceUID" not in pydicom.dcmread(enhanced, stop_before_pixels=True)  # the file is untouched
+    labels = np.zeros(vol.shape, np.uint8)
+    labels[1:3, 1:3, 1:3] = 1
+    write_label_map(labels, vol, tmp_path / "out.nii.gz", {1: "bone"})
+    with pytest.raises(VolumeError, match=r"ct\.dcm: FrameOfReferenceUID: missing, so a DICOM SEG cannot reference"):
+        write_label_map(labels, vol, tmp_path / "out.dcm", {1: "bone"})
+    assert not (tmp_path / "out.dcm").exists()
+
+
 def write_nifti_as_dicom(nifti: Path, folder: Path) -> None:
     """The CT as a DICOM series: column i, row j, slice k of the NIfTI array, same patient
     positions (LPS), HU stored as int16, files named in no particular order."""

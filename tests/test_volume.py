@@ -10,7 +10,7 @@ import gzip
 import os
 import random
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import nibabel as nib
 import numpy as np
@@ -825,6 +825,152 @@ def test_dicom_enhanced_multiframe_ct_reads_as_its_single_slice_series(tmp_path)
     with pytest.raises(VolumeError, match=r"2 series found.*multi-frame"):
         read_volume(tmp_path / "series")
     assert read_volume(tmp_path / "series" / "zz_enhanced").meta["format"] == "dicom-multiframe"
+
+
+def edit_enhanced(path: Path, change) -> None:
+    """Read the enhanced file at ``path``, let ``change(ds)`` break it, and save it again as it
+    is (no validation), as a faulty export would hold it."""
+    import pydicom
+
+    ds = pydicom.dcmread(path)
+    change(ds)
+    ds.save_as(path)
+
+
+@pytest.mark.parametrize("order", [[0, 1, 2, 3, 4], [4, 3, 2, 1, 0], [3, 0, 4, 1, 2]],
+                         ids=["forward", "reversed", "shuffled"])
+def test_dicom_enhanced_ct_slices_run_along_the_normal_as_its_series_and_itk(tmp_path, order):
+    """``voxel`` prompts index the array: an enhanced file gives the array and affine of the
+    same scan as a single-slice series (slices sorted along row x column, as ITK sorts them),
+    whatever the order of its frames; highdicom's own slice order (the reverse) mirrored every
+    voxel click along k."""
+    pytest.importorskip("highdicom")
+    write_dicom_series(tmp_path / "series", rows=6, cols=5, n=5)
+    classic = read_volume(tmp_path / "series")
+    enhanced_file = tmp_path / "enh" / "ENHANCED.dcm"
+    write_enhanced_ct(tmp_path / "series", enhanced_file, order=order)
+    vol = read_volume(enhanced_file)
+    np.testing.assert_array_equal(vol.array, classic.array)
+    np.testing.assert_allclose(vol.affine, classic.affine, atol=1e-4)
+    assert vol.meta["frame_slices"] == order  # frame f of the file is slice order[f]
+    if order == sorted(order):  # ITK (GDCM) keeps an enhanced file's frames in file order
+        sitk = pytest.importorskip("SimpleITK")
+        img = sitk.ReadImage(str(enhanced_file))
+        direction = np.asarray(img.GetDirection()).reshape(3, 3)
+        np.testing.assert_allclose(np.asarray(img.GetOrigin()) * [-1, -1, 1], vol.affine[:3, 3], atol=1e-3)
+        np.testing.assert_allclose(direction * np.array([[-1], [-1], [1]]),
+                                   vol.affine[:3, :3] / np.linalg.norm(vol.affine[:3, :3], axis=0), atol=1e-4)
+        np.testing.assert_array_equal(sitk.GetArrayFromImage(img).transpose(2, 1, 0), vol.array)
+
+
+def _drop_position(ds: Any) -> None:
+    del ds.PerFrameFunctionalGroupsSequence[2].PlanePositionSequence
+
+
+@pytest.mark.parametrize("change, fields", [
+    (lambda ds: setattr(ds, "NumberOfFrames", 4), ["NumberOfFrames: 4, but PerFrameFunctionalGroupsSequence has 5",
+                                                   "PixelData holds 5 frames"]),
+    (lambda ds: setattr(ds, "NumberOfFrames", 1), ["NumberOfFrames: 1, but"]),
+    (lambda ds: setattr(ds, "NumberOfFrames", 6), ["NumberOfFrames: 6, but"]),
+    (lambda ds: ds.PerFrameFunctionalGroupsSequence.pop(2),
+     ["PerFrameFunctionalGroupsSequence: 4 items (one per frame), but NumberOfFrames is 5"]),
+    (lambda ds: setattr(ds, "PerFrameFunctionalGroupsSequence", []),
+     ["PerFrameFunctionalGroupsSequence: 0 items"]),
+    (_drop_position, ["PlanePositionSequence: frame 3"]),
+    (lambda ds: setattr(ds, "PixelData", ds.PixelData[:100]), ["PixelData: 100 bytes", "needs 300"]),
+], ids=["fewer", "one", "more", "item-missing", "no-items", "no-position", "truncated"])
+def test_dicom_enhanced_ct_frame_counts_that_disagree_are_refused_naming_the_field(tmp_path, change, fields):
+    """A NumberOfFrames below the frames present silently dropped slices (1 read one slice);
+    a missing per-frame item was reported as frames sharing a position, a frame without a
+    plane position as a KeyError, an empty per-frame sequence as an IndexError."""
+    pytest.importorskip("highdicom")
+    write_dicom_series(tmp_path / "series", rows=6, cols=5, n=5)
+    enhanced_file = tmp_path / "enh" / "ENHANCED.dcm"
+    write_enhanced_ct(tmp_path / "series", enhanced_file, order=[0, 1, 2, 3, 4])
+    edit_enhanced(enhanced_file, change)
+    with pytest.raises(VolumeError) as exc:
+        read_volume(enhanced_file)
+    assert_one_line_naming(exc, enhanced_file, *fields)
+
+
+def _frame_rescale(slopes: list, intercept="-1024") -> Callable[[Any], None]:
+    """Move the rescale from the shared functional group into every frame's own, frame f with
+    slope ``slopes[f]``."""
+    def change(ds: Any) -> None:
+        from pydicom.dataset import Dataset
+        from pydicom.sequence import Sequence
+
+        del ds.SharedFunctionalGroupsSequence[0].PixelValueTransformationSequence
+        for fg, slope in zip(ds.PerFrameFunctionalGroupsSequence, slopes):
+            item = Dataset()
+            item.RescaleSlope, item.RescaleIntercept, item.RescaleType = slope, intercept, "HU"
+            fg.PixelValueTransformationSequence = Sequence([item])
+    return change
+
+
+def _shared_rescale(keyword: str, raw: str) -> Callable[[Any], None]:
+    def change(ds: Any) -> None:
+        setattr(ds.SharedFunctionalGroupsSequence[0].PixelValueTransformationSequence[0], keyword, raw)
+    return change
+
+
+@pytest.mark.parametrize("change, fields", [
+    (_shared_rescale("RescaleSlope", "0"), ["PixelValueTransformationSequence.RescaleSlope (shared", "0 would make"]),
+    (_shared_rescale("RescaleSlope", "1e30"), ["PixelValueTransformationSequence.RescaleSlope (shared", "1e+30"]),
+    (_shared_rescale("RescaleSlope", "1e7"), ["PixelValueTransformationSequence.RescaleSlope (shared", "1e+07"]),
+    (_shared_rescale("RescaleIntercept", "1e30"), ["PixelValueTransformationSequence.RescaleIntercept (shared"]),
+    (_shared_rescale("RescaleSlope", "nan"), ["PixelValueTransformationSequence.RescaleSlope (shared", "nan"]),
+    (_frame_rescale(["1", "1", "0", "1", "1"]), ["PixelValueTransformationSequence.RescaleSlope (frame 3)"]),
+    (_frame_rescale(["1", "1", "1", "inf", "1"]), ["PixelValueTransformationSequence.RescaleSlope (frame 4)", "inf"]),
+    (_frame_rescale(["1", "-1", "1", "1", "1"]),
+     ["PixelValueTransformationSequence.RescaleSlope (frame 2): -1", "other sign in 4 of the 5 frames"]),
+], ids=["slope0", "slope1e30", "slope1e7", "intercept1e30", "slope-nan", "frame-slope0", "frame-slope-inf",
+        "frame-slopes-of-both-signs"])
+@pytest.mark.filterwarnings("ignore:Invalid value for VR DS")  # the corrupt values written
+def test_dicom_enhanced_ct_bad_rescale_is_refused_as_in_a_series(tmp_path, change, fields):
+    """The series' rescale rules hold for the shared and per-frame Pixel Value Transformation
+    of an enhanced CT: a slope of 0 was read as 1, 1e30 gave voxels of 1e33, one frame's slope
+    of -1 gave a wrong HU warning."""
+    pytest.importorskip("highdicom")
+    write_dicom_series(tmp_path / "series", rows=6, cols=5, n=5)
+    enhanced_file = tmp_path / "enh" / "ENHANCED.dcm"
+    write_enhanced_ct(tmp_path / "series", enhanced_file, order=[2, 0, 1, 4, 3])
+    edit_enhanced(enhanced_file, change)
+    with pytest.raises(VolumeError) as exc:
+        read_volume(enhanced_file)
+    assert_one_line_naming(exc, enhanced_file, *fields)
+
+
+def test_dicom_enhanced_ct_per_frame_rescale_of_one_sign_is_applied_per_frame(tmp_path):
+    pytest.importorskip("highdicom")
+    write_dicom_series(tmp_path / "series", rows=6, cols=5, n=5)
+    classic = read_volume(tmp_path / "series")
+    enhanced_file = tmp_path / "enh" / "ENHANCED.dcm"
+    write_enhanced_ct(tmp_path / "series", enhanced_file, order=[0, 1, 2, 3, 4])
+    edit_enhanced(enhanced_file, _frame_rescale(["1", "1", "2", "1", "1"]))
+    vol = read_volume(enhanced_file)
+    want = classic.array.astype(np.float64)
+    want[:, :, 2] = (want[:, :, 2] + 1024) * 2 - 1024
+    np.testing.assert_array_equal(vol.array, want)
+
+
+def test_dicom_enhanced_ct_without_the_preamble_is_read(tmp_path):
+    """Detected as an enhanced CT with force=True, the file was then read without it."""
+    pytest.importorskip("highdicom")
+    import pydicom
+
+    write_dicom_series(tmp_path / "series", rows=6, cols=5, n=5)
+    enhanced_file = tmp_path / "enh" / "ENHANCED.dcm"
+    write_enhanced_ct(tmp_path / "series", enhanced_file, order=[1, 0, 2, 4, 3])
+    want = read_volume(enhanced_file)
+    ds = pydicom.dcmread(enhanced_file)
+    ds.preamble = None
+    ds.save_as(enhanced_file, enforce_file_format=False)
+    assert enhanced_file.read_bytes()[128:132] != b"DICM"
+    for source in (enhanced_file, enhanced_file.parent):
+        vol = read_volume(source)
+        np.testing.assert_array_equal(vol.array, want.array)
+        np.testing.assert_allclose(vol.affine, want.affine)
 
 
 def test_dicom_fractional_rescale_gives_float32(tmp_path):
