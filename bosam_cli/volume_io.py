@@ -241,7 +241,7 @@ def read_enhanced_dicom(file: str | os.PathLike) -> Volume:
     # normal row x column (row: the step of i along a row; column: the step of j down a column)
     normal = np.cross(affine_lps[:3, 0], affine_lps[:3, 1])
     if float(affine_lps[:3, 2] @ normal) < 0:
-        array = array[:, :, ::-1]
+        array = np.asfortranarray(array[:, :, ::-1])  # no negative strides (torch.from_numpy refuses them)
         affine_lps[:3, 3] = affine_lps[:3, 3] + (array.shape[2] - 1) * affine_lps[:3, 2]
         affine_lps[:3, 2] = -affine_lps[:3, 2]
     if np.all(np.isfinite(array)) and np.array_equal(array, np.round(array)) and array.size \
