@@ -31,6 +31,7 @@ class _Stage:
     def __init__(self) -> None:
         self.files: list[tuple[Path, Path]] = []  # (temporary file, target), in write order
         self.folders: list[Path] = []  # outermost first
+        self.removals: list[Path] = []  # files to remove once the new ones are in place
 
 
 _STAGE: contextvars.ContextVar[_Stage | None] = contextvars.ContextVar("bosam_stage", default=None)
@@ -79,6 +80,28 @@ def all_or_nothing() -> Iterator[None]:
         for tmp, _ in stage.files[i:]:
             tmp.unlink(missing_ok=True)
         raise
+    _remove(stage.removals)
+
+
+def remove_when_committed(paths: "list[Path]") -> None:
+    """Remove ``paths`` (files an earlier run wrote, which this one replaces by nothing) when
+    the enclosing ``all_or_nothing`` block commits, after its new files are in place; at once
+    outside a block. A folder left empty by a removal goes too."""
+    stage = _STAGE.get()
+    if stage is None:
+        _remove(paths)
+    else:
+        stage.removals.extend(paths)
+
+
+def _remove(paths: "list[Path]") -> None:
+    for p in paths:
+        Path(p).unlink(missing_ok=True)
+    for folder in {Path(p).parent for p in paths}:
+        try:
+            folder.rmdir()  # only when empty
+        except OSError:
+            pass
 
 
 def _discard(stage: _Stage) -> None:

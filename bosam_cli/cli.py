@@ -386,9 +386,12 @@ def _segment_batch_cli(cases: list, out: Optional[Path], eng, options, as_json: 
             else:
                 t.add_row(esc(Path(r["ct"]).name), "[red]failed[/] (below)", "", "", "")  # the error follows, on stderr
         _console().print(t)
+        seen: set[str] = set()  # one engine's warning is every case's: said once
         for r in results:
             if r["ok"]:
-                _print_warnings(_console(stderr=True), r["manifest"]["warnings"])
+                fresh = [w for w in r["manifest"]["warnings"] if w not in seen]
+                seen.update(fresh)
+                _print_warnings(_console(stderr=True), fresh)
     for r in failed:
         _console(stderr=True).print(f"[bold red]error:[/] {esc(r['error'])}", soft_wrap=True)
     if failed:

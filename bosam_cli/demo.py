@@ -55,19 +55,18 @@ def run_demo(
 ) -> dict[str, Any]:
     """Run the demo; returns the segment manifest plus ``demo`` facts (Dice per bone). Its files
     are written all together or not at all (a failure leaves the folder as it was)."""
-    from .atomic import all_or_nothing
+    from .atomic import all_or_nothing, remove_when_committed
     from .errors import BosamError
 
     if Path(out_dir).exists() and not Path(out_dir).is_dir():
         raise BosamError(f"{out_dir}: is a file; -o is the folder for the demo's outputs")
     with all_or_nothing():
         manifest = _run_demo(Path(out_dir), engine, ct, points, seed, options)
-    if ct is not None:  # an earlier phantom demo's files would sit beside another CT's result
-        inputs = {os.path.realpath(p) for p in (ct, points) if p is not None}
-        for name in PHANTOM_FILES:
-            f = Path(out_dir) / name
-            if f.is_file() and os.path.realpath(f) not in inputs:
-                f.unlink()
+        own = [Path(out_dir) / name for name in PHANTOM_FILES]
+        if ct is not None and os.path.realpath(ct) not in {os.path.realpath(f) for f in own}:
+            # an earlier phantom demo's files would sit beside another CT's result (when the CT
+            # given is that phantom, its truth and clicks belong with it and stay)
+            remove_when_committed([f for f in own if f.is_file() and not f.is_symlink()])
     return manifest
 
 

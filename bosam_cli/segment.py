@@ -223,7 +223,7 @@ def segment_file(
     from engines.manifest import engine_warnings
 
     from .prompts import load_prompts
-    from .atomic import all_or_nothing, staged, write_json
+    from .atomic import all_or_nothing, remove_when_committed, staged, write_json
     from .report import object_stats
 
     t0 = time.perf_counter()
@@ -294,6 +294,7 @@ def segment_file(
 
             written.append(write_overlay(volume, labels, objects, paths["overlay"]))
         t_write = time.perf_counter()
+        stale = _stale_extras(paths, written)
 
         timings = {k: round(session.timings[k] - before.get(k, 0.0), 4) for k in session.timings}
         warnings = ct_warnings(volume, paths["label_map"]) + engine_warnings(engine)
@@ -326,6 +327,8 @@ def segment_file(
                 "dtype": str(label_dtype(int(labels.max(initial=0)))),  # as written: by the largest label present
                 **_seg_segments(paths["label_map"], labels, names),
                 "files": [str(p) for p in written] + [str(paths["manifest"])],
+                # masks and meshes of the previous run here that this run replaces by nothing
+                "removed_from_previous_run": [str(p) for p in stale],
             },
             "checkpoint": {
                 "path": getattr(getattr(engine, "model", None), "checkpoint_path", None)
@@ -362,31 +365,30 @@ def segment_file(
             },
         }
         write_json(manifest, paths["manifest"])
-    _remove_stale_extras(paths, written)
+        remove_when_committed(stale)
     return manifest
 
 
-#: the per-object masks and meshes segment writes: <label>_<name>.<ending>
-_EXTRA_FILE = re.compile(r"[0-9]+_[A-Za-z0-9_.-]*\.(nii\.gz|nii|nrrd|mha|dcm|stl)")
-
-
-def _remove_stale_extras(paths: dict[str, Path], written: list[Path]) -> None:
-    """After a run's files are in place: per-object masks and meshes that an earlier run into the
-    same output left in its ``_objects/`` and ``_meshes/`` folders (objects since removed, or no
-    --per-object / --mesh this time) go, and so does a folder that is left empty; the manifest
-    describes exactly what lies there. Other files in those folders are left alone."""
+def _stale_extras(paths: dict[str, Path], written: list[Path]) -> list[Path]:
+    """The per-object masks and meshes that the previous run into this output listed in its
+    manifest and that this run does not write again (objects since removed, no --per-object or
+    --mesh this time): only files inside this output's own ``_objects/`` and ``_meshes/``
+    folders, not through a linked folder. Anything else there is the user's and stays."""
+    try:
+        old = json.loads(paths["manifest"].read_text())
+        listed = [(o.get(k), folder) for o in old.get("objects", [])
+                  for k, folder in (("mask_file", "objects_dir"), ("mesh_file", "meshes_dir"))]
+    except (OSError, ValueError, AttributeError, TypeError):
+        return []
     keep = {os.path.realpath(p) for p in written}
-    for key in ("objects_dir", "meshes_dir"):
-        folder = paths[key]
-        if not folder.is_dir():
+    stale = []
+    for name, folder in listed:
+        if not isinstance(name, str) or paths[folder].is_symlink():
             continue
-        for f in folder.iterdir():
-            if f.is_file() and _EXTRA_FILE.fullmatch(f.name) and os.path.realpath(f) not in keep:
-                f.unlink(missing_ok=True)
-        try:
-            folder.rmdir()  # only when empty
-        except OSError:
-            pass
+        f = paths[folder] / Path(name).name  # by name in this output's folder, wherever that run was started
+        if f.is_file() and not f.is_symlink() and os.path.realpath(f) not in keep:
+            stale.append(f)
+    return stale
 
 
 def guard_outputs(paths: dict[str, Path], inputs: Iterable[Path | None]) -> None:
@@ -606,8 +608,10 @@ def _refuse_shared_outputs(cases: list[Case], out_dir: str | os.PathLike | None)
                                  f"(of {inputs[k]}); choose another output (-o)")
             if k in claimed:
                 other, _ = claimed[k]
-                raise BosamError(f"{paths[what]}: both {other} and {case.ct} would write this {name}; "
-                                 "give -o a folder, or each case its own 'out'")
+                same_name = case_name(other) == case_name(case.ct)
+                hint = ("give each case its own 'out' (CTs of one name share an output folder)" if same_name
+                        else "give -o a folder, or each case its own 'out'")
+                raise BosamError(f"{paths[what]}: both {other} and {case.ct} would write this {name}; {hint}")
             claimed[k] = (case.ct, what)
 
 

@@ -636,8 +636,10 @@ def _resolve_preprocessing(cfg: TrainConfig, meta: dict[str, Any]) -> tuple[floa
     else:
         m = (meta.get("intensity") or {}).get("clamp_hu", list(DEFAULT_CLAMP_HU)) if meta else list(DEFAULT_CLAMP_HU)
         clamp = tuple(float(v) for v in m) if m else None
-    if spacing <= 0:
-        raise BosamError(f"--spacing must be > 0 mm, got {spacing}")
+    from .segment import MAX_SPACING_MM
+
+    if not (math.isfinite(spacing) and 0 < spacing <= MAX_SPACING_MM):  # what segment and engine folders take
+        raise BosamError(f"--spacing must be a window spacing in (0, {MAX_SPACING_MM:g}] mm, got {spacing}")
     return float(spacing), clamp  # type: ignore[return-value]
 
 

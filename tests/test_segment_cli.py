@@ -615,8 +615,9 @@ def test_a_full_disk_is_one_line_naming_the_file_and_the_demo_leaves_no_folder(t
 
 def test_a_rerun_leaves_no_stale_masks_or_meshes_of_the_earlier_run(tmp_path):
     """Two objects with --per-object --mesh, then one object, then neither flag, into one
-    output: each time the _objects/ and _meshes/ folders hold exactly what the manifest lists
-    (an earlier run's masks and meshes had stayed, listed nowhere); other files there stay."""
+    output: the masks and meshes the previous manifest listed and this run does not write again
+    go (they had stayed, listed nowhere), and the manifest says which; the user's own files
+    there stay, even named like a mask, and a linked folder is not followed."""
     from fake_engines import SphereEngine
 
     from bosam_cli.segment import SegmentOptions, segment_file
@@ -640,11 +641,24 @@ def test_a_rerun_leaves_no_stale_masks_or_meshes_of_the_earlier_run(tmp_path):
 
     m = segment_file(ct, two, out, SphereEngine(radius_vox=3.0), SegmentOptions(refine="none", per_object=True, mesh=True))
     assert present() == listed(m) == ["1_b1.nii.gz", "1_b1.stl", "2_b2.nii.gz", "2_b2.stl"]
-    (tmp_path / "o_objects" / "notes.txt").write_text("mine")
+    mine = ["1_b1_corrected.nii.gz", "notes.txt"]  # the user's own files there, one named like a mask
+    for name in mine:
+        (tmp_path / "o_objects" / name).write_text("mine")
     m = segment_file(ct, one, out, SphereEngine(radius_vox=3.0), SegmentOptions(refine="none", per_object=True, mesh=True))
-    assert present() == sorted(listed(m) + ["notes.txt"]) and listed(m) == ["1_b1.nii.gz", "1_b1.stl"]
+    assert present() == sorted(listed(m) + mine) and listed(m) == ["1_b1.nii.gz", "1_b1.stl"]
+    assert sorted(Path(f).name for f in m["output"]["removed_from_previous_run"]) == ["2_b2.nii.gz", "2_b2.stl"]
     m = segment_file(ct, one, out, SphereEngine(radius_vox=3.0), SegmentOptions(refine="none"))
-    assert listed(m) == [] and present() == ["notes.txt"] and not (tmp_path / "o_meshes").exists()
+    assert listed(m) == [] and present() == mine and not (tmp_path / "o_meshes").exists()
+    # a linked masks folder is not followed: the files behind it stay
+    (tmp_path / "archive").mkdir()
+    for f in (tmp_path / "o_objects").iterdir():
+        f.unlink()
+    (tmp_path / "o_objects").rmdir()
+    (tmp_path / "o_objects").symlink_to(tmp_path / "archive")
+    segment_file(ct, two, out, SphereEngine(radius_vox=3.0), SegmentOptions(refine="none", per_object=True))
+    m = segment_file(ct, one, out, SphereEngine(radius_vox=3.0), SegmentOptions(refine="none"))
+    assert m["output"]["removed_from_previous_run"] == []
+    assert sorted(f.name for f in (tmp_path / "archive").iterdir()) == ["1_b1.nii.gz", "2_b2.nii.gz"]
 
 
 def test_label_map_as_metaimage_with_per_object_masks(tmp_path, random_checkpoint):

@@ -426,6 +426,8 @@ def test_resume_refusals(phantoms, tmp_path):
         train(_cfg(phantoms, tmp_path / "p", preset=None))
     with pytest.raises(BosamError, match="fp16 needs a CUDA"):
         train(_cfg(phantoms, tmp_path / "q", precision="fp16", device="cpu"))
+    with pytest.raises(BosamError, match=r"--spacing must be a window spacing in \(0, 50\] mm, got 60.0"):
+        train(_cfg(phantoms, tmp_path / "s", spacing_mm=60.0))  # its checkpoints were refused by segment and export
     with pytest.raises(BosamError, match=r"--lora-rank 100000: above the encoder's width \d+, the most"):
         train(_cfg(phantoms, tmp_path / "r", lora_rank=100000))  # it wrote a 5.5 GB last.pth
     assert not (tmp_path / "r" / "last.pth").exists()

@@ -352,7 +352,7 @@ def test_all_or_nothing_renames_every_file_at_the_end_or_none(tmp_path):
     """Inside the block a target keeps its old content (``staged`` finds the new one); the
     files appear together when the block ends; a failure leaves the old files and removes the
     folders the block made; a nested block joins the outer one."""
-    from bosam_cli.atomic import all_or_nothing, atomic_write_bytes, staged
+    from bosam_cli.atomic import all_or_nothing, atomic_write_bytes, remove_when_committed, staged
 
     old = tmp_path / "a.txt"
     old.write_text("old")
@@ -367,6 +367,17 @@ def test_all_or_nothing_renames_every_file_at_the_end_or_none(tmp_path):
     assert old.read_text() == "new" and (tmp_path / "sub" / "deeper" / "b.txt").read_text() == "b"
     assert staged(old) == old
 
+    gone = tmp_path / "sub" / "old_mesh.stl"  # removed with the commit, not before, not on a failure
+    gone.write_text("x")
+    with pytest.raises(RuntimeError, match="bad mesh"):
+        with all_or_nothing():
+            remove_when_committed([gone])
+            raise RuntimeError("bad mesh")
+    assert gone.exists()
+    with all_or_nothing():
+        remove_when_committed([gone])
+        assert gone.exists()
+    assert not gone.exists()
     with pytest.raises(RuntimeError, match="bad mesh"):
         with all_or_nothing():
             atomic_write_bytes(old, b"newer")
