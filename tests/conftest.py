@@ -51,3 +51,21 @@ def tiny_model():
 
     torch.manual_seed(0)
     return build_preset("tiny").eval()
+
+
+# The export and engine tests' fixtures, module-scoped as they were in each module: every test
+# module that asks for them gets its own tiny checkpoint and export.
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    """The tiny checkpoint the exports come from."""
+    import engine_fixtures
+
+    return engine_fixtures.tiny_checkpoint(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    """A tiny export of the tiny checkpoint: (engine folder, manifest)."""
+    import engine_fixtures
+
+    return engine_fixtures.tiny_export(tmp_path_factory)

@@ -112,3 +112,4 @@ def fp16_cli_export(factory: Any) -> tuple[subprocess.CompletedProcess, Path, di
         manifest = json.loads((out / "manifest.json").read_text()) if (out / "manifest.json").is_file() else None
         _CACHE["fp16"] = (proc, out, manifest)
     return _CACHE["fp16"]
+

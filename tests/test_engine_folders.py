@@ -42,16 +42,6 @@ def _copy(src: Path, dst: Path, manifest_changes: dict | None = None, meta_chang
 
 
 @pytest.fixture(scope="module")
-def exported(tmp_path_factory):
-    return fx.tiny_export(tmp_path_factory)
-
-
-@pytest.fixture(scope="module")
-def ckpt(tmp_path_factory):
-    return fx.tiny_checkpoint(tmp_path_factory)
-
-
-@pytest.fixture(scope="module")
 def ct(tmp_path_factory) -> Path:
     """A 40^3 CT at 1 mm: air around a soft-tissue block holding a bone cube."""
     arr = np.full((40, 40, 40), -1000, np.int16)

@@ -15,16 +15,6 @@ from bosam_cli.errors import EngineError
 
 
 @pytest.fixture(scope="module")
-def exported(tmp_path_factory):
-    return fx.tiny_export(tmp_path_factory)
-
-
-@pytest.fixture(scope="module")
-def ckpt(tmp_path_factory):
-    return fx.tiny_checkpoint(tmp_path_factory)
-
-
-@pytest.fixture(scope="module")
 def fp16(tmp_path_factory):
     proc, out, manifest = fx.fp16_cli_export(tmp_path_factory)
     assert proc.returncode == 0, proc.stderr[-2000:]

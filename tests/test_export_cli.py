@@ -10,16 +10,6 @@ import pytest
 import engine_fixtures as fx
 
 
-@pytest.fixture(scope="module")
-def ckpt(tmp_path_factory):
-    return fx.tiny_checkpoint(tmp_path_factory)
-
-
-@pytest.fixture(scope="module")
-def exported(tmp_path_factory):
-    return fx.tiny_export(tmp_path_factory)
-
-
 def _one_error_line(proc) -> str:
     lines = [ln for ln in proc.stderr.strip().splitlines() if ln.strip()]
     assert lines, "no error message"

@@ -878,6 +878,19 @@ def _drop_position(ds: Any) -> None:
     del ds.PerFrameFunctionalGroupsSequence[2].PlanePositionSequence
 
 
+def assert_broken_enhanced_refused(tmp_path: Path, order: list, change: Callable[[Any], None], fields: list) -> None:
+    """An enhanced CT of a 5-slice series (frames in ``order``), edited by ``change``, is refused
+    in one line naming the file and ``fields``."""
+    pytest.importorskip("highdicom")
+    write_dicom_series(tmp_path / "series", rows=6, cols=5, n=5)
+    enhanced_file = tmp_path / "enh" / "ENHANCED.dcm"
+    write_enhanced_ct(tmp_path / "series", enhanced_file, order=order)
+    edit_enhanced(enhanced_file, change)
+    with pytest.raises(VolumeError) as exc:
+        read_volume(enhanced_file)
+    assert_one_line_naming(exc, enhanced_file, *fields)
+
+
 @pytest.mark.parametrize("change, fields", [
     (lambda ds: setattr(ds, "NumberOfFrames", 4), ["NumberOfFrames: 4, but PerFrameFunctionalGroupsSequence has 5",
                                                    "PixelData holds 5 frames"]),
@@ -894,14 +907,7 @@ def test_dicom_enhanced_ct_frame_counts_that_disagree_are_refused_naming_the_fie
     """A NumberOfFrames below the frames present silently dropped slices (1 read one slice);
     a missing per-frame item was reported as frames sharing a position, a frame without a
     plane position as a KeyError, an empty per-frame sequence as an IndexError."""
-    pytest.importorskip("highdicom")
-    write_dicom_series(tmp_path / "series", rows=6, cols=5, n=5)
-    enhanced_file = tmp_path / "enh" / "ENHANCED.dcm"
-    write_enhanced_ct(tmp_path / "series", enhanced_file, order=[0, 1, 2, 3, 4])
-    edit_enhanced(enhanced_file, change)
-    with pytest.raises(VolumeError) as exc:
-        read_volume(enhanced_file)
-    assert_one_line_naming(exc, enhanced_file, *fields)
+    assert_broken_enhanced_refused(tmp_path, [0, 1, 2, 3, 4], change, fields)
 
 
 def _frame_rescale(slopes: list, intercept="-1024") -> Callable[[Any], None]:
@@ -942,14 +948,7 @@ def test_dicom_enhanced_ct_bad_rescale_is_refused_as_in_a_series(tmp_path, chang
     """The series' rescale rules hold for the shared and per-frame Pixel Value Transformation
     of an enhanced CT: a slope of 0 was read as 1, 1e30 gave voxels of 1e33, one frame's slope
     of -1 gave a wrong HU warning."""
-    pytest.importorskip("highdicom")
-    write_dicom_series(tmp_path / "series", rows=6, cols=5, n=5)
-    enhanced_file = tmp_path / "enh" / "ENHANCED.dcm"
-    write_enhanced_ct(tmp_path / "series", enhanced_file, order=[2, 0, 1, 4, 3])
-    edit_enhanced(enhanced_file, change)
-    with pytest.raises(VolumeError) as exc:
-        read_volume(enhanced_file)
-    assert_one_line_naming(exc, enhanced_file, *fields)
+    assert_broken_enhanced_refused(tmp_path, [2, 0, 1, 4, 3], change, fields)
 
 
 def test_dicom_enhanced_ct_per_frame_rescale_of_one_sign_is_applied_per_frame(tmp_path):
