@@ -225,7 +225,9 @@ def read_enhanced_dicom(file: str | os.PathLike) -> Volume:
         ds.FrameOfReferenceUID = generate_uid()
     try:
         image = hd.Image.from_dataset(ds, copy=False)
-        grid = image.get_volume(dtype=np.float32)
+        # HU through the modality (rescale) transform, checked above; highdicom would otherwise
+        # apply a real-world value mapping instead, when the file has one (stored values, not HU)
+        grid = image.get_volume(dtype=np.float32, apply_real_world_transform=False, apply_modality_transform=True)
     except Exception as exc:  # noqa: BLE001 - not one regular volume, undecodable frames
         raise VolumeError(f"{file}: multi-frame DICOM: not one regular 3-D volume ({_one_line(exc)})") from None
     values = np.asarray(grid.array)
@@ -241,7 +243,7 @@ def read_enhanced_dicom(file: str | os.PathLike) -> Volume:
     # normal row x column (row: the step of i along a row; column: the step of j down a column)
     normal = np.cross(affine_lps[:3, 0], affine_lps[:3, 1])
     if float(affine_lps[:3, 2] @ normal) < 0:
-        array = np.asfortranarray(array[:, :, ::-1])  # no negative strides (torch.from_numpy refuses them)
+        array = array[:, :, ::-1]  # a view: the int16 or contiguous copy below has positive strides
         affine_lps[:3, 3] = affine_lps[:3, 3] + (array.shape[2] - 1) * affine_lps[:3, 2]
         affine_lps[:3, 2] = -affine_lps[:3, 2]
     if np.all(np.isfinite(array)) and np.array_equal(array, np.round(array)) and array.size \

@@ -964,6 +964,31 @@ def test_dicom_enhanced_ct_per_frame_rescale_of_one_sign_is_applied_per_frame(tm
     np.testing.assert_array_equal(vol.array, want)
 
 
+def test_dicom_enhanced_ct_is_read_in_hu_even_with_a_real_world_value_mapping(tmp_path):
+    """highdicom applies a RealWorldValueMappingSequence instead of the rescale when the file
+    holds one: an identity mapping gave the stored values (HU + 1024 here), with no error."""
+    pytest.importorskip("highdicom")
+    from pydicom.dataset import Dataset
+    from pydicom.sequence import Sequence
+
+    write_dicom_series(tmp_path / "series", rows=6, cols=5, n=5)
+    classic = read_volume(tmp_path / "series")
+    enhanced_file = tmp_path / "enh" / "ENHANCED.dcm"
+    write_enhanced_ct(tmp_path / "series", enhanced_file, order=[3, 1, 0, 2, 4])
+
+    def add_mapping(ds: Any) -> None:
+        mapping, unit = Dataset(), Dataset()
+        mapping.RealWorldValueSlope, mapping.RealWorldValueIntercept = 1.0, 0.0
+        mapping.RealWorldValueFirstValueMapped, mapping.RealWorldValueLastValueMapped = 0, 65535
+        mapping.LUTLabel, mapping.LUTExplanation = "RAW", "stored values"
+        unit.CodeValue, unit.CodingSchemeDesignator, unit.CodeMeaning = "1", "UCUM", "no units"
+        mapping.MeasurementUnitsCodeSequence = Sequence([unit])
+        ds.SharedFunctionalGroupsSequence[0].RealWorldValueMappingSequence = Sequence([mapping])
+
+    edit_enhanced(enhanced_file, add_mapping)
+    np.testing.assert_array_equal(read_volume(enhanced_file).array, classic.array)
+
+
 def test_dicom_enhanced_ct_without_the_preamble_is_read(tmp_path):
     """Detected as an enhanced CT with force=True, the file was then read without it."""
     pytest.importorskip("highdicom")
