@@ -297,18 +297,29 @@ def read_label_names(root: str | os.PathLike) -> dict[int, str]:
     v2 region entries (a name mapped to a list of several ids) are skipped: bosam segments one
     label id per object; a one-id list, or an id written as text, is that id.
     """
+    return read_dataset_labels(root)[0]
+
+
+def read_dataset_labels(root: str | os.PathLike) -> tuple[dict[int, str], dict[str, list[Any]]]:
+    """(names, regions) of a root's ``dataset.json`` from one read: the names of
+    ``read_label_names``, and the nnU-Net v2 region entries (a name mapped to several ids) that
+    it skips. ({}, {}) when the file is absent."""
     path = Path(root) / "dataset.json"
     if not path.exists():
-        return {}
+        return {}, {}
     try:
         obj = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise BosamError(f"{path}: not valid JSON ({exc})") from None
     labels = obj.get("labels") if isinstance(obj, dict) else None
     if not isinstance(labels, dict):
-        return {}
+        return {}, {}
     out: dict[int, str] = {}
+    regions: dict[str, list[Any]] = {}
     for k, v in labels.items():
+        if isinstance(v, list) and len(v) > 1:
+            regions[str(k)] = v
+            continue
         if isinstance(v, list) and len(v) == 1:  # v2: a one-id region is that id
             v = v[0]
         if isinstance(k, str) and k.strip().lstrip("-").isdigit():  # v1: "id" -> name
@@ -318,19 +329,7 @@ def read_label_names(root: str | os.PathLike) -> dict[int, str]:
         elif isinstance(v, str) and v.strip().isdigit():  # v2 with the id written as text
             out[int(v)] = str(k)
     out.pop(0, None)
-    return out
-
-
-def region_labels(root: str | os.PathLike) -> dict[str, list[Any]]:
-    """nnU-Net v2 region entries of a root's ``dataset.json`` (a name mapped to several ids),
-    which ``read_label_names`` skips."""
-    try:
-        labels = json.loads((Path(root) / "dataset.json").read_text()).get("labels")
-    except (OSError, ValueError, AttributeError):
-        return {}
-    if not isinstance(labels, dict):
-        return {}
-    return {str(k): v for k, v in labels.items() if isinstance(v, list) and len(v) > 1}
+    return out, regions
 
 
 def read_labelmap(path: str | os.PathLike) -> dict[str, Any]:
@@ -822,11 +821,12 @@ def scan_dataset(
     if cache is not None:
         problems += _check_cache(cache, roots, write_cache)
     lm = read_labelmap(labelmap) if labelmap else None
-    per_root = [(str(r), read_label_names(r)) for r in roots]
+    read = [(str(r), *read_dataset_labels(r)) for r in roots]  # each dataset.json read once
+    per_root = [(root, names) for root, names, _ in read]
     label_ids, names, name_problems, listed = _labels_over_roots(per_root, labels, lm)
     problems += name_problems
-    for root, _ in per_root:
-        for name, ids in region_labels(root).items():
+    for root, _, regions in read:
+        for name, ids in regions.items():
             problems.append(Problem(str(root), Path(root) / "dataset.json", f"labels: {name!r} is a region of ids "
                                     f"{ids} (nnU-Net v2): bosam takes one id per object, so each id is a label of its "
                                     "own here, without that name", "warning"))
