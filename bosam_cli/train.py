@@ -628,7 +628,9 @@ class TrainResult:
 
 
 def _resolve_preprocessing(cfg: TrainConfig, meta: dict[str, Any]) -> tuple[float, tuple[float, float] | None]:
-    spacing = cfg.spacing_mm or meta.get("spacing_mm") or DEFAULT_SPACING_MM
+    from .segment import window_spacing
+
+    spacing = window_spacing(cfg.spacing_mm, meta or {})  # what segment and engine folders take
     if cfg.no_clamp:
         clamp = None
     elif cfg.clamp_hu is not None:
@@ -636,11 +638,7 @@ def _resolve_preprocessing(cfg: TrainConfig, meta: dict[str, Any]) -> tuple[floa
     else:
         m = (meta.get("intensity") or {}).get("clamp_hu", list(DEFAULT_CLAMP_HU)) if meta else list(DEFAULT_CLAMP_HU)
         clamp = tuple(float(v) for v in m) if m else None
-    from .segment import MAX_SPACING_MM
-
-    if not (math.isfinite(spacing) and 0 < spacing <= MAX_SPACING_MM):  # what segment and engine folders take
-        raise BosamError(f"--spacing must be a window spacing in (0, {MAX_SPACING_MM:g}] mm, got {spacing}")
-    return float(spacing), clamp  # type: ignore[return-value]
+    return spacing, clamp  # type: ignore[return-value]
 
 
 def _build_model(cfg: TrainConfig, resume_ck: Any | None, device: torch.device) -> tuple[nn.Module, dict[str, Any]]:
