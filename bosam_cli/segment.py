@@ -651,6 +651,11 @@ def _check_writable(path: Path) -> None:
         raise BosamError(f"{path}: cannot write there ({exc.strerror or exc})") from None
 
 
+def _os_error_text(exc: OSError) -> str:
+    """'<file>: <reason>' of an OSError, as the session prints a write that failed."""
+    return f"{exc.filename2 or exc.filename or ''}: {exc.strerror or exc}"
+
+
 def _plain_number(text: str, what: str) -> float:
     """A decimal number as people type it; Python's float() also takes '1_0', 'nan' and 'inf'."""
     if not re.fullmatch(r"[+-]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]+)?", text):
@@ -734,7 +739,7 @@ def interactive(
             return ""
         except (OSError, BosamError) as exc:
             failures += 1
-            what = f"{exc.filename2 or exc.filename or ''}: {exc.strerror or exc}" if isinstance(exc, OSError) else str(exc)
+            what = _os_error_text(exc) if isinstance(exc, OSError) else str(exc)
             return f"; applied, but NOT SAVED ({what}); 'save PATH' writes elsewhere"
 
     if points is not None:
@@ -809,7 +814,7 @@ def interactive(
             say(f"error: {exc}")
         except OSError as exc:  # a save target that cannot be written: the session goes on
             failures += 1
-            say(f"error: {exc.filename2 or exc.filename or ''}: {exc.strerror or exc}")
+            say(f"error: {_os_error_text(exc)}")
     if save():
         say(f"saved {paths['label_map']}")
     return failures

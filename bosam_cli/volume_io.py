@@ -343,14 +343,11 @@ def _check_frame_rescale(ds: Any, file: Path) -> None:
         item = transformation(fg)
         slopes.append(default[0] if item is None else
                       _rescale(item, file, prefix=field, where=f" (frame {index + 1})")[0])
-    slopes_arr = np.asarray(slopes, dtype=np.float64)
-    negative = slopes_arr < 0
-    n = slopes_arr.size
-    if 0 < np.count_nonzero(negative) < n:  # a sign flip between frames: one of them is corrupt
-        odd = negative if np.count_nonzero(negative) <= n // 2 else ~negative
-        k = int(np.argmax(odd))
-        raise VolumeError(f"{file}: {field}RescaleSlope (frame {k + 1}): {slopes_arr[k]:g} here but of the other sign "
-                          f"in {n - int(np.count_nonzero(odd))} of the {n} frames; the header is corrupt")
+    odd = _odd_slope_sign(slopes)
+    if odd is not None:
+        k, others = odd
+        raise VolumeError(f"{file}: {field}RescaleSlope (frame {k + 1}): {slopes[k]:g} here but of the other sign "
+                          f"in {others} of the {len(slopes)} frames; the header is corrupt")
 
 
 def _frame_slices(ds: Any, affine_lps: np.ndarray, n_slices: int) -> list[int] | None:
@@ -380,6 +377,18 @@ def _floats(ds: Any, keyword: str, n: int, f: Path) -> np.ndarray:
     if arr.shape != (n,) or not np.all(np.isfinite(arr)):
         raise VolumeError(f"{f}: {keyword}: expected {n} finite numbers, got {value!r}")
     return arr
+
+
+def _odd_slope_sign(slopes: Any) -> tuple[int, int] | None:
+    """When the slopes of a series' slices (or an enhanced CT's frames) are not all of one sign,
+    one of them is corrupt: (index of the first slope of the rarer sign, how many have the other
+    sign); None when all share one sign."""
+    negative = np.asarray(slopes, dtype=np.float64) < 0
+    n = negative.size
+    if not 0 < np.count_nonzero(negative) < n:
+        return None
+    odd = negative if np.count_nonzero(negative) <= n // 2 else ~negative
+    return int(np.argmax(odd)), n - int(np.count_nonzero(odd))
 
 
 def _int_field(ds: Any, keyword: str, f: Path, default: int | None = None) -> int:
@@ -506,12 +515,11 @@ def _assemble_series(folder: Path, uid: str, items: list[tuple[Path, Any]]) -> V
 
     rescale = np.array([_rescale(ds, f) for f, ds in items], dtype=np.float64).reshape(n, 2)
     slopes, intercepts = rescale[:, 0], rescale[:, 1]
-    negative = slopes < 0
-    if 0 < np.count_nonzero(negative) < n:  # a sign flip between slices: one of them is corrupt
-        odd = negative if np.count_nonzero(negative) <= n // 2 else ~negative
-        k = int(np.argmax(odd))
+    odd = _odd_slope_sign(slopes)
+    if odd is not None:
+        k, others = odd
         raise VolumeError(f"{items[k][0]}: RescaleSlope: {slopes[k]:g} here but of the other sign in "
-                          f"{n - int(np.count_nonzero(odd))} of the {n} slices of series {uid}; the header is corrupt")
+                          f"{others} of the {n} slices of series {uid}; the header is corrupt")
     exact = bool(np.all(slopes == np.round(slopes)) and np.all(intercepts == np.round(intercepts)))
     # Filled slice by slice, so peak memory is the output plus one slice (no float64 volume).
     array = np.empty((cols, rows, n), dtype=np.int16 if exact else np.float32)
